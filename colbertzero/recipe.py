@@ -1,0 +1,472 @@
+"""Recipe schema: the single source of truth for a run.
+
+A recipe is YAML: run-wide settings plus an ordered mapping of phases (``phases: {name: {...}}``; YAML mappings keep
+their order). A recipe may ``extends:`` another (path relative to itself) and override only what differs, which is
+how the paper's ablations are written. Strings may use ``${VAR}`` / ``${VAR:-default}`` (cluster paths such as
+``${SCRATCH}``). Relative paths resolve against the recipe file's folder. Command-line overrides are dotted:
+``phases.supervised.lr=1e-5``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PHASE_KINDS = ("unsupervised", "supervised", "distillation")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InitFrom(_Strict):
+    """``init: {from: <phase>}``: start from that phase's exported model (resolved through the manifest)."""
+
+    from_: str = Field(alias="from")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Source(_Strict):
+    """One raw data source. ``columns`` maps the shape's roles to the file's column names."""
+
+    name: str
+    path: str  # JSONL file, Parquet file, or a `datasets` save_to_disk folder
+    format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
+    weight: float | None = Field(default=None, gt=0)
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Distillation only: the text tables that document/query ids refer to. When absent, the rows carry text
+    # (``documents`` list + ``scores`` list) and ids are made by hashing the text.
+    queries_path: str | None = None
+    documents_path: str | None = None
+    max_rows: int | None = Field(default=None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError("source names may hold letters, digits, '_', '.', '-' only (they name folders)")
+        return v
+
+
+class Data(_Strict):
+    sources: list[Source] = Field(min_length=1)
+    shards_dir: str  # where `colbertzero prepare` writes the tokenized shards of this phase (one folder per source)
+    sampling: Literal["proportional", "weights", "uniform"] = "proportional"
+    rows_per_shard: int = Field(default=100_000, gt=0)
+    max_negatives: int = Field(default=10, ge=0)  # supervised: hard negatives kept per row
+    pad_negatives: bool = False  # supervised: allow rows with fewer negatives (else they are refused)
+    docs_per_query: int = Field(default=32, gt=0)  # distillation: scored documents per query
+    length_bucketing: bool = False
+    epochs: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _weights(self) -> "Data":
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        if self.sampling == "weights" and any(s.weight is None for s in self.sources):
+            missing = [s.name for s in self.sources if s.weight is None]
+            raise ValueError(f"sampling 'weights' needs a weight on every source; missing on {missing}")
+        return self
+
+
+class Prompts(_Strict):
+    enabled: bool = True
+    query: str = "search_query: "
+    document: str = "search_document: "
+    # Prompts eat into the token budget; the paper adds their length to query/document length ("+7").
+    extra_length: int = Field(default=7, ge=0)
+
+
+class Cadence(_Strict):
+    log_every: int = Field(default=10, gt=0)
+    save_every: int = Field(default=500, gt=0)
+    eval_every: int | None = Field(default=None, gt=0)  # optional in-training eval on `eval.in_training`
+    keep_last: int = Field(default=3, gt=0)
+
+
+class Resources(_Strict):
+    nodes: int = Field(default=1, gt=0)
+    gpus_per_node: int = Field(default=4, ge=0)  # GH200: 4; 0 = CPU tasks (one per `cpu_tasks_per_node`)
+    cpu_tasks_per_node: int = Field(default=1, gt=0)  # used only when gpus_per_node == 0
+    cpus_per_task: int = Field(default=72, gt=0)
+    mem: str | None = None  # e.g. "400G"; None = the partition default
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_limit: str = "24:00:00"  # [D-]HH:MM:SS or minutes
+    signal_seconds: int = Field(default=300, ge=10)  # warning signal before the time limit (checkpoint time)
+    max_requeues: int = Field(default=10, ge=0)
+    extra_sbatch: list[str] = Field(default_factory=list)  # e.g. ["--container-image=..."], passed verbatim
+    setup: list[str] = Field(default_factory=list)  # shell lines run before each task (module load, venv)
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.cpu_tasks_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def time_limit_hours(self) -> float:
+        return parse_time_limit(self.time_limit) / 3600.0
+
+    @field_validator("time_limit")
+    @classmethod
+    def _tl(cls, v: str) -> str:
+        parse_time_limit(v)
+        return v
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+[KMGT]?", v):
+            raise ValueError(f"mem {v!r}: expected Slurm's form such as '400G' or '64000M'")
+        return v
+
+
+class DeepSpeedCfg(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+
+
+class Eval(_Strict):
+    beir: list[str] = Field(default_factory=list)  # BEIR-layout or NanoBEIR-parquet folders, run after the phase
+    in_training: list[str] = Field(default_factory=list)  # small sets for `cadence.eval_every`
+    max_corpus: int | None = Field(default=None, gt=0)  # subsample the corpus (keeps every judged document)
+    batch_size: int = Field(default=32, gt=0)
+
+
+class Reference(_Strict):
+    """The paper's figures for this pipeline, printed beside ours in plans and reports."""
+
+    beir_ndcg10: float | None = None
+    gpu_hours: float | None = None
+    hardware: str | None = None
+    per_dataset: dict[str, float] = Field(default_factory=dict)
+    note: str | None = None
+
+
+class Phase(_Strict):
+    kind: Literal["unsupervised", "supervised", "distillation"]
+    init: str | InitFrom
+    data: Data
+    # optimisation
+    lr: float = Field(gt=0)
+    schedule: Literal["linear", "constant", "cosine"] = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    warmup_steps: int | None = Field(default=None, ge=0)  # wins over warmup_ratio when set
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    global_batch_size: int = Field(gt=0)  # queries per optimizer step, over all ranks and accumulation
+    gradient_accumulation: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # caps the epoch-derived step count
+    # loss
+    temperature: float = Field(default=1.0, gt=0)
+    learnable_temperature: bool = False
+    gradcache_mini_batch: int | None = Field(default=None, gt=0)  # None = no GradCache
+    gather_across_ranks: bool = True
+    # model inputs
+    query_length: int = Field(default=32, gt=1)
+    document_length: int = Field(default=180, gt=1)
+    prompts: Prompts = Field(default_factory=Prompts)
+    seed: int = 42
+    bf16: bool = True  # on GPU; CPU always runs fp32
+    cadence: Cadence = Field(default_factory=Cadence)
+    resources: Resources = Field(default_factory=Resources)
+    deepspeed: DeepSpeedCfg = Field(default_factory=DeepSpeedCfg)
+    eval: Eval = Field(default_factory=Eval)
+    budget_gpu_hours: float | None = Field(default=None, gt=0)
+    reference: Reference = Field(default_factory=Reference)
+
+    @property
+    def effective_query_length(self) -> int:
+        return self.query_length + (self.prompts.extra_length if self.prompts.enabled else 0)
+
+    @property
+    def effective_document_length(self) -> int:
+        return self.document_length + (self.prompts.extra_length if self.prompts.enabled else 0)
+
+    @property
+    def init_from(self) -> str | None:
+        return self.init.from_ if isinstance(self.init, InitFrom) else None
+
+    @property
+    def micro_batch_per_rank(self) -> int:
+        """Queries each rank handles per accumulation step."""
+        return self.global_batch_size // (self.resources.world_size * self.gradient_accumulation)
+
+
+class Model(_Strict):
+    """Run-wide ColBERT settings (PyLate's names); the same for every phase so checkpoints chain."""
+
+    embedding_size: int = Field(default=128, gt=0)
+    query_prefix: str = "[Q] "
+    document_prefix: str = "[D] "
+    do_query_expansion: bool = True
+    attend_to_expansion_tokens: bool = False
+    skiplist_punctuation: bool = True
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: Model = Field(default_factory=Model)
+    phases: dict[str, Phase] = Field(min_length=1)
+    budget_gpu_hours: float | None = Field(default=None, gt=0)  # for the whole run
+    allow_prompt_mismatch: bool = False
+    reference: Reference = Field(default_factory=Reference)
+    # where the recipe came from (set by load_recipe; not part of the hash)
+    source_path: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _chain(self) -> "Recipe":
+        names = list(self.phases)
+        for i, (name, ph) in enumerate(self.phases.items()):
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+                raise ValueError(f"phases.{name}: phase names may hold letters, digits, '_' and '-' only")
+            src = ph.init_from
+            if src is not None and src not in names[:i]:
+                raise ValueError(
+                    f"phases.{name}.init.from: {src!r} is not an earlier phase (earlier: {names[:i] or 'none'})"
+                )
+        return self
+
+    def phase(self, name: str) -> Phase:
+        if name not in self.phases:
+            raise RecipeError(f"recipe {self.name!r} has no phase {name!r}; phases: {', '.join(self.phases)}")
+        return self.phases[name]
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain data as resolved (what the manifest stores and the hash covers)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def hash(self) -> str:
+        return config_hash(self.resolved())
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- time limits
+_TL = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_time_limit(v: str | int) -> int:
+    """Slurm time limit → seconds. Accepts MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    s = str(v).strip()
+    m = _TL.match(s)
+    if not m:
+        raise ValueError(f"time limit {v!r}: expected Slurm's form such as '24:00:00', '2-00:00:00' or '90'")
+    d, a, b, c = m.groups()
+    if d is not None:  # D-HH[:MM[:SS]]
+        return int(d) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    if b is None:  # MM
+        return int(a) * 60
+    if c is None:  # MM:SS
+        return int(a) * 60 + int(b)
+    return int(a) * 3600 + int(b) * 60 + int(c)
+
+
+def format_time_limit(seconds: int) -> str:
+    d, rem = divmod(int(seconds), 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}-{h:02d}:{m:02d}:{s:02d}" if d else f"{h:02d}:{m:02d}:{s:02d}"
+
+
+# ---------------------------------------------------------------- loading
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise RecipeError(f"{where}: environment variable ${{{var}}} is not set (set it or write ${{{var}:-default}})")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not v.get("__replace__"):
+            out[k] = deep_merge(out[k], v)
+        else:
+            if isinstance(v, dict):
+                v = {kk: vv for kk, vv in v.items() if kk != "__replace__"}
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, seen + (path,)))})")
+    data = _read_yaml(path)
+    _absolutize(data, path.parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _load_raw((path.parent / parent), seen + (path,))
+    return deep_merge(base, data)
+
+
+# Fields holding filesystem paths, made absolute relative to the file that wrote them (so `extends` works).
+_PATH_KEYS = {"path", "queries_path", "documents_path", "shards_dir"}
+
+
+def _is_local_ref(s: str) -> bool:
+    return s.startswith(("./", "../", "/", "~", "${"))
+
+
+def _absolutize(node: Any, base: Path, key: str | None = None, parent_key: str | None = None) -> None:
+    if isinstance(node, dict):
+        for k, v in list(node.items()):
+            if isinstance(v, str) and (k in _PATH_KEYS or (k == "init" and _is_local_ref(v))):
+                node[k] = _abs(v, base)
+            elif isinstance(v, list) and k in ("beir", "in_training"):
+                node[k] = [_abs(x, base) if isinstance(x, str) else x for x in v]
+            else:
+                _absolutize(v, base, k, key)
+    elif isinstance(node, list):
+        for v in node:
+            _absolutize(v, base, key, parent_key)
+
+
+def _abs(v: str, base: Path) -> str:
+    # Expand ${VAR:-default} first so a relative default is anchored to the file that wrote it.
+    p = Path(os.path.expanduser(_expand(v, "path")))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected dotted.path=value, e.g. phases.supervised.lr=1e-5")
+    key, _, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise RecipeError(f"override {text!r}: empty name in the dotted path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-5 as a string; numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(keys[:i])} is not a mapping")
+            if k not in node:
+                if k in ("phases",) or (i == 1 and keys[0] == "phases"):
+                    have = ", ".join(node) if isinstance(node, dict) else ""
+                    raise RecipeError(f"override {text!r}: no {'.'.join(keys[: i + 1])} (have: {have})")
+                node[k] = {}
+            node = node[k]
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {text!r}: {'.'.join(keys[:-1])} is not a mapping")
+        node[keys[-1]] = value
+    return data
+
+
+def _floats(node: Any) -> Any:
+    """YAML 1.1 reads `3e-4` as a string; recipes mean a number."""
+    if isinstance(node, dict):
+        return {k: _floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_floats(v) for v in node]
+    if isinstance(node, str) and re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+", node):
+        return float(node)
+    return node
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "str", "InitFrom")))
+        msg = e["msg"]
+        msg = re.sub(r"^Value error, ", "", msg)
+        msg = msg.replace("Input should be greater than", "must be >").replace(
+            "Input should be less than", "must be <"
+        )
+        msg = msg.replace("Extra inputs are not permitted", "unknown field (check its spelling in docs/recipes.md)")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return f"{where}: invalid recipe\n" + "\n".join(dict.fromkeys(lines))
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    data = _floats(_expand(data, "recipe"))
+    # expanded ${VAR:-relative} defaults still need anchoring
+    try:
+        r = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, where)) from None
+    return r
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    data = _load_raw(path)
+    data = apply_overrides(data, overrides or [])
+    data = _expand(data, "recipe")
+    _absolutize(data, path.resolve().parent)
+    r = recipe_from_dict(data, str(path))
+    r.source_path = str(path.resolve())
+    return r
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)

@@ -1,0 +1,39 @@
+"""Shared fixtures: real small models (no hub), the shared real data, offline settings for every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed JIT-builds its CPU shm comm op once; cache it across tests and runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "colbertzero-torch-extensions"))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (the project's tests expect ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    from colbertzero.models import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_modernbert(tmp_path_factory) -> str:
+    from colbertzero.models import make_tiny_modernbert
+
+    return make_tiny_modernbert(tmp_path_factory.mktemp("models") / "tiny-modernbert")
