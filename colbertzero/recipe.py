@@ -70,6 +70,8 @@ class Data(_Strict):
     docs_per_query: int = Field(default=32, gt=0)  # distillation: scored documents per query
     length_bucketing: bool = False
     epochs: float = Field(default=1.0, gt=0)
+    # Rows expected over all sources, for planning before `prepare` has counted them (the shard index wins).
+    expected_rows: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _weights(self) -> "Data":
@@ -351,7 +353,11 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if parent is None:
         return data
     base = _load_raw((path.parent / parent), seen + (path,))
-    return deep_merge(base, data)
+    merged = deep_merge(base, data)
+    # `phases: {name: null}` in a derived recipe drops that phase (e.g. pipeline (b) skips `unsupervised`).
+    if isinstance(merged.get("phases"), dict):
+        merged["phases"] = {k: v for k, v in merged["phases"].items() if v is not None}
+    return merged
 
 
 # Fields holding filesystem paths, made absolute relative to the file that wrote them (so `extends` works).
@@ -392,6 +398,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    # `key=query: ` is the string "query: ", not a mapping; only explicit {…}/[…] build structures.
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
         value = raw
     # YAML reads 1e-5 as a string; numbers written that way are meant as floats.
     if isinstance(value, str):

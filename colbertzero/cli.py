@@ -1,0 +1,292 @@
+"""`colbertzero` command line: argument parsing only; every command is a thin call into its module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_REFUSED = 2  # validation refusal / bad input: nothing was written or submitted
+
+
+def _recipe(args):
+    from .recipe import load_recipe
+
+    return load_recipe(args.recipe, getattr(args, "overrides", None) or [])
+
+
+def _print_findings(findings, stream=sys.stderr) -> None:
+    for f in findings:
+        print(f"  {f}", file=stream)
+
+
+# ------------------------------------------------------------------ foundation commands
+def cmd_plan(args) -> int:
+    from . import preflight
+    from .manifest import Manifest
+
+    recipe = _recipe(args)
+    mdata = Manifest(args.run_dir).read() if args.run_dir and Manifest(args.run_dir).exists() else None
+    p = preflight.plan(recipe, mdata)
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    print(format_plan(p))
+    return 0
+
+
+def format_plan(p: dict) -> str:
+    ref = p["reference"]
+    lines = [f"recipe {p['recipe']}  (hash {p['recipe_hash'][:12]})"]
+    if ref.get("beir_ndcg10") is not None:
+        lines.append(f"paper: {ref['beir_ndcg10']} nDCG@10 on BEIR, ~{ref.get('gpu_hours') or '?'} {ref.get('hardware') or 'GPU'}-hours")
+    hdr = f"{'phase':<14}{'kind':<14}{'lr':>9}{'batch':>7}{'temp':>6}{'gc':>5}{'q/d len':>10}{'prompts':>8}{'GPUs':>6}{'steps':>8}{'proj GPU-h':>11}{'budget':>8}"
+    lines += ["", hdr, "-" * len(hdr)]
+    for name, ph in p["phases"].items():
+        h = ph["hyperparameters"]
+        lines.append(
+            f"{name:<14}{ph['kind']:<14}{h['lr']:>9.1e}{h['global_batch_size']:>7}{h['temperature']:>6g}"
+            f"{h['gradcache_mini_batch'] or '-':>5}{str(h['effective_query_length']) + '/' + str(h['effective_document_length']):>10}"
+            f"{'on' if h['prompts']['enabled'] else 'off':>8}{ph['gpus']:>6}{ph['total_steps'] if ph['total_steps'] is not None else '?':>8}"
+            f"{ph['projected_gpu_hours']:>11.1f}{ph['budget_gpu_hours'] if ph['budget_gpu_hours'] is not None else '-':>8}"
+        )
+    lines.append("")
+    for name, ph in p["phases"].items():
+        h = ph["hyperparameters"]
+        r = h["resources"]
+        init = h["init"] if isinstance(h["init"], str) else f"export of phase {h['init']['from']!r}"
+        lines.append(f"{name}: init {init}; {len(h['sources'])} source(s), {h['sampling']}; {ph['rows'] or '?'} rows ({ph['rows_from']})")
+        lines.append(
+            f"  {r['nodes']} node(s) × {r['gpus_per_node'] or 'CPU'} GPUs, {r['time_limit']}, partition {r['partition'] or 'default'}"
+            f", ZeRO-{h['zero_stage']}; projection: {ph['projected_from']}"
+        )
+    b = p["budget_gpu_hours"]
+    lines.append(f"\nprojected {p['projected_gpu_hours']:.1f} GPU-hours for the run; budget {b if b is not None else 'none'}")
+    return "\n".join(lines)
+
+
+def cmd_validate(args) -> int:
+    from . import preflight
+
+    recipe = _recipe(args)
+    findings = preflight.check(recipe, paths=not args.no_path_checks)
+    errs = preflight.errors(findings)
+    warns = [f for f in findings if f.level != "error"]
+    if errs:
+        print(f"{args.recipe}: refused ({len(errs)} error(s)); nothing was written", file=sys.stderr)
+        _print_findings(errs)
+        _print_findings(warns)
+        return EXIT_REFUSED
+    _print_findings(warns)
+    print(f"{args.recipe}: ok ({len(recipe.phases)} phase(s): {', '.join(recipe.phases)})")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .manifest import Manifest
+    from .report import status_json, status_table
+
+    data = Manifest(args.run_dir).read()
+    if args.json:
+        print(json.dumps(status_json(data), indent=2))
+    else:
+        print(status_table(data))
+    return 0
+
+
+# ------------------------------------------------------------------ data / train / eval
+def cmd_prepare(args) -> int:
+    from .data.prepare import prepare_recipe
+
+    recipe = _recipe(args)
+    shard_range = None
+    if args.array_task is not None:
+        shard_range = (args.array_task, args.array_tasks)
+    summary = prepare_recipe(
+        recipe, phases=args.phase or None, workers=args.workers, verify=args.verify, shard_range=shard_range
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.runner import run_phase
+
+    return run_phase(args.run_dir, args.phase)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    res = evaluate(
+        args.model,
+        args.beir,
+        prompts=not args.no_prompts,
+        batch_size=args.batch_size,
+        max_corpus=args.max_corpus,
+        cache_dir=args.cache_dir,
+        index=args.index,
+    )
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(args.run_dirs, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------ launcher
+def cmd_launch(args) -> int:
+    from .launch import launch
+
+    return launch(
+        args.recipe,
+        args.run_dir,
+        overrides=args.overrides or [],
+        executor=args.executor,
+        budget=args.budget,
+        wait=args.wait,
+    )
+
+
+def cmd_resume(args) -> int:
+    from .launch import resume
+
+    return resume(args.run_dir, executor=args.executor, budget=args.budget, phase_budgets=args.phase_budget, wait=args.wait)
+
+
+def cmd_sbatch(args) -> int:
+    from .launch.sbatch import write_sbatch_scripts
+
+    recipe = _recipe(args)
+    paths = write_sbatch_scripts(recipe, args.run_dir, out_dir=args.out)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, model=args.model)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="colbertzero",
+        description="SLURM-native training of ColBERT (multi-vector) retrieval models: the ColBERT-Zero pipelines as recipes.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def recipe_args(sp):
+        sp.add_argument("recipe", help="recipe YAML (see recipes/)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. phases.supervised.lr=1e-5")
+
+    sp = sub.add_parser("plan", help="resolved phases, hyper-parameters, resources and projected GPU-hours")
+    recipe_args(sp)
+    sp.add_argument("--run-dir", help="use the throughput measured in this run dir")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_plan)
+
+    sp = sub.add_parser("validate", help="every check that needs no cluster; exits 2 and writes nothing on refusal")
+    recipe_args(sp)
+    sp.add_argument("--no-path-checks", action="store_true", help="skip checks of local data/model paths")
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("status", help="phases, state, steps, checkpoints, GPU-hours, last eval")
+    sp.add_argument("run_dir")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("prepare", help="tokenize each phase's sources into Arrow shards")
+    recipe_args(sp)
+    sp.add_argument("--phase", action="append", help="only this phase (repeatable)")
+    sp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    sp.add_argument("--verify", action="store_true", help="full sha256 check of existing shards")
+    sp.add_argument("--array-task", type=int, default=None, help="Slurm array task id: do this share of the shards")
+    sp.add_argument("--array-tasks", type=int, default=1, help="number of array tasks")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_prepare)
+
+    sp = sub.add_parser("train", help="run one phase in this process (one per GPU; started by srun/torchrun/submitit)")
+    sp.add_argument("run_dir")
+    sp.add_argument("--phase", required=True)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="nDCG@10, MRR@10, recall@100, MAP@100 of a PyLate model on BEIR-layout data")
+    sp.add_argument("model")
+    sp.add_argument("--beir", nargs="+", required=True, help="BEIR-layout or NanoBEIR-parquet folders")
+    sp.add_argument("--no-prompts", action="store_true", help="ablation: encode without the model's prompts")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--max-corpus", type=int, default=None, help="subsample the corpus (keeps judged documents)")
+    sp.add_argument("--cache-dir", default=None)
+    sp.add_argument("--index", default="auto", choices=["auto", "exact", "plaid", "voyager"])
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("report", help="Markdown + PNG report of one or several run dirs")
+    sp.add_argument("run_dirs", nargs="+")
+    sp.add_argument("--out", default=None)
+    sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("launch", help="validate, then submit prepare and the phase chain (Slurm or local)")
+    recipe_args(sp)
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--executor", choices=["slurm", "local"], default=None, help="default: slurm when sbatch exists")
+    sp.add_argument("--budget", type=float, default=None, help="raise the run's GPU-hour budget")
+    sp.add_argument("--wait", action="store_true", help="stay until the chain ends (always true for local)")
+    sp.set_defaults(fn=cmd_launch)
+
+    sp = sub.add_parser("resume", help="resubmit a run from where its manifest says it is")
+    sp.add_argument("run_dir")
+    sp.add_argument("--executor", choices=["slurm", "local"], default=None)
+    sp.add_argument("--budget", type=float, default=None, help="raise the run's GPU-hour budget")
+    sp.add_argument(
+        "--phase-budget", action="append", default=[], metavar="PHASE=HOURS", help="raise one phase's budget"
+    )
+    sp.add_argument("--wait", action="store_true")
+    sp.set_defaults(fn=cmd_resume)
+
+    sp = sub.add_parser("sbatch", help="write plain sbatch scripts (one per phase + a prepare array)")
+    recipe_args(sp)
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--out", default=None, help="folder for the scripts (default RUN_DIR/sbatch)")
+    sp.set_defaults(fn=cmd_sbatch)
+
+    sp = sub.add_parser("demo", help="the whole pipeline on CPU in a few minutes: prepare → 3 phases → eval → report")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--model", choices=["minilm", "tiny-modernbert"], default="minilm")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .manifest import ManifestError
+    from .recipe import RecipeError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options too (`validate R --no-path-checks a.b=1`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = (args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.fn(args) or 0)
+    except (RecipeError, ManifestError) as e:
+        print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Every check that needs no cluster, and the GPU-hour projection behind `plan` and `validate`.
+
+A refusal is a list of :class:`Finding` with ``level="error"``; `validate` and `launch` stop on any and write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .recipe import Phase, Recipe, format_time_limit, parse_time_limit
+
+
+@dataclass
+class Finding:
+    level: str  # "error" | "warning"
+    where: str  # field path, e.g. phases.supervised.global_batch_size
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.where}: {self.message}"
+
+
+@dataclass
+class PhasePlan:
+    name: str
+    kind: str
+    gpus: int
+    total_steps: int | None
+    rows: int | None
+    rows_from: str  # "shard index" | "recipe expected_rows" | "unknown"
+    seconds_per_step: float | None
+    seconds_per_step_from: str  # "measured" | "paper reference" | "unknown"
+    projected_gpu_hours: float
+    projected_from: str
+    budget_gpu_hours: float | None
+    used_gpu_hours: float
+
+
+# ----------------------------------------------------------------- data sizes
+def shard_rows(phase: Phase) -> int | None:
+    """Rows over all sources from the prepared shard indexes, or None when any source is not prepared."""
+    total = 0
+    for src in phase.data.sources:
+        idx = Path(phase.data.shards_dir) / src.name / "index.json"
+        try:
+            total += int(json.loads(idx.read_text())["rows"])
+        except (OSError, ValueError, KeyError):
+            return None
+    return total
+
+
+def phase_rows(phase: Phase) -> tuple[int | None, str]:
+    rows = shard_rows(phase)
+    if rows is not None:
+        return rows, "shard index"
+    if phase.data.expected_rows:
+        return phase.data.expected_rows, "recipe expected_rows"
+    return None, "unknown"
+
+
+def total_steps(phase: Phase, rows: int | None) -> int | None:
+    if rows is None:
+        return phase.max_steps
+    steps = math.floor(rows * phase.data.epochs / phase.global_batch_size)
+    return min(steps, phase.max_steps) if phase.max_steps else steps
+
+
+def gpus(phase: Phase) -> int:
+    r = phase.resources
+    return r.nodes * (r.gpus_per_node if r.gpus_per_node else r.cpu_tasks_per_node)
+
+
+# ----------------------------------------------------------------- projection
+def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None) -> PhasePlan:
+    ph = recipe.phase(name)
+    rows, rows_from = phase_rows(ph)
+    steps = total_steps(ph, rows)
+    n = gpus(ph)
+    mrec = (manifest_data or {}).get("phases", {}).get(name, {})
+    used = sum(a.get("gpu_hours", 0.0) for a in mrec.get("attempts", []))
+    budget = mrec.get("budget_gpu_hours") or ph.budget_gpu_hours
+    sps, sps_from = None, "unknown"
+    thr = mrec.get("throughput") or {}
+    if thr.get("seconds_per_step"):
+        sps, sps_from = float(thr["seconds_per_step"]), "measured"
+    elif ph.reference.gpu_hours and steps:
+        # The paper's GPU-hours spread over our step count on our GPU count: a first estimate before any run.
+        sps, sps_from = ph.reference.gpu_hours * 3600.0 / (steps * n), "paper reference"
+    if sps is not None and steps:
+        done = mrec.get("step", 0) or 0
+        projected = used + (steps - done) * sps * n / 3600.0
+        how = f"{steps - done} steps × {sps:.2f} s/step ({sps_from}) × {n} GPUs"
+        if used:
+            how += f" + {used:.2f} used"
+    else:
+        projected = used + n * ph.resources.time_limit_hours
+        how = f"one allocation: {n} GPUs × time limit {ph.resources.time_limit}"
+    return PhasePlan(name, ph.kind, n, steps, rows, rows_from, sps, sps_from, projected, how, budget, used)
+
+
+def plan(recipe: Recipe, manifest_data: dict | None = None) -> dict:
+    phases = [plan_phase(recipe, n, manifest_data) for n in recipe.phases]
+    run_budget = (manifest_data or {}).get("budget_gpu_hours") or recipe.budget_gpu_hours
+    return {
+        "recipe": recipe.name,
+        "recipe_hash": recipe.hash(),
+        "source": recipe.source_path,
+        "reference": recipe.reference.model_dump(),
+        "phases": {
+            p.name: {**asdict(p), "hyperparameters": _hparams(recipe.phase(p.name))} for p in phases
+        },
+        "projected_gpu_hours": sum(p.projected_gpu_hours for p in phases),
+        "budget_gpu_hours": run_budget,
+        "resolved": recipe.resolved(),
+    }
+
+
+def _hparams(ph: Phase) -> dict:
+    r = ph.resources
+    return {
+        "init": ph.init if isinstance(ph.init, str) else {"from": ph.init_from},
+        "lr": ph.lr,
+        "schedule": ph.schedule,
+        "warmup_ratio": ph.warmup_ratio,
+        "global_batch_size": ph.global_batch_size,
+        "gradient_accumulation": ph.gradient_accumulation,
+        "micro_batch_per_rank": ph.micro_batch_per_rank,
+        "temperature": ph.temperature,
+        "learnable_temperature": ph.learnable_temperature,
+        "gradcache_mini_batch": ph.gradcache_mini_batch,
+        "gather_across_ranks": ph.gather_across_ranks,
+        "max_negatives": ph.data.max_negatives,
+        "docs_per_query": ph.data.docs_per_query,
+        "query_length": ph.query_length,
+        "document_length": ph.document_length,
+        "effective_query_length": ph.effective_query_length,
+        "effective_document_length": ph.effective_document_length,
+        "prompts": ph.prompts.model_dump(),
+        "epochs": ph.data.epochs,
+        "sampling": ph.data.sampling,
+        "sources": [s.name for s in ph.data.sources],
+        "bf16": ph.bf16,
+        "zero_stage": ph.deepspeed.zero_stage,
+        "cadence": ph.cadence.model_dump(),
+        "resources": {
+            "nodes": r.nodes,
+            "gpus_per_node": r.gpus_per_node,
+            "world_size": r.world_size,
+            "cpus_per_task": r.cpus_per_task,
+            "mem": r.mem,
+            "partition": r.partition,
+            "account": r.account,
+            "qos": r.qos,
+            "constraint": r.constraint,
+            "time_limit": r.time_limit,
+            "extra_sbatch": r.extra_sbatch,
+        },
+        "reference": ph.reference.model_dump(),
+    }
+
+
+# ----------------------------------------------------------------- checks
+def check(recipe: Recipe, manifest_data: dict | None = None, paths: bool = True) -> list[Finding]:
+    out: list[Finding] = []
+    names = list(recipe.phases)
+    for name in names:
+        out += _check_batch(name, recipe.phase(name))
+        out += _check_cadence(recipe, name, manifest_data)
+        if paths:
+            out += _check_paths(name, recipe.phase(name))
+    out += _check_alignment(recipe)
+    out += _check_budget(recipe, manifest_data)
+    return out
+
+
+def errors(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.level == "error"]
+
+
+def _check_batch(name: str, ph: Phase) -> list[Finding]:
+    f: list[Finding] = []
+    where = f"phases.{name}.global_batch_size"
+    ws = ph.resources.world_size
+    per = ws * ph.gradient_accumulation
+    if ph.global_batch_size % per:
+        f.append(
+            Finding(
+                "error",
+                where,
+                f"{ph.global_batch_size} is not divisible by the GPU count × gradient_accumulation "
+                f"({ph.resources.nodes} nodes × {ph.resources.tasks_per_node} GPUs × {ph.gradient_accumulation} = "
+                f"{per}); every rank must get the same number of queries",
+            )
+        )
+        return f
+    local = ph.global_batch_size // per
+    mb = ph.gradcache_mini_batch
+    if mb is not None:
+        if ph.kind == "distillation":
+            f.append(
+                Finding(
+                    "warning",
+                    f"phases.{name}.gradcache_mini_batch",
+                    "ignored for distillation (KL over each query's own documents needs no cache)",
+                )
+            )
+        elif mb > local:
+            f.append(
+                Finding(
+                    "error",
+                    f"phases.{name}.gradcache_mini_batch",
+                    f"{mb} is larger than the per-GPU batch {local} (= {ph.global_batch_size} / {per})",
+                )
+            )
+        elif ph.global_batch_size % (per * mb):
+            f.append(
+                Finding(
+                    "error",
+                    where,
+                    f"{ph.global_batch_size} is not divisible by GPUs × gradcache_mini_batch "
+                    f"({per} × {mb} = {per * mb}); each rank's batch must split into whole GradCache chunks",
+                )
+            )
+    if ph.kind == "supervised" and ph.data.max_negatives == 0:
+        f.append(Finding("warning", f"phases.{name}.data.max_negatives", "0: supervised phase without hard negatives"))
+    if ph.kind == "distillation" and ph.learnable_temperature:
+        f.append(Finding("error", f"phases.{name}.learnable_temperature", "distillation has no temperature to learn"))
+    return f
+
+
+def _check_cadence(recipe: Recipe, name: str, manifest_data: dict | None) -> list[Finding]:
+    ph = recipe.phase(name)
+    p = plan_phase(recipe, name, manifest_data)
+    limit = parse_time_limit(ph.resources.time_limit)
+    usable = limit - ph.resources.signal_seconds
+    if usable <= 0:
+        return [
+            Finding(
+                "error",
+                f"phases.{name}.resources.signal_seconds",
+                f"{ph.resources.signal_seconds}s warning is longer than the time limit {ph.resources.time_limit}",
+            )
+        ]
+    if p.seconds_per_step is None:
+        return [
+            Finding(
+                "warning",
+                f"phases.{name}.cadence.save_every",
+                "checkpoint cadence unchecked against the time limit: no measured or reference step time yet",
+            )
+        ]
+    every_s = ph.cadence.save_every * p.seconds_per_step
+    if every_s >= usable:
+        return [
+            Finding(
+                "error",
+                f"phases.{name}.cadence.save_every",
+                f"{ph.cadence.save_every} steps × {p.seconds_per_step:.1f} s/step ({p.seconds_per_step_from}) = "
+                f"{format_time_limit(int(every_s))} between checkpoints, not shorter than the usable time limit "
+                f"{format_time_limit(usable)}: a job would end before its first checkpoint. Lower save_every.",
+            )
+        ]
+    return []
+
+
+def _prompt_sig(ph: Phase) -> dict:
+    return {
+        "prompts.enabled": ph.prompts.enabled,
+        "prompts.query": ph.prompts.query if ph.prompts.enabled else None,
+        "prompts.document": ph.prompts.document if ph.prompts.enabled else None,
+        "prompts.extra_length": ph.prompts.extra_length if ph.prompts.enabled else None,
+        "query_length": ph.query_length,
+    }
+
+
+def _check_alignment(recipe: Recipe) -> list[Finding]:
+    out = []
+    for name, ph in recipe.phases.items():
+        src = ph.init_from
+        if src is None:
+            continue
+        a, b = _prompt_sig(recipe.phase(src)), _prompt_sig(ph)
+        diff = [k for k in a if a[k] != b[k]]
+        if diff:
+            detail = "; ".join(f"{k}: {a[k]!r} in {src!r} vs {b[k]!r} in {name!r}" for k in diff)
+            level = "warning" if recipe.allow_prompt_mismatch else "error"
+            msg = (
+                f"prompt/length setup differs from the phase it starts from ({detail}). A model fine-tuned with "
+                f"another prompt setup than its pre-training loses ~0.8 nDCG@10 silently (ColBERT-Zero)."
+            )
+            if level == "error":
+                msg += " Align them, or set allow_prompt_mismatch: true for an ablation."
+            out.append(Finding(level, f"phases.{name}.prompts", msg))
+    return out
+
+
+def _check_paths(name: str, ph: Phase) -> list[Finding]:
+    from .models import is_local_ref
+
+    out = []
+    if isinstance(ph.init, str) and is_local_ref(ph.init) and not os.path.exists(os.path.expanduser(ph.init)):
+        out.append(Finding("error", f"phases.{name}.init", f"{ph.init}: no such model folder"))
+    missing = []
+    for i, src in enumerate(ph.data.sources):
+        idx = Path(ph.data.shards_dir) / src.name / "index.json"
+        if idx.exists():
+            continue
+        for key in ("path", "queries_path", "documents_path"):
+            p = getattr(src, key)
+            if p and not os.path.exists(p):
+                missing.append(
+                    Finding(
+                        "error",
+                        f"phases.{name}.data.sources[{i}].{key}",
+                        f"{p}: not found, and source {src.name!r} has no prepared shards in {idx.parent}",
+                    )
+                )
+    if len(missing) > 3:  # one line per phase rather than dozens: the cause is usually one missing root
+        first = missing[0].message.split(":")[0]
+        missing = [
+            Finding(
+                "error",
+                f"phases.{name}.data.sources",
+                f"{len(missing)} raw data paths not found and not prepared (first: {first}); "
+                f"download the sources or point the recipe at them (COLBERTZERO_DATA), then `colbertzero prepare`",
+            )
+        ]
+    return out + missing
+
+
+def _check_budget(recipe: Recipe, manifest_data: dict | None) -> list[Finding]:
+    out = []
+    total = 0.0
+    for name in recipe.phases:
+        p = plan_phase(recipe, name, manifest_data)
+        total += p.projected_gpu_hours
+        if p.budget_gpu_hours is not None and p.projected_gpu_hours > p.budget_gpu_hours:
+            out.append(
+                Finding(
+                    "error",
+                    f"phases.{name}.budget_gpu_hours",
+                    f"projected {p.projected_gpu_hours:.3g} GPU-hours ({p.projected_from}) exceed the budget "
+                    f"{p.budget_gpu_hours:g}. Raise the budget (phases.{name}.budget_gpu_hours=…) or shrink the phase.",
+                )
+            )
+    run_budget = (manifest_data or {}).get("budget_gpu_hours") or recipe.budget_gpu_hours
+    if run_budget is not None and total > run_budget:
+        out.append(
+            Finding(
+                "error",
+                "budget_gpu_hours",
+                f"projected {total:.3g} GPU-hours for the run exceed its budget {run_budget:g}",
+            )
+        )
+    return out

@@ -1,0 +1,149 @@
+"""Manifest: atomic and locked writes, refusal of corrupt/foreign manifests, ledger arithmetic, lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from colbertzero.manifest import Manifest, ManifestError, attempt_gpu_hours, resolve_init
+from colbertzero.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def recipe():
+    return load_recipe(ROOT / "recipes" / "tiny-cpu.yaml")
+
+
+def test_create_and_reopen(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    data = m.read()
+    assert data["recipe_hash"] == recipe.hash()
+    assert list(data["phases"]) == list(recipe.phases)
+    assert all(p["state"] == "pending" for p in data["phases"].values())
+    assert (tmp_path / "run" / "recipe.yaml").exists()
+    Manifest.create(tmp_path / "run", recipe)  # same recipe: reopens
+    other = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["phases.supervised.lr=1e-3"])
+    with pytest.raises(ManifestError, match="another configuration"):
+        Manifest.create(tmp_path / "run", other)
+
+
+def test_corrupt_and_foreign_refused(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    m.path.write_text('{"format": "colbertzero-manifest/1", "recipe": ')
+    before = m.path.read_bytes()
+    with pytest.raises(ManifestError, match="corrupt manifest"):
+        with m.update() as d:
+            d["x"] = 1
+    assert m.path.read_bytes() == before  # never overwritten
+    m.path.write_text(json.dumps({"format": "something-else/2"}))
+    with pytest.raises(ManifestError, match="not a colbertzero manifest"):
+        m.read()
+
+
+def test_ledger_arithmetic(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    a1 = m.start_attempt("unsupervised", job_id="101", executor="slurm", nodes=2, gpus_per_node=4, tasks=8)
+    m.tick_attempt("unsupervised", a1, step=40, elapsed_s=1800, end_state="timeout")
+    a2 = m.start_attempt("unsupervised", job_id="101", executor="slurm", nodes=2, gpus_per_node=4, tasks=8,
+                         step_start=40, attempt_id="101-requeue-1")
+    m.tick_attempt("unsupervised", a2, step=90, elapsed_s=900, end_state="completed")
+    a3 = m.start_attempt("supervised", job_id="102", executor="slurm", nodes=1, gpus_per_node=4, tasks=4)
+    m.tick_attempt("supervised", a3, step=10, elapsed_s=3600)
+    assert m.gpu_hours("unsupervised") == pytest.approx(2 * 4 * 0.5 + 2 * 4 * 0.25)
+    assert m.gpu_hours("supervised") == pytest.approx(4.0)
+    assert m.gpu_hours() == pytest.approx(10.0)
+    p = m.phase("unsupervised")
+    assert [a["exit_state"] for a in p["attempts"]] == ["timeout", "completed"]
+    assert p["attempts"][1]["step_start"] == 40 and p["attempts"][1]["step_end"] == 90
+    # same attempt id twice (a requeued job re-registering) does not double count
+    m.start_attempt("unsupervised", job_id="101", executor="slurm", nodes=2, gpus_per_node=4, tasks=8,
+                    attempt_id="101-requeue-1")
+    assert len(m.phase("unsupervised")["attempts"]) == 2
+    # CPU tasks count as GPUs
+    assert attempt_gpu_hours({"nodes": 1, "gpus_per_node": 0, "tasks": 2, "elapsed_s": 3600}) == 2.0
+
+
+def test_budget_raise(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    assert m.budget("supervised") == recipe.phases["supervised"].budget_gpu_hours
+    m.set_state("supervised", "over-budget")
+    m.raise_budget("supervised", 5.0)
+    assert m.budget("supervised") == 5.0 and m.phase("supervised")["state"] == "pending"
+    m.raise_budget(None, 9.0)
+    assert m.run_budget() == 9.0
+
+
+def test_checkpoints_keep_last_and_init_chain(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    ck = tmp_path / "run" / "phases" / "unsupervised" / "checkpoints"
+    dropped_all = []
+    for step in (4, 8, 12):
+        (ck / f"step-{step:08d}").mkdir(parents=True)
+        dropped_all += m.add_checkpoint("unsupervised", ck / f"step-{step:08d}", step, "abc", keep_last=2)
+    assert dropped_all == ["phases/unsupervised/checkpoints/step-00000004"]
+    assert m.latest_checkpoint("unsupervised")["step"] == 12
+    (ck / "step-00000012").rmdir()  # vanished from disk: the previous complete one is used
+    assert m.latest_checkpoint("unsupervised")["step"] == 8
+    with pytest.raises(ManifestError, match="no export yet"):
+        resolve_init(m, recipe, "supervised")
+
+    def done(p):
+        p["state"] = "done"
+        p["export"] = {"path": "phases/unsupervised/export", "step": 12, "sha256": "x", "time": "t"}
+
+    m.update_phase("unsupervised", done)
+    assert resolve_init(m, recipe, "supervised") == str(m.run_dir / "phases/unsupervised/export")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from colbertzero.manifest import Manifest
+    m = Manifest(sys.argv[1])
+    n = int(sys.argv[2])
+    for i in range(n):
+        with m.update() as d:
+            d.setdefault("counter", 0)
+            d["counter"] += 1
+            d["padding"] = "x" * 200000   # make each write big enough to be caught mid-way
+    """
+)
+
+
+def test_two_writers_never_interleave(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    script = tmp_path / "w.py"
+    script.write_text(WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(m.run_dir), "40"]) for _ in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert m.read()["counter"] == 80
+
+
+def test_writer_killed_mid_write_leaves_previous_manifest(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    script = tmp_path / "w.py"
+    script.write_text(WRITER)
+    for delay in (0.0, 0.01, 0.05):
+        p = subprocess.Popen([sys.executable, str(script), str(m.run_dir), "100000"])
+        deadline = time.time() + 60
+        while "counter" not in json.loads(m.path.read_text()) and time.time() < deadline:
+            time.sleep(0.01)  # wait until the writer is busy writing
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        data = m.read()  # parses: the rename is atomic, a torn temp file is never the manifest
+        assert data["format"] == "colbertzero-manifest/1"
+    # the lock of a killed writer does not block the next one
+    with m.update() as d:
+        d["after"] = True
+    assert m.read()["after"] is True

@@ -1,0 +1,121 @@
+"""Recipe schema: every shipped recipe loads and passes the schema-level checks; round-trips; overrides; errors."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import yaml
+
+from colbertzero import preflight
+from colbertzero.recipe import (
+    RecipeError,
+    dump_recipe,
+    load_recipe,
+    parse_time_limit,
+    recipe_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "**" / "*.yaml"), recursive=True))
+
+
+def test_recipes_exist():
+    names = {Path(p).name for p in RECIPES}
+    assert {"colbert-zero.yaml", "modern-colbert-embed-base.yaml", "kd-only.yaml", "tiny-cpu.yaml"} <= names
+    assert len([p for p in RECIPES if "/ablations/" in p]) >= 5
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).name)
+def test_every_recipe_validates(path):
+    r = load_recipe(path)
+    # Data and hub models are not on this machine: schema, divisibility, alignment, cadence and budget only.
+    errs = preflight.errors(preflight.check(r, paths=False))
+    assert not errs, "\n".join(map(str, errs))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).name)
+def test_round_trip(path):
+    r = load_recipe(path)
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(r)))
+    assert again.resolved() == r.resolved()
+    assert again.hash() == r.hash()
+
+
+def test_paper_values():
+    r = load_recipe(ROOT / "recipes" / "colbert-zero.yaml")
+    assert list(r.phases) == ["unsupervised", "supervised", "distillation"]
+    u, s, d = (r.phases[k] for k in r.phases)
+    assert (u.lr, u.global_batch_size, u.temperature, u.gradcache_mini_batch, u.gather_across_ranks) == (
+        3e-4, 16384, 0.02, 512, True)
+    assert (u.effective_query_length, u.effective_document_length) == (39, 187)
+    assert len(u.data.sources) == 29 and u.data.sampling == "proportional"
+    assert (u.cadence.save_every, u.cadence.eval_every) == (500, 500)
+    assert (s.lr, s.global_batch_size, s.temperature, s.data.max_negatives, s.effective_document_length) == (
+        8e-6, 64, 0.2, 10, 519)
+    assert len(s.data.sources) == 10 and s.cadence.save_every == 1500
+    assert (d.lr, d.global_batch_size, d.gradient_accumulation, d.data.docs_per_query) == (1e-5, 32, 2, 32)
+    assert d.global_batch_size // (d.resources.world_size * d.gradient_accumulation) == 4  # card: 4 per device
+    assert u.prompts.query == "search_query: " and u.prompts.document == "search_document: "
+    assert r.model.embedding_size == 128
+    assert r.reference.beir_ndcg10 == 55.43 and r.reference.gpu_hours == 408
+    assert s.init_from == "unsupervised" and d.init_from == "supervised"
+
+
+def test_pipelines_and_ablations_derive():
+    b = load_recipe(ROOT / "recipes" / "modern-colbert-embed-base.yaml")
+    assert list(b.phases) == ["supervised", "distillation"]
+    assert b.phases["supervised"].init == "nomic-ai/modernbert-embed-unsupervised"
+    assert b.reference.beir_ndcg10 == 55.12
+    a = load_recipe(ROOT / "recipes" / "kd-only.yaml")
+    assert list(a.phases) == ["distillation"] and a.reference.beir_ndcg10 == 54.09
+    assert a.phases["distillation"].init == "nomic-ai/modernbert-embed-base"
+    nop = load_recipe(ROOT / "recipes" / "ablations" / "colbert-zero-noprompts.yaml")
+    assert nop.reference.beir_ndcg10 == 54.61
+    assert not any(p.prompts.enabled for p in nop.phases.values())
+    length = load_recipe(ROOT / "recipes" / "ablations" / "kd-length.yaml")
+    d = length.phases["distillation"]
+    assert not d.prompts.enabled and (d.effective_query_length, d.effective_document_length) == (39, 187)
+    prompt = load_recipe(ROOT / "recipes" / "ablations" / "kd-prompt.yaml").phases["distillation"]
+    assert prompt.prompts.enabled and prompt.effective_query_length == 32
+
+
+def test_overrides():
+    r = load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervised.lr=1e-5", "phases.unsupervised.resources.nodes=8",
+                                                              "phases.supervised.prompts.query=query: "])
+    assert r.phases["supervised"].lr == 1e-5
+    assert r.phases["unsupervised"].resources.nodes == 8
+    assert r.phases["supervised"].prompts.query == "query: "
+
+
+def test_error_names_field_path():
+    with pytest.raises(RecipeError, match=r"phases\.supervised\.lr: must be > 0"):
+        load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervised.lr=0"])
+    with pytest.raises(RecipeError, match=r"phases\.supervised\.lrr: unknown field"):
+        load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervised.lrr=1"])
+    with pytest.raises(RecipeError, match=r"no phases\.supervisd"):
+        load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervisd.lr=1"])
+    with pytest.raises(RecipeError, match="not an earlier phase"):
+        load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.unsupervised.init={from: distillation}"])
+
+
+def test_env_and_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLBERTZERO_DATA", str(tmp_path))
+    r = load_recipe(ROOT / "recipes" / "colbert-zero.yaml")
+    assert r.phases["unsupervised"].data.shards_dir == str(tmp_path / "shards" / "unsupervised")
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_time_limits():
+    assert parse_time_limit("24:00:00") == 86400
+    assert parse_time_limit("2-00:00:00") == 172800
+    assert parse_time_limit("90") == 5400
+    assert parse_time_limit("1-12") == 129600
+    with pytest.raises(ValueError):
+        parse_time_limit("tomorrow")
