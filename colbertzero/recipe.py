@@ -142,6 +142,27 @@ class Resources(_Strict):
         return v
 
 
+class PrepareResources(_Strict):
+    """The CPU job that tokenizes shards (a Slurm array: each task takes a share of every source's shards)."""
+
+    array_tasks: int = Field(default=4, gt=0)
+    workers: int = Field(default=8, gt=0)  # processes per array task
+    cpus_per_task: int = Field(default=8, gt=0)
+    mem: str | None = None
+    partition: str | None = None  # None = the first phase's partition
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str = "04:00:00"
+    extra_sbatch: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _tl(cls, v: str) -> str:
+        parse_time_limit(v)
+        return v
+
+
 class DeepSpeedCfg(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = False
@@ -233,6 +254,7 @@ class Recipe(_Strict):
     phases: dict[str, Phase] = Field(min_length=1)
     budget_gpu_hours: float | None = Field(default=None, gt=0)  # for the whole run
     allow_prompt_mismatch: bool = False
+    prepare: PrepareResources = Field(default_factory=PrepareResources)
     reference: Reference = Field(default_factory=Reference)
     # where the recipe came from (set by load_recipe; not part of the hash)
     source_path: str | None = Field(default=None, exclude=True)
