@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.shards import DataError
+    from .launch.chain import LaunchError
     from .manifest import ManifestError
     from .recipe import RecipeError
 
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
-    except (RecipeError, ManifestError) as e:
+    except (RecipeError, ManifestError, DataError, LaunchError) as e:
         print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:

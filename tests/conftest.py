@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -37,3 +38,25 @@ def tiny_modernbert(tmp_path_factory) -> str:
     from colbertzero.models import make_tiny_modernbert
 
     return make_tiny_modernbert(tmp_path_factory.mktemp("models") / "tiny-modernbert")
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> dict[str, str]:
+    """The real two-node Slurm cluster of tools/local-slurm, SLURM_CONF exported for the whole session.
+
+    Starts it (installing Slurm on a fresh machine, ~15 s) and stops it at the end, unless it was already up with
+    no test session holding it, or another session still holds it. Skips only where it cannot run (not root, no apt).
+    """
+    from colbertzero.launch import local_slurm as cluster
+
+    if os.geteuid() != 0:
+        pytest.skip("local-slurm needs root (it installs Slurm and runs slurmd as root); run the tests as root")
+    with contextlib.ExitStack() as stack:
+        try:
+            env = stack.enter_context(cluster.shared_cluster())
+        except cluster.LocalSlurmUnavailable as e:
+            pytest.skip(f"local-slurm cannot run on this machine: {e}")
+        mp = stack.enter_context(pytest.MonkeyPatch.context())
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env

@@ -7,7 +7,7 @@ One checkpoint is one folder, ``RUN_DIR/phases/<phase>/checkpoints/step-XXXXXXXX
     latest, zero_to_fp32.py    # written by DeepSpeed: the folder is also a plain DeepSpeed checkpoint
     rng/rank-00000.pt          # each rank's RNG states: python, numpy, torch CPU, CUDA (current device) when present
     trainer_state.json         # step, data-loader state, temperature, whatever the runner adds
-    COMPLETE                   # written last: step, sha256 of the model-state files, world size, ZeRO stage
+    COMPLETE                   # written last: step, sha256 of DeepSpeed's state files, world size, ZeRO stage
 
 Protocol (every rank calls :func:`save_checkpoint`; the run dir is on a filesystem all nodes share):
 rank 0 clears stale ``.tmp-*`` folders and creates ``.tmp-step-XXXXXXXX/``; all ranks write into it (each its own
@@ -62,9 +62,12 @@ def step_dirname(step: int) -> str:
     return f"step-{int(step):08d}"
 
 
-def model_states_sha256(ckpt: str | os.PathLike) -> str:
-    """The hash the manifest records: DeepSpeed's model-state files of the checkpoint (the weights)."""
-    return sha256_tree(Path(ckpt) / DS_TAG, patterns=("*model_states.pt",))
+def weights_sha256(ckpt: str | os.PathLike) -> str:
+    """The hash the manifest records: all of DeepSpeed's state files in the checkpoint.
+
+    Not the model-state files alone: under ZeRO-3 those hold only placeholders, the weights live in the per-rank
+    fp32 partitions of the optimizer-state files (under ZeRO-1/2 those hold the fp32 master weights too)."""
+    return sha256_tree(Path(ckpt) / DS_TAG, patterns=("*.pt",))
 
 
 def clean_stale(ckpt_root: str | os.PathLike) -> list[Path]:
@@ -116,11 +119,11 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def _raise_everywhere(outcome: dict) -> Any:
+def _raise_everywhere(outcome: dict, error: type[Exception] | None = None) -> Any:
     """Rank 0's outcome, broadcast: its value, or the same error raised on every rank."""
     outcome = _broadcast(outcome)
     if outcome.get("error"):
-        raise CheckpointError(outcome["error"])
+        raise (error or CheckpointError)(outcome["error"])
     return outcome.get("value")
 
 
@@ -252,13 +255,14 @@ def save_checkpoint(
         else:
             state["loader_per_rank"] = [json.loads(s) for s in loaders]
         atomic_write_json(tmp / TRAINER_STATE, state)
+    _barrier()  # everything is written; now flush it
     _fsync_tree(tmp)
     _barrier()
 
     def commit():
         if not any((tmp / DS_TAG).glob("*model_states.pt")):
             raise CheckpointError(f"{tmp}: DeepSpeed wrote no model-state files")
-        sha = model_states_sha256(tmp)
+        sha = weights_sha256(tmp)
         atomic_write_json(tmp / COMPLETE, {"step": step, "sha256": sha, "world_size": world,
                                            "zero_stage": _zero_stage(engine), "time": now_iso()})
         if final.exists():
@@ -324,8 +328,8 @@ def find_latest_checkpoint(manifest: Manifest, phase_name: str, *, verify_hash: 
         if info.get("step") != c["step"] or info.get("sha256") != c["sha256"]:
             log.warning("checkpoint %s: its %s disagrees with the manifest; skipped", path, COMPLETE)
             continue
-        if verify_hash and model_states_sha256(path) != c["sha256"]:
-            log.warning("checkpoint %s: model-state files do not match their recorded sha256; skipped", path)
+        if verify_hash and weights_sha256(path) != c["sha256"]:
+            log.warning("checkpoint %s: its files do not match their recorded sha256; skipped", path)
             continue
         return {**c, "abspath": str(path), "world_size": info.get("world_size"), "zero_stage": info.get("zero_stage")}
     return None

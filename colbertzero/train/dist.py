@@ -114,11 +114,14 @@ def current_runtime(bf16: bool = False) -> Runtime:
     return Runtime(tdist.get_rank(), tdist.get_world_size(), local_rank, tdist.get_backend(), dev, dtype)
 
 
-def teardown() -> None:
-    """Barrier, then destroy the process group (ZeRO-3 processes abort at exit without it). Safe to call twice."""
+def teardown(barrier: bool = True) -> None:
+    """Barrier, then destroy the process group (ZeRO-3 processes abort at exit without it). Safe to call twice.
+
+    barrier=False when leaving on an error raised on this rank alone: the other ranks may never reach the barrier."""
     if not tdist.is_initialized():
         return
     try:
-        tdist.barrier()
+        if barrier:
+            tdist.barrier()
     finally:
         tdist.destroy_process_group()

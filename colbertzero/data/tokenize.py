@@ -1,0 +1,259 @@
+"""PyLate-exact tokenization, done once at prepare time, padded per batch at load time.
+
+PyLate 1.6.0 turns a text into model inputs in three places; this module reproduces the chain exactly:
+
+1. ``ColBERTCollator``: ``prompt + text`` when a prompt is set for the column (queries: the query prompt; positives,
+   negatives and distillation documents: the document prompt).
+2. sentence-transformers' ``Transformer.tokenize``: ``str(text).strip()``, lower-case when the module says so, then
+   the tokenizer with ``truncation="longest_first"`` and ``max_length = length - 1`` (``length`` when the prefix is
+   empty) — PyLate sets ``max_seq_length`` that way to leave room for the prefix token.
+3. ``ColBERT.tokenize``: the [Q]/[D] prefix token inserted after the first token (CLS), attention 1 for it; queries
+   padded to the full query length with the pad id (PyLate sets it to [MASK]) when the model expands queries, and
+   the whole query mask set to 1 when it attends to expansion tokens.
+
+Steps 1-3 up to the prefix are done by :meth:`PhaseTokenizer.encode` (unpadded token lists, stored in shards);
+the padding of step 3 by :meth:`PhaseTokenizer.pad_queries` / :meth:`PhaseTokenizer.pad_documents` (per batch).
+
+The tokenizer itself comes from ``pylate.models.ColBERT`` loaded once from the phase's model source, so the [Q]/[D]
+tokens are added exactly as PyLate adds them. A phase whose ``init`` is ``{from: <earlier phase>}`` is not exported
+yet at prepare time; its tokenizer is that of the first phase in the chain whose init is a path (an export keeps the
+tokenizer of the model it started from): :func:`tokenizer_source`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from colbertzero.data.shards import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from colbertzero.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """What, besides the tokenizer, decides the tokens (PyLate's names; lengths include the prefix token)."""
+
+    query_length: int
+    document_length: int
+    query_prefix: str
+    document_prefix: str
+    query_prompt: str  # "" when the phase has prompts off
+    document_prompt: str
+    do_query_expansion: bool
+    attend_to_expansion_tokens: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def settings_for_phase(recipe: "Recipe", phase_name: str) -> TokenSettings:
+    phase = recipe.phase(phase_name)
+    m = recipe.model
+    on = phase.prompts.enabled
+    return TokenSettings(
+        query_length=phase.effective_query_length,
+        document_length=phase.effective_document_length,
+        query_prefix=m.query_prefix,
+        document_prefix=m.document_prefix,
+        query_prompt=phase.prompts.query if on else "",
+        document_prompt=phase.prompts.document if on else "",
+        do_query_expansion=m.do_query_expansion,
+        # PyLate turns attention to expansion tokens off when it does not expand
+        attend_to_expansion_tokens=m.attend_to_expansion_tokens and m.do_query_expansion,
+    )
+
+
+def tokenizer_source(recipe: "Recipe", phase_name: str) -> str:
+    """The model path whose tokenizer the phase uses: its init, or, for ``init: {from: P}``, P's, recursively."""
+    seen = [phase_name]
+    phase = recipe.phase(phase_name)
+    while phase.init_from is not None:
+        seen.append(phase.init_from)
+        phase = recipe.phase(phase.init_from)
+    assert isinstance(phase.init, str)
+    from colbertzero.models import resolve_model_ref
+
+    return resolve_model_ref(phase.init)  # builtin:* names (tests, demo) → their local folders
+
+
+class PhaseTokenizer:
+    """A Hugging Face tokenizer as PyLate configures it, plus the settings; picklable (sent to prepare workers)."""
+
+    def __init__(self, hf_tokenizer, settings: TokenSettings, *, do_lower_case: bool, source: str,
+                 query_prefix_id: int | None, document_prefix_id: int | None):
+        self.hf = hf_tokenizer
+        self.settings = settings
+        self.do_lower_case = bool(do_lower_case)
+        self.source = source
+        self.query_prefix_id = query_prefix_id
+        self.document_prefix_id = document_prefix_id
+        if hf_tokenizer.padding_side != "right":
+            raise DataError(
+                f"tokenizer of {source}: padding side {hf_tokenizer.padding_side!r}; colbertzero pads on the right "
+                "as PyLate's encoder models do"
+            )
+        # PyLate pads with [MASK] (or EOS for decoder models); it set pad_token_id accordingly on load.
+        self.pad_id = int(hf_tokenizer.pad_token_id)
+        self.vocab_size = len(hf_tokenizer)
+        self.dtype = np.uint16 if self.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_model(cls, model, settings: TokenSettings, source: str | None = None) -> "PhaseTokenizer":
+        """From a loaded ``pylate.models.ColBERT`` (the trainer has one; prepare loads one)."""
+        if (model.query_length, model.document_length) != (settings.query_length, settings.document_length):
+            raise DataError(
+                f"model lengths q {model.query_length} / d {model.document_length} differ from the settings "
+                f"q {settings.query_length} / d {settings.document_length}"
+            )
+        return cls(
+            model.tokenizer,
+            settings,
+            do_lower_case=getattr(model[0], "do_lower_case", False),
+            source=source or "",
+            query_prefix_id=model.query_prefix_id,
+            document_prefix_id=model.document_prefix_id,
+        )
+
+    # ---------------------------------------------------------------- encoding
+    def _encode(self, texts: Sequence[str], prompt: str, length: int, prefix_id: int | None) -> list[list[int]]:
+        if not texts:
+            return []
+        if prompt:
+            texts = [prompt + t for t in texts]
+        texts = [str(t).strip() for t in texts]
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        ids = self.hf(
+            texts,
+            padding=False,
+            truncation="longest_first",
+            max_length=length - 1 if prefix_id is not None else length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        if prefix_id is not None:
+            ids = [[s[0], prefix_id, *s[1:]] for s in ids]
+        return ids
+
+    def encode_queries(self, texts: Sequence[str]) -> list[list[int]]:
+        s = self.settings
+        return self._encode(texts, s.query_prompt, s.query_length, self.query_prefix_id)
+
+    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
+        s = self.settings
+        return self._encode(texts, s.document_prompt, s.document_length, self.document_prefix_id)
+
+    # ---------------------------------------------------------------- padding
+    def query_width(self, longest: int) -> int:
+        """Padded query length: the full length when expanding (PyLate pads queries to it), else the longest."""
+        return self.settings.query_length if self.settings.do_query_expansion else int(longest)
+
+    def pad_queries(self, token_lists: Sequence[Sequence[int]], width: int | None = None):
+        lens, vals = ragged(token_lists)
+        ids, mask = self.pad(lens, vals, self.query_width(lens.max(initial=0)) if width is None else width)
+        if self.settings.attend_to_expansion_tokens:
+            mask[:] = 1
+        return ids, mask
+
+    def pad_documents(self, token_lists: Sequence[Sequence[int]], width: int | None = None):
+        lens, vals = ragged(token_lists)
+        return self.pad(lens, vals, int(lens.max(initial=0)) if width is None else width)
+
+    def pad(self, lens: np.ndarray, vals: np.ndarray, width: int):
+        ids = np.full((len(lens), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(lens), width), dtype=np.int64)
+        scatter_rows(ids, mask, np.arange(len(lens)), lens, np.concatenate([[0], np.cumsum(lens)[:-1]]), vals)
+        return ids, mask
+
+    # ---------------------------------------------------------------- identity
+    def identity(self) -> dict[str, Any]:
+        """What the shard index records and the loader compares: a hash over everything that decides the ids."""
+        hf = self.hf
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is not None:
+            spec = json.loads(backend.to_str())
+            # truncation/padding hold the state of the last call, not the tokenizer's identity
+            spec.pop("truncation", None)
+            spec.pop("padding", None)
+        else:  # pragma: no cover - slow tokenizers are gone from transformers 5, kept for completeness
+            spec = {"vocab": sorted(hf.get_vocab().items())}
+        ident = {
+            "class": type(hf).__name__,
+            "vocab_size": self.vocab_size,
+            "do_lower_case": self.do_lower_case,
+            "truncation_side": hf.truncation_side,
+            "query_prefix_id": self.query_prefix_id,
+            "document_prefix_id": self.document_prefix_id,
+            "pad_id": self.pad_id,
+            "cls_id": hf.cls_token_id,
+            "sep_id": hf.sep_token_id,
+        }
+        digest = hashlib.sha256(json.dumps([spec, ident], sort_keys=True).encode()).hexdigest()
+        return {"source": self.source, **ident, "sha256": digest}
+
+
+def ragged(token_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated values) of a list of token lists."""
+    lens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    vals = np.fromiter((x for t in token_lists for x in t), dtype=np.int64, count=int(lens.sum()))
+    return lens, vals
+
+
+def scatter_rows(ids: np.ndarray, mask: np.ndarray, rows: np.ndarray, lens: np.ndarray, starts: np.ndarray,
+                 values: np.ndarray) -> None:
+    """Write token list k (``values[starts[k]:starts[k]+lens[k]]``) into ``ids[rows[k], :lens[k]]``, mask 1 there.
+
+    Vectorised: one fancy-index read and one write for the whole batch, no Python loop over rows.
+    """
+    lens = np.minimum(lens, ids.shape[1])  # a width below a list's length would be a caller bug; never overflow
+    total = int(lens.sum())
+    if total == 0:
+        return
+    first = np.cumsum(lens) - lens
+    col = np.arange(total, dtype=np.int64) - np.repeat(first, lens)
+    r = np.repeat(rows, lens)
+    ids[r, col] = values[np.repeat(starts, lens) + col]
+    mask[r, col] = 1
+
+
+@functools.lru_cache(maxsize=8)
+def _load(source: str, settings: TokenSettings) -> PhaseTokenizer:
+    import logging
+
+    import pylate.models
+
+    # PyLate/transformers report resized embeddings and unused weights while loading; none of it matters here.
+    quiet = [logging.getLogger(n) for n in ("pylate", "sentence_transformers", "transformers")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        model = pylate.models.ColBERT(
+            source,
+            device="cpu",
+            query_prefix=settings.query_prefix,
+            document_prefix=settings.document_prefix,
+            query_length=settings.query_length,
+            document_length=settings.document_length,
+            do_query_expansion=settings.do_query_expansion,
+            attend_to_expansion_tokens=settings.attend_to_expansion_tokens,
+        )
+    except OSError as e:
+        raise DataError(f"cannot load the tokenizer of {source}: {e}") from None
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+    return PhaseTokenizer.from_model(model, settings, source=source)
+
+
+def load_phase_tokenizer(recipe: "Recipe", phase_name: str) -> PhaseTokenizer:
+    """The phase's tokenizer exactly as PyLate builds it (cached per model source and settings in this process)."""
+    return _load(tokenizer_source(recipe, phase_name), settings_for_phase(recipe, phase_name))

@@ -1,0 +1,274 @@
+"""Who am I in this job? Slurm task, torchrun worker or plain process -> rank, world and rendezvous for torch.
+
+    from colbertzero.launch import slurm_env
+    dist = slurm_env.set_torch_env()          # RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT if missing
+    torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+
+Precedence: variables torchrun (or the user) already set win; then the Slurm task that srun started; else one
+process. A Slurm batch script itself (no srun step) is one process, whatever --ntasks says: only srun starts tasks.
+Rendezvous: MASTER_ADDR is the first node of the step (the job's nodes unless srun ran on fewer), MASTER_PORT is
+derived from the job id, so every task computes the same pair without talking to the others. Two concurrent steps of
+one job would collide on that port: give them MASTER_PORT explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import zlib
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+PORT_LOW, PORT_HIGH = 20000, 60000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, and how its ranks meet."""
+
+    launcher: str  # "torchrun" (RANK/WORLD_SIZE were set), "slurm" (a task srun started) or "single"
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+    gpus_on_node: int
+    job_id: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def torch_vars(self) -> dict[str, str]:
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "LOCAL_WORLD_SIZE": str(self.local_world_size), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
+
+# ------------------------------------------------------------------------------------------------------ hostlists
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _split_top_level(expr: str) -> list[str]:
+    """Split at commas outside brackets: 'n[1-2,4],m1' -> ['n[1-2,4]', 'm1']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(expr):
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested '[' in hostlist {expr!r}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in hostlist {expr!r}")
+        elif ch == "," and depth == 0:
+            parts.append(expr[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '[' in hostlist {expr!r}")
+    parts.append(expr[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_brackets(spec: str, expr: str) -> list[str]:
+    """'01-03,7' -> ['01', '02', '03', '7']; zero padding follows the width of the range's first number."""
+    out = []
+    for item in spec.split(","):
+        m = _RANGE.match(item.strip())
+        if not m:
+            raise ValueError(f"bad range {item!r} in hostlist {expr!r}")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in hostlist {expr!r}")
+        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Expand a Slurm hostlist in pure Python, in Slurm's order (duplicates kept, as `scontrol show hostnames`).
+
+    'n[1-3,5],gpu-a[01-02]' -> n1 n2 n3 n5 gpu-a01 gpu-a02; several bracket groups in one name multiply out with
+    the leftmost varying slowest: 'r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2. Text after a bracket ('a[1-2]-ib') is
+    accepted and kept, although Slurm itself never writes such lists. Malformed lists raise ValueError.
+    """
+    hosts: list[str] = []
+    for part in _split_top_level(expr):
+        pieces = re.split(r"\[([^\]]*)\]", part)  # text, range, text, range, ..., text
+        names = [pieces[0]]
+        for spec, text in zip(pieces[1::2], pieces[2::2]):
+            names = [n + s + text for n in names for s in _expand_brackets(spec, expr)]
+        hosts += names
+    return hosts
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """The hosts of a Slurm nodelist: `scontrol show hostnames` when it answers, else expand_hostlist."""
+    if shutil.which("scontrol"):
+        try:
+            res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=10)
+            if res.returncode == 0 and res.stdout.split():
+                return res.stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return expand_hostlist(nodelist)
+
+
+def node_address(node: str) -> str:
+    """An address for `node` that this process can reach.
+
+    The name itself when it resolves here: each rank then resolves it with its own resolver (a master that put its
+    own lookup, often 127.0.1.1 on Debian, into MASTER_ADDR would strand the other nodes). Otherwise the node's
+    NodeAddr from slurmctld, which Slurm itself uses to reach the node (e.g. node names that only resolve inside
+    the node, as under tools/local-slurm on the host side).
+    """
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except (socket.gaierror, UnicodeError):
+        pass
+    if shutil.which("scontrol"):
+        try:
+            res = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True,
+                                 timeout=10)
+            m = re.search(r"\bNodeAddr=(\S+)", res.stdout)
+            if res.returncode == 0 and m:
+                return m.group(1)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return node
+
+
+# ------------------------------------------------------------------------------------------------------- detection
+def master_port_for_job(job_id: str | int) -> int:
+    """A port in [20000, 60000) that every task of the job computes alike, without talking to the others."""
+    text = str(job_id).strip()
+    n = int(text) if text.isdigit() else zlib.crc32(text.encode())
+    return PORT_LOW + n % (PORT_HIGH - PORT_LOW)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE '2(x3),1' -> tasks on node `node_id` (2 for nodes 0-2, 1 for node 3)."""
+    counts: list[int] = []
+    for item in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not m:
+            raise ValueError(f"cannot parse tasks per node {tasks_per_node!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node_id] if node_id < len(counts) else counts[-1]
+
+
+def _gpus_on_node(env: Mapping[str, str]) -> int:
+    if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        return int(env["SLURM_GPUS_ON_NODE"])
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return len([d for d in visible.split(",") if d.strip()]) if visible else 0
+
+
+def _first(env: Mapping[str, str], *names: str, default: str | None = None) -> str | None:
+    for name in names:
+        if env.get(name):
+            return env[name]
+    return default
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Derive this process's place in the job from the environment; changes nothing."""
+    env = os.environ if environ is None else environ
+    job_id = _first(env, "SLURM_JOB_ID", "SLURM_JOBID")
+    gpus = _gpus_on_node(env)
+
+    def port() -> int:
+        if env.get("MASTER_PORT"):
+            return int(env["MASTER_PORT"])
+        return master_port_for_job(job_id) if job_id else _free_port()
+
+    if env.get("RANK") and env.get("WORLD_SIZE"):
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_world = int(env.get("LOCAL_WORLD_SIZE") or 1)
+        return DistEnv("torchrun", rank, int(env.get("LOCAL_RANK") or 0), world, local_world,
+                       int(env.get("GROUP_RANK") or rank // local_world), max(1, -(-world // local_world)),
+                       env.get("MASTER_ADDR") or "127.0.0.1", port(), gpus, job_id)
+
+    # Only srun sets a step id; the batch script has SLURM_PROCID=0 and the job's SLURM_NTASKS but is one process.
+    if _first(env, "SLURM_STEP_ID", "SLURM_STEPID") is not None and env.get("SLURM_PROCID"):
+        node_id = int(env.get("SLURM_NODEID") or 0)
+        world = int(_first(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS", default="1"))
+        per_node = _first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+        local_world = _tasks_on_node(per_node, node_id) if per_node else 1
+        nodelist = _first(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+        master = env.get("MASTER_ADDR") or (node_address(hostnames(nodelist)[0]) if nodelist else "127.0.0.1")
+        return DistEnv("slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID") or 0), world, local_world,
+                       node_id, int(_first(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
+                                           default="1")),
+                       master, port(), gpus, job_id)
+
+    return DistEnv("single", 0, 0, 1, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port(), gpus, job_id)
+
+
+def set_torch_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
+    """detect(), then set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT where missing."""
+    env = os.environ if environ is None else environ
+    dist = detect(env)
+    for key, value in dist.torch_vars().items():
+        env.setdefault(key, value)
+    return dist
+
+
+# ---------------------------------------------------------------------------------------------------- job clock
+def parse_slurm_time(text: str) -> int:
+    """Seconds in a Slurm duration: 'MM:SS', 'HH:MM:SS', 'D-HH[:MM[:SS]]', or bare minutes 'MM' (as --time).
+
+    squeue %M prints '0:05' or '1-02:03:04', sacct Elapsed '00:00:05'; fractions of seconds are dropped.
+    """
+    s = text.strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?(?:\.\d+)?", s)
+    if not m:
+        raise ValueError(f"not a Slurm duration: {text!r}")
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, mi, se = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + mi) * 60 + se
+    if len(parts) == 1:  # bare minutes
+        return parts[0] * 60
+    if len(parts) == 2:  # MM:SS
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+def job_elapsed_seconds(job_id: str | None = None) -> int | None:
+    """How long the current (or given) job has been running, from squeue, else sacct; None when unknown.
+
+    Slurm 22.05 exports no SLURM_JOB_START_TIME, so the controller is asked; call it once per decision, not per step.
+    """
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%M"],
+                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "Elapsed"]):
+        if not shutil.which(cmd[0]):
+            continue
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        lines = res.stdout.split()
+        if res.returncode == 0 and lines:
+            try:
+                return parse_slurm_time(lines[0])
+            except ValueError:
+                continue
+    return None
