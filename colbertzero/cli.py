@@ -84,10 +84,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .manifest import Manifest
-    from .report import status_json, status_table
+    from .report import read_run_manifest, status_json, status_table
 
-    data = Manifest(args.run_dir).read()
+    data = read_run_manifest(args.run_dir)  # lock-free: works on read-only or other people's run dirs
     if args.json:
         print(json.dumps(status_json(data), indent=2))
     else:
@@ -269,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data.shards import DataError
+    from .demo_data import DemoDataError
     from .launch.chain import LaunchError
     from .manifest import ManifestError
     from .recipe import RecipeError
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
-    except (RecipeError, ManifestError, DataError, LaunchError) as e:
+    except (RecipeError, ManifestError, DataError, LaunchError, DemoDataError) as e:
         print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:

@@ -2,8 +2,8 @@
 
 - Ranking: a query's documents sorted by score, highest first; equal scores are ordered by document id, highest
   first (trec_eval's rule), so a run scores the same whatever order its dict was built in.
-- nDCG@k: graded gains (the judgement itself, linear as in trec_eval's ndcg_cut), discount log2(rank + 1); the ideal
-  ranking is built from every judged document, retrieved or not.
+- nDCG@k: graded gains (the judgement itself, linear as in trec_eval's ndcg_cut; negative judgements gain 0),
+  discount log2(rank + 1); the ideal ranking is built from every judged document, retrieved or not.
 - MRR@k, recall@k, MAP@k: binary, a document is relevant when its judgement is > 0. MAP@k divides by all relevant
   documents of the query (trec_eval's map_cut), not by min(k, relevant) as sentence-transformers does.
 - Which queries count: every query with at least one judgement (any value, 0 included). One whose judgements are all

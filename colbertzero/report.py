@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .manifest import MANIFEST, Manifest, ManifestError, atomic_write_bytes, now_iso, parse_iso
+from .manifest import FORMAT as MANIFEST_FORMAT
+from .manifest import MANIFEST, ManifestError, atomic_write_bytes, now_iso, parse_iso
 
 DASH = "—"
 REPORT_FORMAT = "colbertzero-report/1"
@@ -28,8 +29,10 @@ METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 FIGURES = ("loss.png", "lr.png", "throughput.png", "gpu_hours.png", "ndcg10.png")
 
 
-class ReportError(ValueError):
-    """A run dir or manifest that cannot be reported on; the message says which and why."""
+class ReportError(ManifestError):
+    """A run dir or manifest that cannot be reported on; the message says which and why.
+
+    A ManifestError, so the CLI's handler for a bad run dir prints it without a traceback."""
 
 
 # ---------------------------------------------------------------- small helpers
@@ -68,12 +71,17 @@ def _norm_dataset(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", Path(str(name)).name.lower())
 
 
+def _is_metric(key: str) -> bool:
+    # metrics are named name@cutoff; a dataset's entry also holds counts ("queries", "documents") and labels
+    return "@" in str(key)
+
+
 def _eval_scale(ev: dict) -> float:
     vals = [
         v
         for d in list((ev.get("datasets") or {}).values()) + [ev.get("average") or {}]
         if isinstance(d, dict)
-        for v in _finite(d.values())
+        for v in _finite(x for key, x in d.items() if _is_metric(key))
     ]
     return 100.0 if vals and max(abs(v) for v in vals) <= 1.0 else 1.0
 
@@ -106,37 +114,42 @@ def _phase_gpu_hours(p: dict) -> float:
 def _check_manifest_data(data: Any, where: str = "manifest") -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("phases"), dict):
         raise ReportError(f"{where}: not a colbertzero manifest (no 'phases' mapping)")
+    if not data["phases"]:
+        raise ReportError(f"{where}: the manifest lists no phases")
+    if not all(isinstance(p, dict) for p in data["phases"].values()):
+        raise ReportError(f"{where}: a phase record is not a mapping; the manifest is damaged")
     return data
 
 
 # ---------------------------------------------------------------- evaluation results
 @dataclass
 class EvalView:
-    """One phase's eval, in percent: per dataset {metric: value} and the average."""
+    """One phase's eval, metrics in percent: per dataset {metric: value}, the average, and per dataset what else
+    the evaluator said (query and document counts, the retrieval backend) as it said it."""
 
     model: str | None
     datasets: dict[str, dict[str, float | None]]
     average: dict[str, float | None]
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, ev: Any) -> "EvalView | None":
         if not isinstance(ev, dict) or not isinstance(ev.get("datasets"), dict):
             return None
         k = _eval_scale(ev)
-        ds = {}
+        ds, details = {}, {}
         for name, m in ev["datasets"].items():
             m = m if isinstance(m, dict) else {}
-            ds[str(name)] = {
-                key: (None if _num(v) is None else _num(v) * k) for key, v in m.items() if _num(v) is not None
-            }
+            ds[str(name)] = {key: _num(v) * k for key, v in m.items() if _is_metric(key) and _num(v) is not None}
+            details[str(name)] = {key: v for key, v in m.items() if not _is_metric(key)}
         avg_raw = ev.get("average") if isinstance(ev.get("average"), dict) else {}
-        avg = {key: _num(v) * k for key, v in avg_raw.items() if _num(v) is not None}
+        avg = {key: _num(v) * k for key, v in avg_raw.items() if _is_metric(key) and _num(v) is not None}
         for metric in METRICS:  # an eval without an "average" block still has one
             if metric not in avg:
                 vals = _finite(d.get(metric) for d in ds.values())
                 if vals and len(vals) == len(ds):
                     avg[metric] = statistics.fmean(vals)
-        return cls(model=ev.get("model"), datasets=ds, average=avg)
+        return cls(model=ev.get("model"), datasets=ds, average=avg, details=details)
 
 
 def _reference(ref: Any) -> dict:
@@ -276,22 +289,32 @@ class RunView:
         return EvalView.of(self.data["phases"][name].get("eval"))
 
 
-def load_run(run_dir: str | Path) -> RunView:
+def read_run_manifest(run_dir: str | Path) -> dict:
+    """The manifest data of a run dir (for `status`), with a clear error for anything that is not a run dir."""
+    return load_run(run_dir, logs=False).data
+
+
+def load_run(run_dir: str | Path, logs: bool = True) -> RunView:
     p = Path(run_dir)
     if not p.exists():
         raise ReportError(f"{p}: no such run dir")
     if not p.is_dir():
         raise ReportError(f"{p}: not a directory (expected a colbertzero run dir holding {MANIFEST})")
-    # Checked before Manifest(): opening one takes a lock file, which must not be left in a folder that is no run dir.
-    if not (p / MANIFEST).is_file():
-        raise ReportError(f"{p}: no {MANIFEST}; this is not a colbertzero run dir (create one with `colbertzero launch`)")
+    path = p / MANIFEST
+    if not path.is_file():
+        raise ReportError(f"{p}: no {MANIFEST}; not a colbertzero run dir (create one with `colbertzero launch`)")
+    # Read without the manifest lock: writers replace the file atomically, so a reader never sees half of one, and
+    # taking the lock needs write access (a colleague's run dir, a read-only copy of results).
     try:
-        data = Manifest(p).read()
-    except ManifestError as e:
-        raise ReportError(str(e)) from None
-    _check_manifest_data(data, str(p / MANIFEST))
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: corrupt manifest ({e}); it is left untouched") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        fmt = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ReportError(f"{path}: not a colbertzero manifest (format {fmt!r}, expected {MANIFEST_FORMAT!r})")
+    _check_manifest_data(data, str(path))
     run = RunView(run_dir=p.resolve(), label=p.resolve().name, data=data)
-    for name in run.phases:
+    for name in run.phases if logs else ():
         run.logs[name], run.bad_lines[name] = read_train_log(p / "phases" / name / "logs" / "train.jsonl")
     return run
 
@@ -453,7 +476,7 @@ def _results_markdown(rows: list[dict], several: bool) -> str:
             cells.append(_fmt(ours) + (f" ({_fmt(ref)})" if ref is not None else ""))
         ref_avg = row["reference"]["average"]
         delta = row["average"] - ref_avg if row["average"] is not None and ref_avg is not None else None
-        phase = row["phase"] + (" (final)" if row["final"] else "")
+        phase = row["phase"] + (" (final)" if row["final"] and row["block"] == "phase" else "")
         body.append(
             ([row["run"]] if several else [])
             + [phase]
@@ -529,12 +552,11 @@ def _series_figure(runs: list[RunView], keys: list[tuple[str, str]], title: str,
                 xs = [int(r["step"]) for r in recs]
                 ys = [_num(r[key]) for r in recs]
                 color = colors[k % 10] if len(runs) > 1 else colors[j % 10]
-                label = run.label if len(runs) > 1 else None
                 if smooth and len(xs) > 20:
                     ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
-                    ax.plot(xs, _ema(ys), color=color, linewidth=1.6, label=label)
+                    ax.plot(xs, _ema(ys), color=color, linewidth=1.6)
                 else:
-                    ax.plot(xs, ys, color=color, linewidth=1.4, marker="." if len(xs) < 30 else None, label=label)
+                    ax.plot(xs, ys, color=color, linewidth=1.4, marker="." if len(xs) < 30 else None)
                 for s in _resume_steps(recs):
                     ax.axvline(s, color=color, linestyle=":", linewidth=1.0, alpha=0.8)
                 drawn = True
@@ -547,8 +569,11 @@ def _series_figure(runs: list[RunView], keys: list[tuple[str, str]], title: str,
             if j == 0:
                 ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            if drawn and len(runs) > 1 and i == 0 and j == 0:
-                ax.legend(fontsize=8)
+    if len(runs) > 1:  # one legend for the figure: a run may be missing from the first phase's panel
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colors[k % 10], linewidth=1.6) for k in range(len(runs))]
+        fig.legend(handles, [r.label for r in runs], loc="outside right upper", fontsize=8)
     fig.suptitle(title + ("  (dotted: resumed attempt)" if any(
         _resume_steps(r.logs.get(ph, [])) for r in runs for ph in phases) else ""))
     return fig
@@ -576,7 +601,7 @@ def _gpu_hours_figure(runs: list[RunView]):
     ledgers = [_ledger(r) for r in runs]
     if not any(ledgers):
         return None
-    fig = _figure(max(5.0, 5.2 * len(runs)), 3.8)
+    fig = _figure(max(6.5, 6.5 * len(runs)), 3.8)
     axes = _grid(fig, len(runs))[0]
     for ax, run, led in zip(axes, runs, ledgers):
         ax.set_title(run.label if len(runs) > 1 else "GPU-hours per attempt, cumulative, against budgets")
@@ -609,7 +634,7 @@ def _gpu_hours_figure(runs: list[RunView]):
         ax.set_xticks(xs, [f"{e['phase']}\n#{e['index'] + 1}" for e in led], fontsize=7)
         ax.set_ylabel("GPU-hours")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: budget lines sit up top
     return fig
 
 
@@ -651,6 +676,17 @@ def _labels_unique(runs: list[RunView]) -> None:
             r.label = f"{r.run_dir.parent.name}/{r.run_dir.name}"
 
 
+def _strict_json(x: Any) -> Any:
+    """NaN/inf → null: report.json stays valid JSON for any reader (non-finite losses are counted separately)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
+
+
 def _report_json(runs: list[RunView], rows: list[dict], figures: list[str]) -> dict:
     out_runs = []
     for r in runs:
@@ -663,7 +699,9 @@ def _report_json(runs: list[RunView], rows: list[dict], figures: list[str]) -> d
                 **ph,
                 "training": _training_summary(r.logs.get(name, []), r.bad_lines.get(name, 0)),
                 "eval": (
-                    {"model": ev.model, "datasets": ev.datasets, "average": ev.average} if ev else None
+                    {"model": ev.model, "datasets": ev.datasets, "average": ev.average, "details": ev.details}
+                    if ev
+                    else None
                 ),
                 "reference": r.reference_for(name),
             }
@@ -719,11 +757,14 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
     md.append(
         "Ours in percent; the paper's figure for the same dataset, from the recipe's `reference` fields, in "
         "parentheses. `Paper avg` is the paper's BEIR average for that model"
-        + ("; each run's first row is its final model." if several else ".")
+        + "."
     )
     md.append("")
     if any(row["datasets"] or _has_ref(row["reference"]) for row in rows):
-        md.append(_results_markdown(rows, several))
+        if several:
+            md += ["### Final models", "", _results_markdown([r for r in rows if r["block"] == "final"], True), ""]
+            md += ["### Per phase", ""]
+        md.append(_results_markdown([r for r in rows if r["block"] == "phase"], several))
         covered = sorted({row["n_datasets"] for row in rows if row["n_datasets"]})
         if covered and any(row["reference"]["average"] is not None for row in rows):
             md += [
@@ -754,10 +795,18 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
         for ph in r.phases:
             ev = r.eval(ph)
             for d, m in (ev.datasets.items() if ev else []):
-                detail.append(([r.label] if several else []) + [ph, d] + [_fmt(m.get(x)) for x in METRICS])
+                extra = ev.details.get(d, {})
+                detail.append(
+                    ([r.label] if several else [])
+                    + [ph, d]
+                    + [_fmt(m.get(x)) for x in METRICS]
+                    + [extra.get("queries", DASH), extra.get("documents", DASH)]
+                )
     if detail:
         md += ["### Per dataset", ""]
-        md.append(_md_table((["Run"] if several else []) + ["Phase", "Dataset", *METRICS], detail))
+        md.append(
+            _md_table((["Run"] if several else []) + ["Phase", "Dataset", *METRICS, "Queries", "Documents"], detail)
+        )
         md.append("")
 
     md += ["## Training", ""]
@@ -778,7 +827,7 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
                     ph,
                     f"{s['last_step']}/{s['total_steps'] if s['total_steps'] is not None else DASH}",
                     loss,
-                    _fmt(s["lr_last"], 8) if s["lr_last"] is not None else DASH,
+                    f"{s['lr_last']:.3g}" if s["lr_last"] is not None else DASH,
                     _fmt(s["samples_per_s"], 1),
                     _fmt(s["tokens_per_s"], 0),
                     _fmt(s["mfu"] * 100 if s["mfu"] is not None else None, 1),
@@ -844,8 +893,12 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
                 + [ph, _budget_cell(_phase_gpu_hours(p), _phase_budget(r.data, ph)), _fmt(ref["gpu_hours"]),
                    ref["hardware"] or DASH]
             )
-    md.append(_md_table((["Run"] if several else []) + ["Phase", "GPU-h used / budget", "Paper GPU-h", "Paper hardware"],
-                        budget_rows))
+    md.append(
+        _md_table(
+            (["Run"] if several else []) + ["Phase", "GPU-h used / budget", "Paper GPU-h", "Paper hardware"],
+            budget_rows,
+        )
+    )
     md.append("")
     if "gpu_hours.png" in figures:
         md += ["![GPU-hours against budgets](gpu_hours.png)", ""]
@@ -897,6 +950,8 @@ def build_report(run_dirs: list[str] | str, out_dir: str | None = None) -> Path:
         atomic_write_bytes(out / name, _png(fig))
         written.append(name)
     report = _report_json(runs, rows, written)
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(
+        out / "report.json", (json.dumps(_strict_json(report), indent=2, default=str, allow_nan=False) + "\n").encode()
+    )
     atomic_write_bytes(out / "report.md", (_markdown(runs, rows, written, report) + "\n").encode())
     return out / "report.md"

