@@ -12,7 +12,7 @@ PyLate 1.6.0 turns a text into model inputs in three places; this module reprodu
    the whole query mask set to 1 when it attends to expansion tokens.
 
 Steps 1-3 up to the prefix are done by :meth:`PhaseTokenizer.encode` (unpadded token lists, stored in shards);
-the padding of step 3 by :meth:`PhaseTokenizer.pad_queries` / :meth:`PhaseTokenizer.pad_documents` (per batch).
+the padding of step 3 per batch by the loader (:func:`pad_ragged`, pad id and query width as PyLate's).
 
 The tokenizer itself comes from ``pylate.models.ColBERT`` loaded once from the phase's model source, so the [Q]/[D]
 tokens are added exactly as PyLate adds them. A phase whose ``init`` is ``{from: <earlier phase>}`` is not exported
@@ -108,11 +108,11 @@ class PhaseTokenizer:
     @classmethod
     def from_model(cls, model, settings: TokenSettings, source: str | None = None) -> "PhaseTokenizer":
         """From a loaded ``pylate.models.ColBERT`` (the trainer has one; prepare loads one)."""
-        if (model.query_length, model.document_length) != (settings.query_length, settings.document_length):
-            raise DataError(
-                f"model lengths q {model.query_length} / d {model.document_length} differ from the settings "
-                f"q {settings.query_length} / d {settings.document_length}"
-            )
+        have = {k: getattr(model, k) for k in ("query_length", "document_length", "query_prefix", "document_prefix",
+                                                "do_query_expansion", "attend_to_expansion_tokens")}
+        diffs = [f"{k}: model {v!r}, phase {getattr(settings, k)!r}" for k, v in have.items() if v != getattr(settings, k)]
+        if diffs:
+            raise DataError("the model tokenizes differently from the phase's settings: " + "; ".join(diffs))
         return cls(
             model.tokenizer,
             settings,
@@ -151,31 +151,18 @@ class PhaseTokenizer:
         s = self.settings
         return self._encode(texts, s.document_prompt, s.document_length, self.document_prefix_id)
 
-    # ---------------------------------------------------------------- padding
-    def query_width(self, longest: int) -> int:
-        """Padded query length: the full length when expanding (PyLate pads queries to it), else the longest."""
-        return self.settings.query_length if self.settings.do_query_expansion else int(longest)
-
-    def pad_queries(self, token_lists: Sequence[Sequence[int]], width: int | None = None):
-        lens, vals = ragged(token_lists)
-        ids, mask = self.pad(lens, vals, self.query_width(lens.max(initial=0)) if width is None else width)
-        if self.settings.attend_to_expansion_tokens:
-            mask[:] = 1
-        return ids, mask
-
-    def pad_documents(self, token_lists: Sequence[Sequence[int]], width: int | None = None):
-        lens, vals = ragged(token_lists)
-        return self.pad(lens, vals, int(lens.max(initial=0)) if width is None else width)
-
-    def pad(self, lens: np.ndarray, vals: np.ndarray, width: int):
-        ids = np.full((len(lens), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(lens), width), dtype=np.int64)
-        scatter_rows(ids, mask, np.arange(len(lens)), lens, np.concatenate([[0], np.cumsum(lens)[:-1]]), vals)
-        return ids, mask
+    def pad(self, lens: np.ndarray, flat: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids and mask of token lists (see :func:`pad_ragged`) with PyLate's pad id."""
+        return pad_ragged(lens, flat, width, self.pad_id)
 
     # ---------------------------------------------------------------- identity
     def identity(self) -> dict[str, Any]:
         """What the shard index records and the loader compares: a hash over everything that decides the ids."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = self._make_identity()
+        return dict(self._identity)
+
+    def _make_identity(self) -> dict[str, Any]:
         hf = self.hf
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is not None:
@@ -200,28 +187,23 @@ class PhaseTokenizer:
         return {"source": self.source, **ident, "sha256": digest}
 
 
-def ragged(token_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, concatenated values) of a list of token lists."""
-    lens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    vals = np.fromiter((x for t in token_lists for x in t), dtype=np.int64, count=int(lens.sum()))
-    return lens, vals
-
-
-def scatter_rows(ids: np.ndarray, mask: np.ndarray, rows: np.ndarray, lens: np.ndarray, starts: np.ndarray,
-                 values: np.ndarray) -> None:
-    """Write token list k (``values[starts[k]:starts[k]+lens[k]]``) into ``ids[rows[k], :lens[k]]``, mask 1 there.
-
-    Vectorised: one fancy-index read and one write for the whole batch, no Python loop over rows.
-    """
-    lens = np.minimum(lens, ids.shape[1])  # a width below a list's length would be a caller bug; never overflow
-    total = int(lens.sum())
-    if total == 0:
-        return
+def ragged_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Indices of the concatenation of the ranges ``[starts[k], starts[k] + lens[k])``, vectorised."""
     first = np.cumsum(lens) - lens
-    col = np.arange(total, dtype=np.int64) - np.repeat(first, lens)
-    r = np.repeat(rows, lens)
-    ids[r, col] = values[np.repeat(starts, lens) + col]
-    mask[r, col] = 1
+    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+
+
+def pad_ragged(lens: np.ndarray, flat: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists (``lens`` and their concatenation ``flat``) → right-padded ``[n, width]`` ids and 0/1 mask.
+
+    One boolean-mask write for the whole batch: row-major order of the mask is the order of ``flat``.
+    """
+    if len(lens) and int(lens.max()) > width:
+        raise ValueError(f"a token list of {int(lens.max())} does not fit the padded width {width}")
+    mask = np.arange(width)[None, :] < np.asarray(lens)[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = flat
+    return ids, mask.astype(np.int64)
 
 
 @functools.lru_cache(maxsize=8)

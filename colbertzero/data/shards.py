@@ -1,0 +1,214 @@
+"""On-disk format of prepared data: Arrow shards, their sidecars and the per-source index; atomic writes; checks.
+
+A prepared source is one folder, ``<phase.data.shards_dir>/<source.name>/``::
+
+    index.json                  written last, atomically: the source is "prepared" iff this file exists
+    shard-00000.arrow           Arrow IPC *stream* files (the format `datasets` memory-maps; no pickle)
+    shard-00000.meta.json       sidecar of a finished shard: key, rows, bytes, sha256, statistics
+    documents/shard-00000.arrow distillation only: each document tokenized once, rows referenced by position
+    queries/shard-00000.arrow   distillation only: the same for queries
+    _work/                      plan artefacts (id lists, deduplicated text tables); not read by the loader
+
+Row shards by kind (token lists are ``large_list<uint16|int32>``: unpadded, PyLate's ids, no expansion):
+
+- ``unsupervised`` / ``supervised``: ``query``, ``documents`` (``list<large_list>``: the positive first, then up to
+  ``max_negatives`` hard negatives), ``max_doc_len`` (int32, the longest of the row's documents).
+- ``distillation``: ``query_idx`` (int32, a row of ``queries/``), ``doc_idx`` and ``scores``
+  (``fixed_size_list[docs_per_query]`` of int32 / float32, teacher order).
+- tables (``documents/``, ``queries/``): ``input_ids``.
+
+A shard counts as finished only when its file and its sidecar both exist and agree (the shard is written to a
+temporary name, hashed, its sidecar written, then renamed), so a half-written shard is never taken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+FORMAT = "colbertzero-shards/1"
+INDEX = "index.json"
+WORK = "_work"
+TABLES = ("queries", "documents")
+
+
+class DataError(ValueError):
+    """Bad input or prepared data that cannot be used; the message names the file, the row or setting, and the fix."""
+
+
+# ---------------------------------------------------------------- atomic files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tmp_path(final: Path) -> Path:
+    """A unique temporary name beside ``final`` (same filesystem, so the rename is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); delete it and re-run `colbertzero prepare`") from None
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---------------------------------------------------------------- shards
+def meta_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".arrow") + ".meta.json")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.arrow"
+
+
+def write_shard(path: Path, table: pa.Table, meta: dict) -> dict:
+    """Write ``table`` as one record batch to ``path`` with its sidecar; returns the sidecar.
+
+    Order matters for restarts: temp file → fsync → hash → sidecar → rename. A crash anywhere leaves either no shard
+    or a shard whose sidecar is missing, and both read as "not finished".
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        batch = table.combine_chunks().to_batches()
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for b in batch:  # one batch: the loader then sees contiguous offsets/values per shard
+                writer.write_batch(b)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        meta = dict(meta, file=path.name, rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
+        atomic_write_json(meta_path(path), meta)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return meta
+
+
+def finished_meta(path: Path, key: str, full_hash: bool = False) -> dict | None:
+    """The sidecar of a finished shard made with ``key``, else None (missing, other settings, altered)."""
+    mp = meta_path(path)
+    if not (path.is_file() and mp.is_file()):
+        return None
+    try:
+        meta = json.loads(mp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("key") != key or meta.get("bytes") != path.stat().st_size:
+        return None
+    if full_hash and file_sha256(path) != meta.get("sha256"):
+        return None
+    return meta
+
+
+def remove_shard(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    meta_path(path).unlink(missing_ok=True)
+
+
+def open_table(path: Path) -> pa.Table:
+    """Memory-map an Arrow stream file: the table's buffers point into the page cache, nothing is copied."""
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Arrow shard ({e}); re-run `colbertzero prepare`") from None
+
+
+# ---------------------------------------------------------------- index
+def index_path(folder: Path) -> Path:
+    return Path(folder) / INDEX
+
+
+def read_index(folder: Path, what: str) -> dict:
+    path = index_path(folder)
+    if not path.is_file():
+        raise DataError(f"{what}: not prepared ({path} is missing); run `colbertzero prepare RECIPE` first")
+    index = read_json(path)
+    if index.get("format") != FORMAT:
+        raise DataError(
+            f"{path}: format {index.get('format')!r}, this colbertzero reads {FORMAT!r}; re-run `colbertzero prepare`"
+        )
+    return index
+
+
+def shard_entries(index: dict) -> list[tuple[str, dict]]:
+    """(relative path, entry) for every shard an index lists: row shards, then the tables' shards."""
+    out = [(e["file"], e) for e in index["shards"]]
+    for name, table in index.get("tables", {}).items():
+        out += [(f"{name}/{e['file']}", e) for e in table["shards"]]
+    return out
+
+
+def verify_shards(folder: Path, index: dict, full: bool = False) -> dict[str, int]:
+    """Check every shard against the index: size always; sha256 when ``full`` or when the mtime moved (a copy).
+
+    Returns counts {"checked", "hashed"}. Raises DataError naming the shard on any difference.
+    """
+    folder = Path(folder)
+    hashed = 0
+    entries = shard_entries(index)
+    for rel, e in entries:
+        path = folder / rel
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"{path}: shard listed in {index_path(folder)} is missing; re-run `colbertzero prepare`") from None
+        if st.st_size != e["bytes"]:
+            raise DataError(
+                f"{path}: {st.st_size} bytes, the index says {e['bytes']}: the shard is truncated or altered; "
+                "re-run `colbertzero prepare` (it rewrites only what is damaged)"
+            )
+        if full or st.st_mtime_ns != e.get("mtime_ns"):
+            hashed += 1
+            if file_sha256(path) != e["sha256"]:
+                raise DataError(
+                    f"{path}: sha256 differs from {index_path(folder)}: the shard was altered; "
+                    "re-run `colbertzero prepare --verify` to rebuild it"
+                )
+    return {"checked": len(entries), "hashed": hashed}
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
