@@ -99,6 +99,13 @@ def cmd_prepare(args) -> int:
     from .data.prepare import prepare_recipe
 
     recipe = _recipe(args)
+    if args.index_only:  # after the array tasks: check every shard is there, write the indexes
+        from .data.prepare import index_recipe
+
+        summary = index_recipe(recipe, phases=args.phase or None)
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+        return 0
     shard_range = None
     if args.array_task is not None:
         shard_range = (args.array_task, args.array_tasks)
@@ -167,6 +174,8 @@ def cmd_sbatch(args) -> int:
     paths = write_sbatch_scripts(recipe, args.run_dir, out_dir=args.out)
     for p in paths:
         print(p)
+    print(f"submit them chained with `bash {paths[-1]}`, or one by one with --dependency=afterok:JOBID "
+          "(slurm/README.md)", file=sys.stderr)
     return 0
 
 
@@ -211,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true", help="full sha256 check of existing shards")
     sp.add_argument("--array-task", type=int, default=None, help="Slurm array task id: do this share of the shards")
     sp.add_argument("--array-tasks", type=int, default=1, help="number of array tasks")
+    sp.add_argument("--index-only", action="store_true", help="after the array tasks: write the shard indexes")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_prepare)
 

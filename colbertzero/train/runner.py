@@ -1,11 +1,18 @@
 """The phase runner: `colbertzero train RUN_DIR --phase P`, one process per GPU (or CPU task).
 
-The three phases share this loop; the kind only changes the batch shape (the loader) and the loss (`losses.py`).
+Started by srun, torchrun, the submitit task or the local executor; rank, world size and rendezvous come from the
+torch.distributed variables, filled from Slurm's when srun started the process (`launch.slurm_env`). The three phases
+share this loop; the kind only changes the batch shape (the loader) and the loss (`losses.py`).
+
+Per step: one GradCache (or plain) optimizer step, then ONE collective that every rank takes the same decisions from
+(a stop signal on any rank, the GPU-hour budget on rank 0, a non-finite loss) and that sums the step's model FLOPs.
+Every `cadence.log_every` steps rank 0 appends a record to `phases/<phase>/logs/train.jsonl` (docs/CONTRACTS.md) and
+to TensorBoard when it is installed; every `cadence.save_every` steps all ranks save a checkpoint (`checkpoint.py`).
 
 Exit codes tell the launcher what happened:
     0  EXIT_DONE         phase finished, exported (and evaluated)
     1  EXIT_FAILED       crash or non-finite loss (the phase is marked failed with step and source)
-    3  EXIT_REQUEUE      stopped at a checkpoint on SIGUSR1/SIGTERM (time limit, preemption): requeue me
+    3  EXIT_REQUEUE      stopped at a checkpoint on SIGUSR1/SIGUSR2/SIGTERM (time limit, preemption): requeue me
     4  EXIT_OVER_BUDGET  stopped at a checkpoint: the next steps would cross the phase's GPU-hour budget
 """
 
@@ -23,24 +30,139 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from ..manifest import Manifest, now_iso, resolve_init, sha256_file, sha256_tree
+from ..manifest import Manifest, attempt_gpu_hours, now_iso, resolve_init, sha256_file, sha256_tree
 from ..models import resolve_model_ref
 
 EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, EXIT_OVER_BUDGET = 0, 1, 3, 4
 
+# Slurm's warning before the time limit (--signal; submitit asks for USR2), preemption and scancel send one of these.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+# bf16 dense tensor-core peaks (FLOP/s, no sparsity) by device name, first match wins: more specific names first.
+BF16_PEAK_FLOPS = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A6000", 155e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+)
+# Seconds between ledger/throughput writes to the manifest between checkpoints (a write is locked and fsynced).
+MANIFEST_TICK_S = 30.0
+
 
 class StopFlag:
-    """Set by SIGUSR1 / SIGTERM (Slurm's warning before the time limit, preemption); read once per step."""
+    """Set by any of STOP_SIGNALS; read once per step. The handler only records: the loop checkpoints and exits."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.signal = signum
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one device for the compute dtype, or None where no honest figure exists: a CPU (its peak
+    depends on cores, clocks and vector units, none of which torch reports) or a GPU not in BF16_PEAK_FLOPS or not
+    computing in bf16 (fp32 peaks hinge on TF32 settings)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
+
+
+class FlopCounter:
+    """Model FLOPs of one optimizer step: what the step must compute, not what the kernels happen to do.
+
+    Encoder, per forward: 2·N per processed token (N = parameters outside embedding tables, which are lookups) plus
+    attention, 4·hidden·(outputs × attended keys) per layer and sequence, keys capped at the sliding window on
+    local-attention layers (ModernBERT). Processed tokens are the real ones, and every query position when queries
+    are expanded ([MASK] positions are scored). Training costs 3 forwards (backward = 2), 4 with GradCache (its
+    extra no-grad forward); distillation's micro-batches recompute nothing.
+    MaxSim: 2·dim per (query token, document token) pair scored, ×3 for forward and backward. Contrastive scores
+    every query of an accumulation group against every document of the group (gathered: over all ranks);
+    distillation scores each query against its own documents. Real document tokens (skiplist tokens included).
+    `local(batch)` is this rank's part as a vector; summed over ranks, `total(summed)` is the step's FLOPs.
+    """
+
+    def __init__(self, colbert, phase, world_size: int) -> None:
+        from .losses import loss_for
+
+        loss = loss_for(phase.kind)
+        self.contrastive = loss.in_batch_negatives
+        self.passes = 4 if (self.contrastive and phase.gradcache_mini_batch is not None) else 3
+        self.gather = self.contrastive and phase.gather_across_ranks and world_size > 1
+        self.groups = phase.gradient_accumulation
+        self.expand = bool(colbert.do_query_expansion)
+        size = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 partitions keep the full size
+        embedded = {id(m.weight) for m in colbert.modules() if isinstance(m, torch.nn.Embedding)}
+        self.n_params = sum(size(p) for p in colbert.parameters() if id(p) not in embedded)
+        cfg = colbert[0].auto_model.config
+        self.hidden = int(cfg.hidden_size)
+        layers = int(cfg.num_hidden_layers)
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * layers
+        half = getattr(cfg, "sliding_window", None)
+        self.windows = [None if t == "full_attention" or not half else 2 * int(half) + 1 for t in types]
+        self.dim = int(colbert[-1].out_features)
+
+    def _encoder(self, outputs: torch.Tensor, keys: torch.Tensor) -> float:
+        """Forward FLOPs of sequences with `outputs` processed positions and `keys` attended tokens each."""
+        o, k = outputs.double(), keys.double()
+        attention = sum(float((o * (k if w is None else k.clamp(max=w))).sum()) for w in self.windows)
+        return 2.0 * self.n_params * float(o.sum()) + 4.0 * self.hidden * attention
+
+    def local(self, batch) -> torch.Tensor:
+        q_mask, d_mask = batch.queries["attention_mask"], batch.documents["attention_mask"]
+        q_keys, d_tok = q_mask.sum(1), d_mask.sum(1)
+        q_out = torch.full_like(q_keys, q_mask.shape[1]) if self.expand else q_keys
+        encoder = self.passes * (self._encoder(q_out, q_keys) + self._encoder(d_tok, d_tok))
+        n = q_out.shape[0]
+        per_query_docs = d_tok.view(n, -1).sum(1).double()  # row-major: query i owns n_docs consecutive documents
+        q_groups = q_out.double().view(self.groups, -1).sum(1)
+        d_groups = per_query_docs.view(self.groups, -1).sum(1)
+        if not self.contrastive:
+            maxsim = float((q_out.double() * per_query_docs).sum())
+        elif self.gather:
+            maxsim = 0.0  # needs every rank's tokens: see total()
+        else:
+            maxsim = float((q_groups * d_groups).sum())
+        return torch.cat([torch.tensor([encoder, 3 * 2.0 * self.dim * maxsim], dtype=torch.float64), q_groups, d_groups])
+
+    def total(self, summed: torch.Tensor) -> float:
+        flops = float(summed[0] + summed[1])
+        if self.gather:
+            q, d = summed[2 : 2 + self.groups], summed[2 + self.groups :]
+            flops += 3 * 2.0 * self.dim * float((q * d).sum())
+        return flops
+
+
+class AttemptClock:
+    """Seconds this attempt has run. Inside Slurm the job's own clock counts (the time before this process started
+    is allocated time too): asked once, at the attempt's start, on rank 0 only, then carried forward by the local
+    monotonic clock. Asking squeue every step would load the controller and stall the step when it is slow."""
+
+    def __init__(self, query_slurm: bool) -> None:
+        offset = 0.0
+        if query_slurm and os.environ.get("SLURM_JOB_ID"):
+            from ..launch.slurm_env import job_elapsed_seconds
+
+            try:
+                offset = float(job_elapsed_seconds() or 0.0)
+            except Exception:  # an unreachable controller must not stop training; the local clock still counts
+                offset = 0.0
+        self.t0 = time.monotonic() - offset
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
 
 
 def _job_info(phase) -> dict:
@@ -55,14 +177,8 @@ def _job_info(phase) -> dict:
         aid = os.environ.get("COLBERTZERO_ATTEMPT_ID") or f"local-{os.getpid()}-{int(time.time())}"
         return {"job_id": None, "executor": "local", "nodes": 1, "gpus_per_node": gpus_per_node, "tasks": world,
                 "attempt_id": aid}
-    return {
-        "job_id": job,
-        "executor": "slurm",
-        "nodes": nodes,
-        "gpus_per_node": gpus_per_node,
-        "tasks": world,
-        "attempt_id": f"{job}-{restarts}",
-    }
+    return {"job_id": job, "executor": "slurm", "nodes": nodes, "gpus_per_node": gpus_per_node, "tasks": world,
+            "attempt_id": f"{job}-{restarts}"}
 
 
 def _build_model(init_path: str, recipe, phase, device):
@@ -84,231 +200,305 @@ def _build_model(init_path: str, recipe, phase, device):
     )
 
 
-def _all_max(value: float, device) -> float:
-    """Max over ranks: every rank takes the same stop decision at the same step."""
-    if not (tdist.is_available() and tdist.is_initialized()):
+def _from_rank0(value):
+    if not tdist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return float(t.item())
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def _flops_per_step(n_params: int, res, phase, gradcache: bool) -> float:
-    """Model FLOPs of one step: 6·N·tokens for forward+backward, +2·N·tokens for GradCache's extra no-grad forward,
-    plus MaxSim (2·Lq·Ld·dim per query-document pair, scored forward and backward)."""
-    tokens = res.n_tokens
-    enc = (8.0 if gradcache else 6.0) * n_params * tokens
-    return enc
+def _tensorboard(log_dir: Path):
+    """A SummaryWriter when the tensorboard package is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir / "tensorboard"))
 
 
 def run_phase(run_dir: str, phase_name: str) -> int:
-    from .. import preflight
-    from ..data.loader import GlobalBatchLoader
-    from .checkpoint import load_latest_checkpoint, save_checkpoint
+    from ..launch.slurm_env import set_torch_env
     from .dist import init_distributed, teardown
-    from .engine import build_engine
-    from .export import export_model
-    from .gradcache import train_step
-    from .module import ColBERTForTraining
 
+    set_torch_env()  # a task srun started directly has Slurm's variables only; fills just what is missing
+    stop = StopFlag()
+    stop.install()
     manifest = Manifest(run_dir)
     recipe = manifest.recipe()
     phase = recipe.phase(phase_name)
-    stop = StopFlag()
-    stop.install()
+    record = manifest.phase(phase_name)
+    if record["state"] == "done" and record.get("export"):
+        print(f"[colbertzero] phase {phase_name}: already done (export at step {record['export']['step']})",
+              file=sys.stderr)
+        return EXIT_DONE
+    clean = False
     rt = init_distributed(bf16=phase.bf16)
-    main = rt.is_main
-    info = _job_info(phase)
-    t_start = time.time()
-    attempt_id = info.pop("attempt_id")
-    step = 0
-    source = None
     try:
-        torch.manual_seed(phase.seed)
-        init_ref = resolve_init(manifest, recipe, phase_name)
-        init_path = resolve_model_ref(init_ref)
-        colbert = _build_model(init_path, recipe, phase, rt.device)
-        module = ColBERTForTraining.for_phase(colbert, phase)
-        loader = GlobalBatchLoader(recipe, phase_name, rt.rank, rt.world_size)
-        total = loader.total_steps
-        if total <= 0:
-            raise RuntimeError(
-                f"phase {phase_name!r}: the prepared data gives 0 optimizer steps at global batch "
-                f"{phase.global_batch_size}; lower the batch or add data"
-            )
-        engine, _, _ = build_engine(module, phase, total, runtime=rt)
-        state = load_latest_checkpoint(engine, run_dir, phase_name, manifest)
-        if state is not None:
-            step = int(state["step"])
-            loader.load_state_dict(state["loader"])
-        if main:
-            manifest.start_attempt(phase_name, attempt_id=attempt_id, step_start=step, **info)
-            _lineage(manifest, recipe, phase_name, init_ref, init_path, loader)
-            manifest.update_phase(phase_name, lambda p: p.update(total_steps=total, failure=None))
-        code = _loop(engine, loader, manifest, recipe, phase_name, step, total, stop, rt, attempt_id, t_start)
-        step = code[1]
-        source = code[2]
-        code = code[0]
-        if code == EXIT_DONE:
-            _finish(engine, manifest, recipe, phase_name, init_path, step, rt)
+        run = PhaseRun(manifest, recipe, phase_name, rt, stop)
+        code = run.start()
+        clean = True
         return code
-    except Exception as e:  # recorded for the launcher and the user, then re-raised for the traceback
-        if main:
-            manifest.set_state(phase_name, "failed", failure={
-                "step": step, "source": source, "reason": f"{type(e).__name__}: {e}", "time": now_iso(),
-                "traceback": traceback.format_exc(limit=8)})
-            _close_attempt(manifest, phase_name, attempt_id, step, t_start, "failed")
-        raise
     finally:
-        teardown()
+        # After an error on this rank alone the others may never reach a barrier: leave without one.
+        teardown(barrier=clean)
 
 
-def _lineage(manifest, recipe, phase_name, init_ref, init_path, loader) -> None:
-    ph = recipe.phase(phase_name)
-    idx = [Path(ph.data.shards_dir) / s.name / "index.json" for s in ph.data.sources]
-    lineage = {
-        "init": init_ref,
-        "init_sha256": sha256_tree(init_path) if os.path.isdir(init_path) else None,
-        "data_index": [str(p) for p in idx],
-        "data_index_sha256": [sha256_file(p) if p.exists() else None for p in idx],
-        "config_hash": recipe.hash(),
-    }
-    manifest.update_phase(phase_name, lambda p: p.update(lineage=lineage))
+class PhaseRun:
+    """One attempt at one phase on this rank."""
 
+    def __init__(self, manifest: Manifest, recipe, phase_name: str, rt, stop: StopFlag) -> None:
+        self.manifest, self.recipe, self.phase_name, self.rt, self.stop = manifest, recipe, phase_name, rt, stop
+        self.phase = recipe.phase(phase_name)
+        self.main = rt.is_main
+        self.clock = AttemptClock(query_slurm=self.main)
+        info = _job_info(self.phase)
+        self.attempt_id = _from_rank0(info.pop("attempt_id"))  # ranks of a local run would each make their own
+        self.job_info = info
+        self.step = 0
+        self.source: str | None = None
+        self.attempt_open = False
+        self.last_rec: dict | None = None  # the newest log record (rank 0)
+        self.logs = manifest.run_dir / "phases" / phase_name / "logs"
 
-def _close_attempt(manifest, phase_name, attempt_id, step, t_start, state) -> None:
-    try:
-        manifest.tick_attempt(phase_name, attempt_id, step=step, elapsed_s=_elapsed(t_start), end_state=state)
-    except Exception:  # never mask the original failure
-        pass
-
-
-def _elapsed(t_start: float) -> float:
-    """Seconds this attempt has run: Slurm's clock for the job when inside one, else this process's."""
-    if os.environ.get("SLURM_JOB_ID"):
+    # ------------------------------------------------------------------ setup and outcome
+    def start(self) -> int:
         try:
-            from ..launch.slurm_env import job_elapsed_seconds
+            return self._run()
+        except Exception as e:
+            self._record_failure(f"{type(e).__name__}: {e}", traceback.format_exc(limit=8), "failed")
+            raise
 
-            s = job_elapsed_seconds()
-            if s is not None:
-                return float(s)
-        except Exception:
+    def _run(self) -> int:
+        from ..data.loader import GlobalBatchLoader
+        from .checkpoint import load_latest_checkpoint
+        from .engine import build_engine
+        from .module import ColBERTForTraining
+
+        phase, rt = self.phase, self.rt
+        torch.manual_seed(phase.seed)  # every rank builds the same new layers ([Q]/[D] rows, projection)
+        init_ref = resolve_init(self.manifest, self.recipe, self.phase_name)
+        self.init_path = resolve_model_ref(init_ref)
+        colbert = _build_model(self.init_path, self.recipe, phase, rt.device)
+        module = ColBERTForTraining.for_phase(colbert, phase)
+        self.flops = FlopCounter(colbert, phase, rt.world_size)  # before ZeRO-3 partitions the parameters
+        self.loader = GlobalBatchLoader(self.recipe, self.phase_name, rt.rank, rt.world_size)
+        self.total = self.loader.total_steps
+        self.engine, _, _ = build_engine(module, phase, self.total, runtime=rt)
+        state = load_latest_checkpoint(self.engine, self.manifest.run_dir, self.phase_name, self.manifest)
+        if state is not None:
+            self.step = int(state["step"])
+            self.loader.load_state_dict(state["loader"])
+        if self.main:
+            self.manifest.start_attempt(self.phase_name, attempt_id=self.attempt_id, step_start=self.step,
+                                        **self.job_info)
+            self.attempt_open = True
+            self._lineage(init_ref)
+            self.manifest.update_phase(self.phase_name, lambda p: p.update(total_steps=self.total, failure=None))
+            self.logs.mkdir(parents=True, exist_ok=True)
+        code = self._loop()
+        if code == EXIT_DONE:
+            self._finish()
+        return code
+
+    def _lineage(self, init_ref: str) -> None:
+        idx = [Path(self.phase.data.shards_dir) / s.name / "index.json" for s in self.phase.data.sources]
+        lineage = {
+            "init": init_ref,
+            "init_sha256": sha256_tree(self.init_path) if os.path.isdir(self.init_path) else None,
+            "data_index": [str(p) for p in idx],
+            "data_index_sha256": [sha256_file(p) if p.exists() else None for p in idx],
+            "config_hash": self.recipe.hash(),
+        }
+        self.manifest.update_phase(self.phase_name, lambda p: p.update(lineage=lineage))
+
+    def _record_failure(self, reason: str, trace: str | None, exit_state: str) -> None:
+        """Mark the phase failed. Any rank may write: the first failure of this attempt is the cause (a rank that
+        raised), later ones are its echoes (the others' collectives breaking), so they do not overwrite it."""
+        failure = {"step": self.step, "source": self.source, "reason": reason, "rank": self.rt.rank,
+                   "attempt": self.attempt_id, "time": now_iso()}
+        if trace:
+            failure["traceback"] = trace
+
+        def mark(p):
+            if (p.get("failure") or {}).get("attempt") != self.attempt_id:
+                p["state"] = "failed"
+                p["failure"] = failure
+
+        try:
+            self.manifest.update_phase(self.phase_name, mark)
+            if self.main and self.attempt_open:
+                self._tick(end_state=exit_state)
+        except Exception:  # never mask the original failure
             pass
-    return time.time() - t_start
 
+    def _tick(self, end_state: str | None = None) -> None:
+        """The attempt's ledger (elapsed time, GPU-hours, step; closed with `end_state`) and the latest throughput
+        (what projections read), in one manifest write. Rank 0."""
+        elapsed, rec = self.clock.elapsed(), self.last_rec
 
-def _loop(engine, loader, manifest, recipe, phase_name, step, total, stop, rt, attempt_id, t_start):
-    from tqdm import tqdm
+        def f(p):
+            if rec is not None:
+                p["throughput"] = {"samples_per_s": rec["samples_per_s"], "seconds_per_step": rec["seconds_per_step"],
+                                   "tflops": rec["tflops"], "mfu": rec["mfu"], "measured_at_step": rec["step"]}
+            for a in p["attempts"]:
+                if a["id"] == self.attempt_id:
+                    a.update(elapsed_s=float(elapsed), step_end=self.step)
+                    a["gpu_hours"] = attempt_gpu_hours(a)
+                    if end_state is not None:
+                        a.update(exit_state=end_state, end=now_iso())
 
-    from .checkpoint import save_checkpoint
-    from .gradcache import train_step
+        self.manifest.update_phase(self.phase_name, f)
 
-    phase = recipe.phase(phase_name)
-    main = rt.is_main
-    log_dir = manifest.run_dir / "phases" / phase_name / "logs"
-    if main:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "train.jsonl"
-    n_params = sum(p.numel() for p in engine.module.parameters()) or 1
-    budget = manifest.budget(phase_name)
-    used_before = manifest.gpu_hours(phase_name) - (
-        sum(a["gpu_hours"] for a in manifest.phase(phase_name)["attempts"] if a["id"] == attempt_id))
-    gpus = max(1, rt.world_size)
-    bar = tqdm(total=total, initial=step, desc=phase_name, disable=not main, dynamic_ncols=True)
-    window_t, window_samples, window_tokens = time.time(), 0, 0
-    step_times: list[float] = []
-    source = None
+    # ------------------------------------------------------------------ the loop
+    def _save(self, temperature) -> None:
+        from .checkpoint import save_checkpoint
 
-    def save(at_step):
-        temp = engine_temperature
-        save_checkpoint(engine, manifest.run_dir, phase_name, at_step, loader_state=loader.state_dict(),
-                        temperature=temp, manifest=manifest, keep_last=phase.cadence.keep_last)
+        save_checkpoint(self.engine, self.manifest.run_dir, self.phase_name, self.step,
+                        loader_state=self.loader.state_dict(), temperature=temperature, manifest=self.manifest,
+                        keep_last=self.phase.cadence.keep_last)
+        if self.main:
+            self._tick()
+
+    def _budget_left(self) -> tuple[float | None, float]:
+        """(the phase's budget, GPU-hours its earlier attempts used)."""
+        m = self.manifest
+        earlier = sum(a["gpu_hours"] for a in m.phase(self.phase_name)["attempts"] if a["id"] != self.attempt_id)
+        return m.budget(self.phase_name), earlier
+
+    def _loop(self) -> int:
+        from tqdm import tqdm
+
+        from .gradcache import train_step
+
+        phase, rt, main, total = self.phase, self.rt, self.main, self.total
+        cadence = phase.cadence
+        budget, used_before = self._budget_left() if main else (None, 0.0)
+        units = max(1, rt.world_size)  # GPUs, or CPU tasks, as the ledger counts them
+        peak = peak_flops(rt.device, rt.dtype)
+        writer = _tensorboard(self.logs) if main else None
+        bar = tqdm(total=total, initial=self.step, desc=self.phase_name, disable=not main, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        window = {"steps": 0, "seconds": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
+        last_write = -math.inf
+        temperature = None  # the loss's temperature as last used (recorded in checkpoints; none for distillation)
+        first_step = self.step
+        it = iter(self.loader)
+        try:
+            while self.step < total:
+                t0 = time.perf_counter()
+                batch = next(it)
+                self.source = batch.source
+                res = train_step(self.engine, batch, phase)
+                self.step += 1
+                bad = not math.isfinite(res.loss) or (res.grad_norm is not None and not math.isfinite(res.grad_norm))
+                over = False
+                if budget is not None and self.step < total:
+                    per_step = (window["seconds"] + time.perf_counter() - t0) / (window["steps"] + 1)
+                    over = used_before + (self.clock.elapsed() + per_step) * units / 3600.0 > budget
+                # The one collective of the step: any rank's stop signal, rank 0's budget decision, FLOPs.
+                flags = torch.tensor([float(bad), float(self.stop.signal is not None), float(over)],
+                                     dtype=torch.float64)
+                agreed = torch.cat([flags, self.flops.local(batch)]).to(rt.device)
+                if tdist.is_initialized():
+                    tdist.all_reduce(agreed)
+                agreed = agreed.cpu()
+                window["seconds"] += time.perf_counter() - t0  # training time only: saves and logging excluded
+                window["steps"] += 1
+                window["samples"] += res.n_queries
+                window["tokens"] += res.n_tokens
+                window["flops"] += self.flops.total(agreed[3:])
+
+                if agreed[0] > 0:
+                    return self._non_finite(res)
+                if res.temperature is not None:
+                    temperature = res.temperature
+                if main:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{res.loss:.4f}", src=self.source, refresh=False)
+                if main and (self.step % cadence.log_every == 0 or self.step == total):
+                    self._log(res, window, peak, writer)
+                    window = dict.fromkeys(window, 0)
+                    if time.monotonic() - last_write >= MANIFEST_TICK_S:
+                        last_write = time.monotonic()
+                        self._tick()
+                if agreed[1] > 0 or agreed[2] > 0:
+                    return self._stop_at_checkpoint(temperature, over_budget=bool(agreed[1] == 0))
+                if self.step % cadence.save_every == 0 and self.step < total:
+                    self._save(temperature)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if self.step > first_step:  # else the checkpoint of the last step exists: an earlier attempt saved it
+            self._save(temperature)
         if main:
-            manifest.tick_attempt(phase_name, attempt_id, step=at_step, elapsed_s=_elapsed(t_start))
+            self._tick(end_state="completed")
+        return EXIT_DONE
 
-    engine_temperature = phase.temperature
-    it = iter(loader)
-    while step < total:
-        t0 = time.time()
-        batch = next(it)
-        source = batch.source
-        res = train_step(engine, batch, phase)
-        step += 1
-        dt = time.time() - t0
-        step_times.append(dt)
-        engine_temperature = res.temperature
-        window_samples += res.n_queries
-        window_tokens += res.n_tokens
-        bad = 0.0 if math.isfinite(res.loss) else 1.0
-        if _all_max(bad, rt.device) > 0:
-            if main:
-                manifest.set_state(phase_name, "failed", failure={
-                    "step": step, "source": source, "reason": f"non-finite loss {res.loss}", "time": now_iso()})
-                _close_attempt(manifest, phase_name, attempt_id, step - 1, t_start, "nan")
-            print(f"[colbertzero] phase {phase_name}: non-finite loss at step {step} (source {source}); "
-                  f"stopped, the last good checkpoint is kept", file=sys.stderr)
-            return EXIT_FAILED, step, source
-        if main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{res.loss:.4f}", src=source)
-        if main and (step % phase.cadence.log_every == 0 or step == total):
-            el = time.time() - window_t
-            rec = {
-                "time": now_iso(), "phase": phase_name, "step": step, "total_steps": total,
-                "loss": res.loss, "lr": res.lr, "temperature": res.temperature, "grad_norm": res.grad_norm,
-                "samples_per_s": window_samples / el if el > 0 else None,
-                "tokens_per_s": window_tokens / el if el > 0 else None,
-                "mfu": None, "source": source, "consumed": loader.consumed() if hasattr(loader, "consumed") else None,
-                "attempt": attempt_id, "seconds_per_step": sum(step_times) / len(step_times),
-            }
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            window_t, window_samples, window_tokens = time.time(), 0, 0
-            manifest.update_phase(phase_name, lambda p: p.update(throughput={
-                "samples_per_s": rec["samples_per_s"], "seconds_per_step": rec["seconds_per_step"],
-                "measured_at_step": step}))
-        # One collective per step decides for every rank: a signal, or the budget about to be crossed.
-        sps = sum(step_times[-20:]) / len(step_times[-20:])
-        projected = used_before + (_elapsed(t_start) + sps) * gpus / 3600.0
-        over = 1.0 if (budget is not None and projected > budget and step < total) else 0.0
-        sig = 1.0 if stop.signal is not None else 0.0
-        flags = _all_max(sig * 2 + over, rt.device)
-        if flags >= 2 or flags == 1:
-            save(step)
-            if main:
-                st = "over-budget" if flags == 1 else "interrupted"
-                _close_attempt(manifest, phase_name, attempt_id, step, t_start,
-                               "over-budget" if flags == 1 else "requeue")
-                if flags == 1:
-                    manifest.set_state(phase_name, "over-budget")
-                print(f"[colbertzero] phase {phase_name}: {st} at step {step}/{total}; checkpoint saved", file=sys.stderr)
-            return (EXIT_OVER_BUDGET if flags == 1 else EXIT_REQUEUE), step, source
-        if step % phase.cadence.save_every == 0 and step < total:
-            save(step)
-    bar.close()
-    save(step)
-    if main:
-        _close_attempt(manifest, phase_name, attempt_id, step, t_start, "completed")
-    return EXIT_DONE, step, source
+    def _log(self, res, window: dict, peak: float | None, writer) -> None:
+        seconds = window["seconds"]
+        rate = (lambda x: x / seconds) if seconds > 0 else (lambda x: None)
+        flops_per_s = rate(window["flops"])
+        rec = {
+            "time": now_iso(), "phase": self.phase_name, "step": self.step, "total_steps": self.total,
+            "loss": res.loss, "lr": res.lr, "temperature": res.temperature, "grad_norm": res.grad_norm,
+            "samples_per_s": rate(window["samples"]), "tokens_per_s": rate(window["tokens"]),
+            # MFU only against a known device peak (peak_flops); on CPU it is null and the achieved model TFLOP/s
+            # (all ranks together) is still logged.
+            "mfu": flops_per_s / (peak * self.rt.world_size) if flops_per_s is not None and peak else None,
+            "tflops": flops_per_s / 1e12 if flops_per_s is not None else None,
+            "source": self.source, "consumed": self.loader.consumed(), "attempt": self.attempt_id,
+            "seconds_per_step": seconds / window["steps"] if window["steps"] else None,
+        }
+        with open(self.logs / "train.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if writer is not None:
+            for key in ("loss", "lr", "temperature", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "tflops"):
+                if rec[key] is not None:
+                    writer.add_scalar(f"train/{key}", rec[key], self.step)
+            for src, rows in rec["consumed"].items():
+                writer.add_scalar(f"consumed/{src}", rows, self.step)
+        self.last_rec = rec
 
+    def _non_finite(self, res) -> int:
+        """Stop without saving: the newest checkpoint is the last good one. The weights already took this step's
+        update, so nothing after it may be written."""
+        what = f"loss {res.loss}" if not math.isfinite(res.loss) else f"gradient norm {res.grad_norm} (loss {res.loss})"
+        if self.main:
+            self._record_failure(f"non-finite {what}", None, "nan")
+            print(f"[colbertzero] phase {self.phase_name}: non-finite {what} at step {self.step} (source "
+                  f"{self.source}); stopped, the last good checkpoint is kept", file=sys.stderr)
+        return EXIT_FAILED
 
-def _finish(engine, manifest, recipe, phase_name, init_path, step, rt) -> None:
-    from .export import export_model, update_model_card
+    def _stop_at_checkpoint(self, temperature, over_budget: bool) -> int:
+        self._save(temperature)
+        if self.main:
+            self._tick(end_state="over-budget" if over_budget else "requeue")
+            if over_budget:
+                self.manifest.set_state(self.phase_name, "over-budget")
+            why = "over its GPU-hour budget" if over_budget else "interrupted by a signal"
+            print(f"[colbertzero] phase {self.phase_name}: {why} at step {self.step}/{self.total}; checkpoint saved",
+                  file=sys.stderr)
+        return EXIT_OVER_BUDGET if over_budget else EXIT_REQUEUE
 
-    phase = recipe.phase(phase_name)
-    out = manifest.run_dir / "phases" / phase_name / "export"
-    lineage = manifest.phase(phase_name).get("lineage", {})
-    export_model(engine, init_path, out, recipe=recipe, phase_name=phase_name, manifest=manifest,
-                 lineage=lineage, step=step)
-    if rt.is_main:
-        results = None
-        if phase.eval.beir:
-            from ..evaluate import evaluate
+    def _finish(self) -> None:
+        from .export import export_model, update_model_card
 
-            results = evaluate(str(out), phase.eval.beir, batch_size=phase.eval.batch_size,
-                               max_corpus=phase.eval.max_corpus, device=str(rt.device))
-            update_model_card(out, {k: v for k, v in results["datasets"].items()})
-            (manifest.run_dir / "phases" / phase_name / "eval.json").write_text(json.dumps(results, indent=2))
-        manifest.set_state(phase_name, "done", eval=results)
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
+        phase, rt = self.phase, self.rt
+        out = self.manifest.run_dir / "phases" / self.phase_name / "export"
+        lineage = self.manifest.phase(self.phase_name).get("lineage", {})
+        export_model(self.engine, self.init_path, out, recipe=self.recipe, phase_name=self.phase_name,
+                     manifest=self.manifest, lineage=lineage, step=self.step)
+        if rt.is_main:
+            results = None
+            if phase.eval.beir:
+                from ..evaluate import evaluate
+
+                results = evaluate(str(out), phase.eval.beir, batch_size=phase.eval.batch_size,
+                                   max_corpus=phase.eval.max_corpus, device=str(rt.device))
+                update_model_card(out, dict(results["datasets"]))
+                (out.parent / "eval.json").write_text(json.dumps(results, indent=2))
+            self.manifest.set_state(self.phase_name, "done", eval=results)
+        if tdist.is_initialized():
+            tdist.barrier()

@@ -1,0 +1,250 @@
+"""A recipe's resources as sbatch options, and plain sbatch scripts for users who submit by hand.
+
+`phase_options` / `prepare_options` are the one translation of `resources` / `prepare` into sbatch's long options:
+the submitit jobs of `colbertzero launch`, its `sbatch --test-only` preflight and the scripts written here all use
+them, so the three never disagree.
+
+`write_sbatch_scripts(recipe, run_dir)` (`colbertzero sbatch RECIPE --run-dir DIR`) creates the run dir (manifest +
+resolved `recipe.yaml`, what every job reads) and writes into `RUN_DIR/sbatch/`:
+
+    prepare.sbatch        array job: each task tokenizes its share of the shards (`colbertzero prepare --array-task`)
+    prepare-index.sbatch  after the array: checks every shard and writes the indexes
+    <phase>.sbatch        one per phase: `srun` one `colbertzero train RUN_DIR --phase P` per GPU; requeues itself
+                          when the runner stopped at a checkpoint (time limit, preemption), up to max_requeues
+    submit.sh             submits all of them chained with `--dependency=afterok:` (what slurm/README.md shows)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..recipe import PrepareResources, Recipe, RecipeError, Resources, parse_time_limit
+
+# Options colbertzero sets itself, with the recipe field that says them; `extra_sbatch` may not repeat them (one of
+# the two would silently lose).
+_OWNED = {
+    "nodes": "nodes", "ntasks-per-node": "gpus_per_node", "ntasks": "gpus_per_node", "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem", "partition": "partition", "account": "account", "qos": "qos",
+    "constraint": "constraint", "time": "time_limit", "signal": "signal_seconds", "requeue": None,
+    "no-requeue": None, "array": "array_tasks", "dependency": None, "job-name": None, "output": None, "error": None,
+    "open-mode": None, "kill-on-invalid-dep": None, "wrap": None,
+}
+
+
+# Every phase task, however submitted. One task per GPU, bound to its own block of cpus-per-task cores (on GH200
+# nodes with cpus_per_task=72: the Grace CPU attached to GPU i, the one LOCAL_RANK i trains on); a rank that fails
+# ends the job's other ranks at once instead of leaving them waiting in a collective until its timeout.
+SRUN_ARGS = ("--kill-on-bad-exit=1", "--cpu-bind=cores")
+# torch would otherwise start one thread per core of the node in each task.
+TASK_ENV = ('export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',)
+
+
+def parse_extra(extra: list[str], where: str, fields: set[str] = frozenset()) -> dict[str, str | bool]:
+    """`["--container-image=x", "--exclusive"]` -> {"container-image": "x", "exclusive": True}. `where` names the
+    list in the recipe (`phases.P.resources.extra_sbatch`), `fields` the recipe fields beside it."""
+    prefix = where.rsplit(".", 1)[0]
+    out: dict[str, str | bool] = {}
+    for i, item in enumerate(extra):
+        here = f"{where}[{i}]"
+        if not item.startswith("--") or len(item) < 3 or " " in item.split("=", 1)[0]:
+            raise RecipeError(f"{here}: {item!r}: write sbatch's long form, --option=value or --flag "
+                              f"(e.g. --constraint=gpu, --exclusive)")
+        key, eq, value = item[2:].partition("=")
+        if key in _OWNED:
+            field = _OWNED[key]
+            how = f"use the recipe field {prefix}.{field} instead" if field in fields else "remove it"
+            raise RecipeError(f"{here}: {item!r}: --{key} is set by colbertzero; {how}")
+        out[key] = value if eq else True
+    return out
+
+
+def phase_options(r: Resources, where: str = "resources") -> dict[str, str | bool]:
+    """sbatch long options (without dashes) for one phase: one task per GPU (or per CPU task when gpus_per_node=0)."""
+    opts: dict[str, str | bool] = {"nodes": str(r.nodes), "ntasks-per-node": str(r.tasks_per_node),
+                                   "cpus-per-task": str(r.cpus_per_task), "time": r.time_limit}
+    if r.gpus_per_node:
+        opts["gpus-per-node"] = str(r.gpus_per_node)
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        if getattr(r, key):
+            opts[key] = getattr(r, key)
+    opts.update(parse_extra(r.extra_sbatch, f"{where}.extra_sbatch", set(Resources.model_fields)))
+    return opts
+
+
+def prepare_options(recipe: Recipe) -> dict[str, str | bool]:
+    """The prepare job: one CPU task per array task; partition/account/QoS default to the first phase's."""
+    pr: PrepareResources = recipe.prepare
+    first = next(iter(recipe.phases.values())).resources
+    opts: dict[str, str | bool] = {"nodes": "1", "ntasks-per-node": "1", "cpus-per-task": str(pr.cpus_per_task),
+                                   "time": pr.time_limit}
+    for key in ("partition", "account", "qos"):
+        value = getattr(pr, key) or getattr(first, key)
+        if value:
+            opts[key] = value
+    if pr.mem:
+        opts["mem"] = pr.mem
+    opts.update(parse_extra(pr.extra_sbatch, "prepare.extra_sbatch", set(PrepareResources.model_fields)))
+    return opts
+
+
+def as_args(opts: dict[str, str | bool]) -> list[str]:
+    """Command-line form: ["--nodes=2", "--exclusive", ...]."""
+    return [f"--{k}" if v is True else f"--{k}={v}" for k, v in opts.items()]
+
+
+def directives(opts: dict[str, str | bool]) -> list[str]:
+    """`#SBATCH` lines, every value shell-quoted (sbatch reads these lines with shell quoting rules)."""
+    return [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in opts.items()]
+
+
+def time_minutes(time_limit: str) -> int:
+    """Slurm counts time limits in whole minutes: round up."""
+    return max(1, math.ceil(parse_time_limit(time_limit) / 60))
+
+
+def run_tag(run_dir: str | os.PathLike) -> str:
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:6]
+
+
+def job_name(recipe: Recipe, step: str, run_dir: str | os.PathLike) -> str:
+    """`cz-<recipe>-<step>-<run tag>`: the tag (from the run dir's path) lets `resume` find the run's jobs in the
+    queue however they were submitted (launch, these scripts, by hand)."""
+    return f"cz-{recipe.name}-{step}-{run_tag(run_dir)}"
+
+
+# ---------------------------------------------------------------------------------------------- plain scripts
+_HEADER = """\
+#!/bin/bash
+# {what}
+# Written by `colbertzero sbatch` for recipe {recipe!r}, run dir {run_dir}.
+# {how}
+"""
+
+
+def _python() -> str:
+    return f"${{COLBERTZERO_PYTHON:-{shlex.quote(sys.executable)}}}"
+
+
+def _setup(lines: list[str]) -> str:
+    return ("# setup (recipe)\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def _prepare_scripts(recipe: Recipe, run_dir: Path, logs: Path) -> dict[str, str]:
+    pr = recipe.prepare
+    recipe_file = shlex.quote(str(run_dir / "recipe.yaml"))
+    opts = prepare_options(recipe)
+    n = pr.array_tasks
+    array = "\n".join(directives({"job-name": job_name(recipe, "prepare", run_dir), **opts, "array": f"0-{n - 1}",
+                                  "output": str(logs / "%x-%A_%a.out"), "open-mode": "append"}))
+    index = "\n".join(directives({"job-name": job_name(recipe, "prepare-index", run_dir), **opts,
+                                  "output": str(logs / "%x-%j.out"), "open-mode": "append"}))
+    head = dict(recipe=recipe.name, run_dir=run_dir)
+    return {
+        "prepare.sbatch": _HEADER.format(
+            what=f"Tokenize every phase's sources into Arrow shards: {n} array tasks, each a share of the shards.",
+            how="Submit first: sbatch --parsable prepare.sbatch", **head)
+        + f"{array}\n\nset -euo pipefail\n{_setup(pr.setup)}"
+        + f"exec \"{_python()}\" -m colbertzero prepare {recipe_file} --array-task \"$SLURM_ARRAY_TASK_ID\" "
+          f"--array-tasks {n} --workers {pr.workers}\n",
+        "prepare-index.sbatch": _HEADER.format(
+            what="Check that every shard is finished and write each source's index (after the whole array).",
+            how="Submit after the array: sbatch --parsable --dependency=afterok:$PREPARE prepare-index.sbatch", **head)
+        + f"{index}\n\nset -euo pipefail\n{_setup(pr.setup)}"
+        + f"exec \"{_python()}\" -m colbertzero prepare {recipe_file} --index-only\n",
+    }
+
+
+def _phase_script(recipe: Recipe, name: str, run_dir: Path, logs: Path) -> str:
+    r = recipe.phase(name).resources
+    opts = {"job-name": job_name(recipe, name, run_dir), **phase_options(r, f"phases.{name}.resources"),
+            # USR2 reaches every task (not the batch shell): the runner checkpoints at the same step on all ranks.
+            "signal": f"USR2@{r.signal_seconds}", "requeue": True, "kill-on-invalid-dep": "yes",
+            "output": str(logs / "%x-%j.out"), "open-mode": "append"}
+    run = shlex.quote(str(run_dir))
+    phase = shlex.quote(name)
+    head = _HEADER.format(
+        what=f"Phase {name!r} ({recipe.phase(name).kind}): {r.nodes} node(s) x {r.tasks_per_node} task(s), one per "
+             f"{'GPU' if r.gpus_per_node else 'CPU task'}.",
+        how="Submit after the previous step: sbatch --parsable --dependency=afterok:$PREVIOUS " + f"{name}.sbatch",
+        recipe=recipe.name, run_dir=run_dir)
+    return head + "\n".join(directives(opts)) + f"""
+
+set -uo pipefail
+{_setup(r.setup)}{TASK_ENV[0]}
+# One task per GPU, each on its own block of cpus-per-task cores (GH200: the Grace CPU next to its GPU).
+srun {" ".join(SRUN_ARGS)} "{_python()}" -m colbertzero train {run} --phase {phase}
+rc=$?
+case $rc in
+  0) exit 0 ;;
+  3)  # stopped at a checkpoint on the time-limit warning or a preemption: run again from that checkpoint
+    if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {r.max_requeues} ]; then
+      echo "colbertzero: phase {name} stopped {r.max_requeues} time(s) already (max_requeues); not requeued." \\
+           "Continue with: colbertzero resume {run}" >&2
+      exit 3
+    fi
+    if [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" != RUNNING ]; then  # scancel or the limit itself: Slurm ends it
+      echo "colbertzero: job $SLURM_JOB_ID is ending; not requeued. Continue with: colbertzero resume {run}" >&2
+      exit 3
+    fi
+    scontrol requeue "$SLURM_JOB_ID" || exit 3
+    sleep 300  # Slurm ends this script as it requeues the job
+    exit 3 ;;
+  4) echo "colbertzero: phase {name} stopped over its GPU-hour budget; raise it with:" \\
+          "colbertzero resume {run} --phase-budget {name}=HOURS" >&2
+     exit 4 ;;
+  *) exit "$rc" ;;
+esac
+"""
+
+
+def _submit_script(recipe: Recipe, names: list[str]) -> str:
+    lines = ["#!/bin/bash",
+             f"# Submit the whole chain of recipe {recipe.name!r}; each step starts only after the previous one "
+             "succeeded.",
+             "# Skip the two prepare lines when the shards exist already (and drop the first --dependency).",
+             "set -euo pipefail", 'cd "$(dirname "$0")"',
+             "prev=$(sbatch --parsable prepare.sbatch)", 'echo "prepare: $prev"',
+             'prev=$(sbatch --parsable --dependency=afterok:"$prev" prepare-index.sbatch)',
+             'echo "prepare-index: $prev"']
+    for n in names:
+        lines += [f'prev=$(sbatch --parsable --dependency=afterok:"$prev" {shlex.quote(n + ".sbatch")})',
+                  f'echo {shlex.quote(n + ": ")}"$prev"']
+    return "\n".join(lines) + "\n"
+
+
+def write_sbatch_scripts(recipe: Recipe, run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+                         ) -> list[Path]:
+    """Validate the recipe, create the run dir, write the scripts; returns their paths (submit.sh last).
+
+    A recipe that fails validation (or whose extra_sbatch is malformed) raises before anything is written.
+    """
+    from ..manifest import Manifest, atomic_write_bytes
+    from .chain import refuse_invalid
+
+    refuse_invalid(recipe, "nothing was written")
+    for n in recipe.phases:
+        phase_options(recipe.phase(n).resources, f"phases.{n}.resources")
+    prepare_options(recipe)
+    m = Manifest.create(run_dir, recipe)
+    out = Path(out_dir).resolve() if out_dir else m.run_dir / "sbatch"
+    logs = m.run_dir / "slurm"
+    out.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    scripts = _prepare_scripts(recipe, m.run_dir, logs)
+    for n in recipe.phases:
+        scripts[f"{n}.sbatch"] = _phase_script(recipe, n, m.run_dir, logs)
+    scripts["submit.sh"] = _submit_script(recipe, list(recipe.phases))
+    with m.update() as d:  # `resume` then knows that Slurm may hold jobs of this run
+        d["sbatch_scripts"] = str(out)
+    paths = []
+    for name, text in scripts.items():
+        path = out / name
+        atomic_write_bytes(path, text.encode())
+        path.chmod(0o755)
+        paths.append(path)
+    return paths

