@@ -128,9 +128,10 @@ class Resources(_Strict):
     def time_limit_hours(self) -> float:
         return parse_time_limit(self.time_limit) / 3600.0
 
-    @field_validator("time_limit")
+    @field_validator("time_limit", mode="before")
     @classmethod
-    def _tl(cls, v: str) -> str:
+    def _tl(cls, v) -> str:
+        v = str(v) if isinstance(v, int) else v  # `time_limit=90` means 90 minutes, as for sbatch
         parse_time_limit(v)
         return v
 
@@ -424,6 +425,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     # `key=query: ` is the string "query: ", not a mapping; only explicit {…}/[…] build structures.
     if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
         value = raw
+    # YAML 1.1 reads 00:10:00 as the base-60 integer 600; a value written with ':' is a time or a string.
+    if isinstance(value, int) and ":" in raw:
+        value = raw.strip()
     # YAML reads 1e-5 as a string; numbers written that way are meant as floats.
     if isinstance(value, str):
         try:
