@@ -36,6 +36,9 @@ DEMO_STEPS = {"unsupervised": 40, "supervised": 16, "distillation": 16}
 # What the demo changes in tiny-cpu.yaml besides data and steps. Supervised at tiny-cpu's lr (5e-5) undid most of
 # what the unsupervised phase had taught MiniLM on the held-out queries (-4.8 nDCG@10 measured); at 2e-5 it keeps it.
 DEMO_HYPERPARAMETERS = {"supervised": {"lr": 2.0e-5}}
+# tiny-cpu.yaml checkpoints every 4 steps and keeps 2; a MiniLM checkpoint with its
+# optimizer state is ~350 MB, so the demo writes one every 10 steps and keeps the newest (a stop still saves one).
+DEMO_CADENCE = {"save_every": 10, "keep_last": 1}
 # Evaluation: the 200 held-out queries against their 200 answers plus 300 other documents of the corpus (~950 in
 # all). Encoding the documents is most of an evaluation's cost, and the demo evaluates four models.
 EVAL_MAX_CORPUS: int | None = 500
@@ -61,8 +64,8 @@ def demo_paths(out: Path, model: str) -> dict[str, Path]:
 
 
 def demo_recipe(paths: dict[str, Path], data: dict, model: str) -> dict:
-    """The tiny recipe with the demo data, shards, step counts, eval size and DEMO_HYPERPARAMETERS; everything else
-    as tiny-cpu.yaml says."""
+    """The tiny recipe with the demo data, shards, step counts, eval size, checkpoint cadence and
+    DEMO_HYPERPARAMETERS; everything else as tiny-cpu.yaml says."""
     beir = [str(data["beir"])]
     pairs = [{"name": s, "path": str(p), "columns": {"query": "query", "document": "document"}}
              for s, p in sorted(data["pairs"].items())]
@@ -77,6 +80,7 @@ def demo_recipe(paths: dict[str, Path], data: dict, model: str) -> dict:
             "data": {"shards_dir": str(paths["shards"] / name), "sources": srcs},
             "eval": {"beir": beir, "max_corpus": EVAL_MAX_CORPUS},
             "max_steps": DEMO_STEPS[name],
+            "cadence": DEMO_CADENCE,
             **DEMO_HYPERPARAMETERS.get(name, {}),
         }
     phases["unsupervised"]["init"] = MODELS[model]

@@ -48,9 +48,6 @@ BF16_PEAK_FLOPS = (
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L40S", 362e12),
-    ("A6000", 155e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
 )
 # Seconds between ledger/throughput writes to the manifest between checkpoints (a write is locked and fsynced).
 MANIFEST_TICK_S = 30.0
