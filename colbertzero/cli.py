@@ -292,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a reader that left shows here, inside the handler, not at interpreter exit
+        return code
     except (RecipeError, ManifestError, DataError, LaunchError, DemoDataError) as e:
         print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `colbertzero status RUN | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # else the interpreter's final flush raises again
+        return 0
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ DEMO_CADENCE = {"save_every": 10, "keep_last": 1}
 # Evaluation: the 200 held-out queries against their 200 answers plus 300 other documents of the corpus (~950 in
 # all). Encoding the documents is most of an evaluation's cost, and the demo evaluates four models.
 EVAL_MAX_CORPUS: int | None = 500
-INIT_EVAL = "eval-init.json"
+from .report import INIT_EVAL  # noqa: E402 - the report reads the same file
 
 
 def tiny_recipe_path() -> Path:
@@ -122,7 +122,7 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
     from .evaluate import evaluate
     from .manifest import Manifest, atomic_write_json
     from .models import resolve_model_ref
-    from .train.runner import _build_model
+    from .train.runner import build_model
 
     m = Manifest(run_dir)
     data = m.read()
@@ -144,7 +144,7 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
     # The built-in tiny model is created (with its own seed) before seeding, as it is already there for the runner.
     init_path = resolve_model_ref(phase.init)
     torch.manual_seed(phase.seed)
-    colbert = _build_model(init_path, recipe, phase, "cpu")
+    colbert = build_model(init_path, recipe, phase, "cpu")
     with tempfile.TemporaryDirectory(prefix="colbertzero-init-") as tmp:
         # The evaluator wants the model's folder (it keys its embedding cache by the files); both are thrown away.
         colbert.save(os.path.join(tmp, "model"))

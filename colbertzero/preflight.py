@@ -41,16 +41,22 @@ class PhasePlan:
 
 
 # ----------------------------------------------------------------- data sizes
-def shard_rows(phase: Phase) -> int | None:
-    """Rows over all sources from the prepared shard indexes, or None when any source is not prepared."""
-    total = 0
+def source_rows(phase: Phase) -> list[int] | None:
+    """Rows of each source from the prepared shard indexes, or None when any source is not prepared."""
+    rows = []
     for src in phase.data.sources:
         idx = Path(phase.data.shards_dir) / src.name / "index.json"
         try:
-            total += int(json.loads(idx.read_text())["rows"])
+            rows.append(int(json.loads(idx.read_text())["rows"]))
         except (OSError, ValueError, KeyError):
             return None
-    return total
+    return rows
+
+
+def shard_rows(phase: Phase) -> int | None:
+    """Rows over all sources from the prepared shard indexes, or None when any source is not prepared."""
+    rows = source_rows(phase)
+    return None if rows is None else sum(rows)
 
 
 def phase_rows(phase: Phase) -> tuple[int | None, str]:
@@ -63,9 +69,17 @@ def phase_rows(phase: Phase) -> tuple[int | None, str]:
 
 
 def total_steps(phase: Phase, rows: int | None) -> int | None:
-    if rows is None:
+    """The phase's optimizer steps: the loader's own count once the shards are prepared (each source drops its last
+    partial batch), else an estimate from ``rows`` (expected_rows)."""
+    per_source = source_rows(phase)
+    if per_source is not None:
+        from .data.loader import batches_per_source
+
+        steps = int(batches_per_source(phase.data, per_source, phase.global_batch_size).sum())
+    elif rows is None:
         return phase.max_steps
-    steps = math.floor(rows * phase.data.epochs / phase.global_batch_size)
+    else:
+        steps = math.floor(rows * phase.data.epochs / phase.global_batch_size)
     return min(steps, phase.max_steps) if phase.max_steps else steps
 
 
@@ -172,6 +186,7 @@ def check(recipe: Recipe, manifest_data: dict | None = None, paths: bool = True)
         out += _check_cadence(recipe, name, manifest_data)
         if paths:
             out += _check_paths(name, recipe.phase(name))
+        out += _check_eval(name, recipe.phase(name), paths)
     out += _check_alignment(recipe)
     out += _check_budget(recipe, manifest_data)
     return out
@@ -330,6 +345,25 @@ def _check_paths(name: str, ph: Phase) -> list[Finding]:
             )
         ]
     return out + missing
+
+
+def _check_eval(name: str, ph: Phase, paths: bool) -> list[Finding]:
+    """Evaluation sets must exist before a job spends hours to reach them; a cadence without sets does nothing."""
+    out = []
+    if ph.cadence.eval_every and not ph.eval.in_training:
+        out.append(Finding("warning", f"phases.{name}.cadence.eval_every",
+                           "set, but eval.in_training lists no dataset: no in-training evaluation will run"))
+    if ph.eval.in_training and not ph.cadence.eval_every:
+        out.append(Finding("warning", f"phases.{name}.eval.in_training",
+                           "listed, but cadence.eval_every is not set: these sets will not be evaluated"))
+    if paths:
+        for key in ("beir", "in_training"):
+            for i, d in enumerate(getattr(ph.eval, key)):
+                if not os.path.isdir(d):
+                    out.append(Finding("error", f"phases.{name}.eval.{key}[{i}]",
+                                       f"{d}: no such dataset folder (BEIR layout or NanoBEIR parquet); fix the path "
+                                       f"or drop it with phases.{name}.eval.{key}=[]"))
+    return out
 
 
 def _check_budget(recipe: Recipe, manifest_data: dict | None) -> list[Finding]:

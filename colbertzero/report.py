@@ -26,7 +26,9 @@ DASH = "—"
 REPORT_FORMAT = "colbertzero-report/1"
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 # Every figure this module may write; stale ones from an earlier report are removed when not produced again.
-FIGURES = ("loss.png", "lr.png", "throughput.png", "gpu_hours.png", "ndcg10.png")
+FIGURES = ("loss.png", "lr.png", "throughput.png", "gpu_hours.png", "ndcg10.png", "ndcg10_in_training.png")
+# The starting model's evaluation (written by `colbertzero demo`); shown as an "init" row when of this recipe.
+INIT_EVAL = "eval-init.json"
 
 
 class ReportError(ManifestError):
@@ -256,6 +258,8 @@ class RunView:
     data: dict
     logs: dict[str, list[dict]] = field(default_factory=dict)
     bad_lines: dict[str, int] = field(default_factory=dict)
+    eval_logs: dict[str, list[dict]] = field(default_factory=dict)  # in-training evals: step, ndcg@10 (%)
+    init_eval: dict | None = None
 
     @property
     def phases(self) -> list[str]:
@@ -316,6 +320,16 @@ def load_run(run_dir: str | Path, logs: bool = True) -> RunView:
     run = RunView(run_dir=p.resolve(), label=p.resolve().name, data=data)
     for name in run.phases if logs else ():
         run.logs[name], run.bad_lines[name] = read_train_log(p / "phases" / name / "logs" / "train.jsonl")
+        evals, _ = read_train_log(p / "phases" / name / "logs" / "eval.jsonl")
+        run.eval_logs[name] = [{"step": e["step"], "ndcg@10": (EvalView.of(e).average.get("ndcg@10") if
+                                EvalView.of(e) else None), "attempt": e.get("attempt")} for e in evals]
+    if logs and (p / INIT_EVAL).is_file():
+        try:
+            init = json.loads((p / INIT_EVAL).read_text())
+        except (OSError, json.JSONDecodeError):
+            init = None  # unreadable: no init row rather than no report
+        if isinstance(init, dict) and init.get("recipe_hash") == data.get("recipe_hash"):
+            run.init_eval = init
     return run
 
 
@@ -434,11 +448,24 @@ def _result_row(run: RunView, phase: str, block: str) -> dict:
     }
 
 
+def _init_row(run: RunView) -> dict:
+    ev = EvalView.of(run.init_eval)
+    return {
+        "block": "phase", "run": run.label, "recipe": run.recipe_name, "phase": "init", "final": False,
+        "model": ev.model if ev else None,
+        "datasets": {d: m.get("ndcg@10") for d, m in ev.datasets.items()} if ev else {},
+        "average": ev.average.get("ndcg@10") if ev else None,
+        "n_datasets": len(ev.datasets) if ev else 0,
+        "reference": {"average": None, "datasets": {}},
+    }
+
+
 def _results(runs: list[RunView]) -> list[dict]:
     rows = []
     if len(runs) > 1:  # the comparison first: each pipeline's final model
         rows += [_result_row(r, r.final_phase(), "final") for r in runs]
     for r in runs:
+        rows += [_init_row(r)] if r.init_eval else []  # the starting model: what training added
         rows += [_result_row(r, ph, "phase") for ph in r.phases]
     return rows
 
@@ -532,10 +559,14 @@ def _resume_steps(records: list[dict]) -> list[int]:
     return out
 
 
-def _series_figure(runs: list[RunView], keys: list[tuple[str, str]], title: str, smooth: bool = False):
-    """One column per phase, one row per metric key; one line per run. None when no run has any of it."""
+def _series_figure(runs: list[RunView], keys: list[tuple[str, str]], title: str, smooth: bool = False,
+                   source: str = "logs"):
+    """One column per phase, one row per metric key; one line per run. None when no run has any of it.
+    ``source``: the RunView records to plot (``logs``: train.jsonl; ``eval_logs``: in-training evaluations)."""
     phases = _phase_union(runs)
-    have = any(_finite(r.get(k) for r in run.logs.get(ph, [])) for run in runs for ph in phases for k, _ in keys)
+    logs = {run.label: getattr(run, source) for run in runs}
+    have = any(_finite(r.get(k) for r in logs[run.label].get(ph, [])) for run in runs for ph in phases
+               for k, _ in keys)
     if not have:
         return None
     fig = _figure(4.2 * len(phases) + 0.6, 2.9 * len(keys) + 0.4)
@@ -546,7 +577,7 @@ def _series_figure(runs: list[RunView], keys: list[tuple[str, str]], title: str,
             ax = axes[i][j]
             drawn = False
             for k, run in enumerate(runs):
-                recs = [r for r in run.logs.get(ph, []) if _num(r.get(key)) is not None]
+                recs = [r for r in logs[run.label].get(ph, []) if _num(r.get(key)) is not None]
                 if not recs:
                     continue
                 xs = [int(r["step"]) for r in recs]
@@ -575,7 +606,7 @@ def _series_figure(runs: list[RunView], keys: list[tuple[str, str]], title: str,
         handles = [Line2D([], [], color=colors[k % 10], linewidth=1.6) for k in range(len(runs))]
         fig.legend(handles, [r.label for r in runs], loc="outside right upper", fontsize=8)
     fig.suptitle(title + ("  (dotted: resumed attempt)" if any(
-        _resume_steps(r.logs.get(ph, [])) for r in runs for ph in phases) else ""))
+        _resume_steps(logs[r.label].get(ph, [])) for r in runs for ph in phases) else ""))
     return fig
 
 
@@ -698,6 +729,7 @@ def _report_json(runs: list[RunView], rows: list[dict], figures: list[str]) -> d
             phases[name] = {
                 **ph,
                 "training": _training_summary(r.logs.get(name, []), r.bad_lines.get(name, 0)),
+                "in_training_eval": r.eval_logs.get(name, []),
                 "eval": (
                     {"model": ev.model, "datasets": ev.datasets, "average": ev.average, "details": ev.details}
                     if ev
@@ -777,6 +809,8 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
     md.append("")
     if "ndcg10.png" in figures:
         md += ["![nDCG@10 per dataset](ndcg10.png)", ""]
+    if "ndcg10_in_training.png" in figures:
+        md += ["![nDCG@10 during training](ndcg10_in_training.png)", ""]
 
     md += ["### All metrics (average over datasets)", ""]
     metric_rows = []
@@ -940,6 +974,9 @@ def build_report(run_dirs: list[str] | str, out_dir: str | None = None) -> Path:
         ),
         "gpu_hours.png": _gpu_hours_figure(runs),
         "ndcg10.png": _ndcg_figure([r for r in rows if r["block"] == "final"] if len(runs) > 1 else rows),
+        "ndcg10_in_training.png": _series_figure(
+            runs, [("ndcg@10", "nDCG@10 (%)")], "In-training evaluation (average of eval.in_training)",
+            source="eval_logs"),
     }
     written = []
     for name in FIGURES:

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# DeepSpeed JIT-builds its CPU shm comm op once; cache it across tests and runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "colbertzero-torch-extensions"))
+# DeepSpeed JIT-builds its CPU shm comm op once, into torch's default TORCH_EXTENSIONS_DIR: the same build the
+# demo and `colbertzero train` use on this machine.
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()

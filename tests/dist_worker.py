@@ -66,7 +66,6 @@ def launch(mode: str, work: Path, model_path: str, timeout: float = 600) -> None
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "colbertzero-torch-extensions"))
     procs, logs = [], []
     for rank in range(WORLD):
         log = open(work / f"{mode}-rank{rank}.log", "w")

@@ -83,6 +83,15 @@ def test_validate_refuses_missing_local_data(tmp_path):
              "none.jsonl: not found")
 
 
+def test_validate_refuses_missing_eval_sets_and_warns_on_a_cadence_without_sets(tmp_path):
+    _refused(run("validate", TINY, f"phases.distillation.eval.beir=[{tmp_path}/beir/scifact]"),
+             "phases.distillation.eval.beir[0]", "scifact: no such dataset folder", "eval.beir=[]")
+    _refused(run("validate", TINY, "phases.supervised.cadence.eval_every=2",
+                 f"phases.supervised.eval.in_training=[{tmp_path}/nano]"), "phases.supervised.eval.in_training[0]")
+    r = run("validate", TINY, "phases.supervised.cadence.eval_every=2")
+    assert r.returncode == 0 and "eval.in_training lists no dataset" in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
 def test_validate_writes_nothing(tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     run("validate", TINY, "phases.unsupervised.global_batch_size=9", cwd=tmp_path)
@@ -92,3 +101,12 @@ def test_validate_writes_nothing(tmp_path):
 def test_bad_recipe_message():
     r = run("validate", TINY, "phases.supervised.lr=-1")
     _refused(r, "phases.supervised.lr: must be > 0")
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`colbertzero plan R | head -1`: the pipe closes before the output is flushed."""
+    proc = subprocess.Popen([sys.executable, "-m", "colbertzero", "plan", "recipes/colbert-zero.yaml", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has even imported the package
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "BrokenPipe" not in err, err

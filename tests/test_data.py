@@ -246,6 +246,25 @@ def test_sampling_by_weights(corpus_sources, corpus_prepared, minilm):
     assert counts["c"] == total // 2 and abs(counts["a"] - counts["b"]) <= 1  # c: 17 batches a epoch, used 4×
 
 
+@pytest.mark.parametrize("data", [{"epochs": 2.0}, {"epochs": 1.5, "sampling": "weights"}, {"max_steps": 7}])
+def test_plan_counts_the_steps_the_loader_takes(corpus_sources, corpus_prepared, minilm, data):
+    """Once the shards exist, `plan` (projection, budget check) counts exactly the loader's steps: each source
+    drops its last partial batch, which a count over the pooled rows would not."""
+    from colbertzero.preflight import plan_phase
+
+    tmp, _ = corpus_prepared
+    data = dict(data)
+    max_steps = data.pop("max_steps", None)
+    weights = (1.0, 1.0, 2.0) if data.get("sampling") == "weights" else (None, None, None)
+    r = _corpus_recipe(corpus_sources, tmp, minilm, weights=weights, **data)
+    if max_steps:
+        r = r.model_copy(update={"phases": {"p": r.phase("p").model_copy(update={"max_steps": max_steps})}})
+    p = plan_phase(r, "p")
+    assert p.rows_from == "shard index" and p.rows == 2400 + 1500 + 550
+    assert p.total_steps == GlobalBatchLoader(r, "p").total_steps
+    assert max_steps or p.total_steps < (p.rows * data["epochs"]) // 32  # the pooled count would be off
+
+
 def _digest(b) -> str:
     parts = [b.source, b.queries["input_ids"], b.queries["attention_mask"], b.documents["input_ids"],
              b.documents["attention_mask"], b.scores, b.row_ids]

@@ -35,6 +35,27 @@ def test_every_recipe_validates(path):
     assert not errs, "\n".join(map(str, errs))
 
 
+def test_shipped_recipes_share_shards_only_when_the_tokens_are_the_same():
+    """Shards are tokenized for one tokenizer, prompt setup and lengths: two recipes (or phases) that differ in any
+    of them must not write the same shards_dir, or preparing one would refuse (or clobber) the other's."""
+    def tokenizer(r, name):  # the model a phase's tokenizer comes from: the root of its init chain
+        ph = r.phase(name)
+        return ph.init if ph.init_from is None else tokenizer(r, ph.init_from)
+
+    owners: dict[str, tuple] = {}
+    for path in RECIPES:
+        if "tiny-cpu" in path:  # the toy recipes share the test data's shards on purpose (same settings)
+            continue
+        r = load_recipe(path)
+        for name, ph in r.phases.items():
+            key = (ph.kind, tokenizer(r, name), ph.prompts.enabled and (ph.prompts.query, ph.prompts.document),
+                   ph.effective_query_length, ph.effective_document_length, ph.data.max_negatives,
+                   ph.data.docs_per_query, tuple(s.name for s in ph.data.sources))
+            where = f"{Path(path).name}:{name}"
+            seen = owners.setdefault(ph.data.shards_dir, (key, where))
+            assert seen[0] == key, f"{where} and {seen[1]} share {ph.data.shards_dir} with other token settings"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).name)
 def test_round_trip(path):
     r = load_recipe(path)
@@ -51,7 +72,7 @@ def test_paper_values():
         3e-4, 16384, 0.02, 512, True)
     assert (u.effective_query_length, u.effective_document_length) == (39, 187)
     assert len(u.data.sources) == 29 and u.data.sampling == "proportional"
-    assert (u.cadence.save_every, u.cadence.eval_every) == (500, 500)
+    assert (u.cadence.save_every, u.cadence.eval_every) == (500, None)
     assert (s.lr, s.global_batch_size, s.temperature, s.data.max_negatives, s.effective_document_length) == (
         8e-6, 64, 0.2, 10, 519)
     assert len(s.data.sources) == 10 and s.cadence.save_every == 1500
@@ -103,7 +124,7 @@ def test_error_names_field_path():
 def test_env_and_missing_file(tmp_path, monkeypatch):
     monkeypatch.setenv("COLBERTZERO_DATA", str(tmp_path))
     r = load_recipe(ROOT / "recipes" / "colbert-zero.yaml")
-    assert r.phases["unsupervised"].data.shards_dir == str(tmp_path / "shards" / "unsupervised")
+    assert r.phases["unsupervised"].data.shards_dir == str(tmp_path / "shards" / "colbert-zero" / "unsupervised")
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

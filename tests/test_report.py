@@ -173,6 +173,34 @@ def test_single_run_report(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_init_row_and_in_training_curve(tmp_path):
+    run = make_run(tmp_path, "curves", evaluated=1)
+    logs = run / "phases" / "unsupervised" / "logs" / "eval.jsonl"
+    lines = [json.dumps({"step": s, "attempt": "101-0", "average": {"ndcg@10": 0.2 + s / 1000},
+                         "datasets": {"scifact": {"ndcg@10": 0.2 + s / 1000, "queries": 30, "documents": 200}}})
+             for s in (50, 100, 150)]
+    logs.write_text("\n".join(lines) + "\n{\"step\": 2")  # and a truncated line
+    init = {"model": "base (init)", "recipe_hash": Manifest(run).read()["recipe_hash"],
+            "datasets": {"scifact": {"ndcg@10": 0.125, "mrr@10": 0.1, "recall@100": 0.5, "map@100": 0.1}}}
+    (run / "eval-init.json").write_text(json.dumps(init))
+    out = build_report([str(run)]).parent
+    assert_png(out / "ndcg10_in_training.png")
+    md = (out / "report.md").read_text()
+    table = md.split("## Results: nDCG@10")[1].split("###")[0]
+    rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert rows[:3] == ["Phase", "init", "unsupervised"], rows
+    assert "| init | 12.50 |" in table and "![nDCG@10 during training](ndcg10_in_training.png)" in md
+    rep = json.loads((out / "report.json").read_text())
+    assert [e["step"] for e in rep["runs"][0]["phases"]["unsupervised"]["in_training_eval"]] == [50, 100, 150]
+    assert rep["runs"][0]["phases"]["unsupervised"]["in_training_eval"][-1]["ndcg@10"] == pytest.approx(35.0)
+    assert rep["results"][0]["phase"] == "init" and "ndcg10_in_training.png" in rep["figures"]
+    # an eval-init.json of another recipe is not this run's starting point: no row, and no figure without logs
+    (run / "eval-init.json").write_text(json.dumps({**init, "recipe_hash": "other"}))
+    logs.unlink()
+    out = build_report([str(run)]).parent
+    assert "| init |" not in (out / "report.md").read_text() and not (out / "ndcg10_in_training.png").exists()
+
+
 def test_two_runs_side_by_side(tmp_path):
     full = make_run(tmp_path, "pipeline-a")
     kd = make_run(tmp_path, "pipeline-c", phases=("distillation",))

@@ -118,8 +118,8 @@ MEANINGS: dict[str, str] = {
     # Cadence
     "Cadence.log_every": "Steps between lines of `logs/train.jsonl`.",
     "Cadence.save_every": "Steps between checkpoints; must fit well inside the time limit (`validate` checks).",
-    "Cadence.eval_every": "Steps between in-training evaluations on `eval.in_training` (recorded; this version "
-                          "evaluates at the end of each phase only).",
+    "Cadence.eval_every": "Steps between in-training evaluations of the current weights on `eval.in_training` "
+                          "(rank 0; `logs/eval.jsonl`, TensorBoard, the manifest's `in_training_eval`).",
     "Cadence.keep_last": "Checkpoints kept on disk per phase.",
     # Resources
     "Resources.nodes": "Nodes of the phase's job.",
@@ -156,7 +156,8 @@ MEANINGS: dict[str, str] = {
     # Eval
     "Eval.beir": "BEIR-layout or NanoBEIR-parquet folders evaluated after the phase (nDCG@10, MRR@10, R@100, "
                  "MAP@100).",
-    "Eval.in_training": "Small sets for `cadence.eval_every` (recorded; not run by this version).",
+    "Eval.in_training": "Small sets scored every `cadence.eval_every` steps (NanoBEIR-sized: the other ranks "
+                        "wait meanwhile).",
     "Eval.max_corpus": "Subsample each corpus to this many documents, keeping every judged one.",
     "Eval.batch_size": "Encoding batch size of the evaluation.",
     # Reference

@@ -295,6 +295,17 @@ def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- loader
+def batches_per_source(data, rows: list[int], global_batch_size: int) -> np.ndarray:
+    """Global batches each source contributes to the schedule (see the module docstring); the phase's step count is
+    their sum, capped by ``max_steps``. Shared with `plan`, so a projection counts the steps the loader will take."""
+    eps = 1e-9
+    bpe = np.array([r // global_batch_size for r in rows], dtype=np.int64)
+    if data.sampling == "proportional":
+        return np.floor(bpe * data.epochs + eps).astype(np.int64)
+    w = np.array([s.weight if data.sampling == "weights" else 1.0 for s in data.sources], dtype=np.float64)
+    return _largest_remainder(int(math.floor(bpe.sum() * data.epochs + eps)), w)
+
+
 class GlobalBatchLoader:
     """Single-source global batches for one rank; see the module docstring."""
 
@@ -386,12 +397,7 @@ class GlobalBatchLoader:
 
     # ---------------------------------------------------------------- schedule
     def _make_schedule(self, data, phase) -> None:
-        eps = 1e-9
-        if data.sampling == "proportional":
-            n = np.floor(self._bpe * data.epochs + eps).astype(np.int64)
-        else:
-            w = np.array([s.weight if data.sampling == "weights" else 1.0 for s in data.sources], dtype=np.float64)
-            n = _largest_remainder(int(math.floor(self._bpe.sum() * data.epochs + eps)), w)
+        n = batches_per_source(data, [s.rows for s in self.sources], self.global_batch_size)
         sched = _rng(self.seed, 0x5C4E).permutation(np.repeat(np.arange(len(self.sources), dtype=np.int32), n))
         if phase.max_steps is not None:
             sched = sched[: phase.max_steps]

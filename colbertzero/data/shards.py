@@ -33,6 +33,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..manifest import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401 - atomic_write_* re-exported
+
 FORMAT = "colbertzero-shards/1"
 INDEX = "index.json"
 WORK = "_work"
@@ -44,42 +46,11 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- atomic files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def tmp_path(final: Path) -> Path:
     """A unique temporary name beside ``final`` (same filesystem, so the rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
     os.close(fd)
     return Path(name)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:
@@ -121,7 +92,7 @@ def write_shard(path: Path, table: pa.Table, meta: dict) -> dict:
         meta = dict(meta, file=path.name, rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
         atomic_write_json(meta_path(path), meta)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return meta

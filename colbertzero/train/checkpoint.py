@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..manifest import Manifest, atomic_write_json, now_iso, sha256_tree
+from ..manifest import Manifest, atomic_write_json, fsync_dir, now_iso, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +139,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 # ---------------------------------------------------------------- RNG
@@ -273,7 +265,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         dropped = manifest.add_checkpoint(phase_name, final, step, sha, keep_last)
         for rel in dropped:
             p = (manifest.run_dir / rel).resolve()

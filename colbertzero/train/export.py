@@ -158,6 +158,33 @@ def _build_container(template, recipe, phase_name: str):
     return model
 
 
+def trained_colbert(full: dict[str, torch.Tensor], prefix: str, model_template, recipe, phase_name: str):
+    """A plain CPU ColBERT holding the consolidated weights ``full`` (keys under ``prefix``), configured as the
+    recipe's phase says: what the export saves, and what in-training evaluation scores. Leaves the RNG untouched."""
+    weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    rng = capture_rng_state()  # building the template may draw random numbers (new [Q]/[D] embedding rows)
+    try:
+        container = _build_container(model_template, recipe, phase_name)
+    finally:
+        restore_rng_state(rng)
+    if all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point()):
+        container.float()  # the init may be stored in 16 bits; keep the fp32 master weights exact
+    try:
+        container.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"the trained weights do not fit the model built from {model_template!r}: {e}") from None
+    return container
+
+
+def gather_colbert(engine_or_module, model_template, recipe, phase_name: str):
+    """The current weights as a plain CPU ColBERT (see trained_colbert) on rank 0, None on the others; every rank
+    must call it (the gather is collective)."""
+    full = consolidated_state_dict(engine_or_module)
+    if full is None:
+        return None
+    return trained_colbert(full, _colbert_prefix(_unwrap(engine_or_module)), model_template, recipe, phase_name)
+
+
 def export_model(
     engine_or_module,
     model_template,
@@ -194,20 +221,9 @@ def export_model(
     out = Path(out_dir).resolve()
 
     def write():
-        weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         # Small tensors outside the PyLate model (the learnable temperature) are recorded in the card.
         others = {k: v.flatten().tolist() for k, v in full.items() if not k.startswith(prefix) and v.numel() <= 16}
-        rng = capture_rng_state()  # building the template may draw random numbers (new [Q]/[D] embedding rows)
-        try:
-            container = _build_container(model_template, recipe, phase_name)
-        finally:
-            restore_rng_state(rng)
-        if all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point()):
-            container.float()  # the init may be stored in 16 bits; keep the fp32 master weights exact
-        try:
-            container.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise ExportError(f"the trained weights do not fit the model built from {model_template!r}: {e}") from None
+        container = trained_colbert(full, prefix, model_template, recipe, phase_name)
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in container.parameters()})
 
         out.parent.mkdir(parents=True, exist_ok=True)

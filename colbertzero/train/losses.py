@@ -40,8 +40,11 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from pylate.scores import colbert_kd_scores, colbert_scores
 
-# Elements of the MaxSim intermediate scored at once (2^28 fp32 = 1 GiB); bounds memory at 16k-query global batches.
-SCORE_BUDGET = 2**28
+# Elements of the MaxSim intermediate scored at once (2^25 fp32 = 128 MiB). PyLate's torch path materialises the
+# [queries, documents, query tokens, document tokens] scores and its backward holds ~2-3x that, so this bounds the
+# loss's transient memory whatever the global batch (GradCache's cached embeddings are then what grows with it). On
+# GPU, `colbert_scores` runs PyLate's fused kernels instead when late-interaction-kernels / flash-maxsim are installed.
+SCORE_BUDGET = 2**25
 
 
 def score_chunk(n_documents: int, query_len: int, doc_len: int) -> int:

@@ -178,7 +178,9 @@ def _job_info(phase) -> dict:
             "attempt_id": f"{job}-{restarts}"}
 
 
-def _build_model(init_path: str, recipe, phase, device):
+def build_model(init_path: str, recipe, phase, device):
+    """The PyLate ColBERT a phase trains, from its resolved init, with the recipe's head, prefixes, lengths and
+    prompts. Seed torch first: the new layers ([Q]/[D] rows, projection) are drawn here."""
     from pylate.models import ColBERT
 
     m = recipe.model
@@ -276,7 +278,7 @@ class PhaseRun:
         torch.manual_seed(phase.seed)  # every rank builds the same new layers ([Q]/[D] rows, projection)
         init_ref = resolve_init(self.manifest, self.recipe, self.phase_name)
         self.init_path = resolve_model_ref(init_ref)
-        colbert = _build_model(self.init_path, self.recipe, phase, rt.device)
+        colbert = build_model(self.init_path, self.recipe, phase, rt.device)
         module = ColBERTForTraining.for_phase(colbert, phase)
         self.flops = FlopCounter(colbert, phase, rt.world_size)  # before ZeRO-3 partitions the parameters
         self.loader = GlobalBatchLoader(self.recipe, self.phase_name, rt.rank, rt.world_size)
@@ -296,6 +298,8 @@ class PhaseRun:
         code = self._loop()
         if code == EXIT_DONE:
             self._finish()
+            if self.main:  # closed after export and evaluation: their time is the allocation's too
+                self._tick(end_state="completed")
         return code
 
     def _lineage(self, init_ref: str) -> None:
@@ -423,15 +427,60 @@ class PhaseRun:
                     return self._stop_at_checkpoint(temperature, over_budget=bool(agreed[1] == 0))
                 if self.step % cadence.save_every == 0 and self.step < total:
                     self._save(temperature)
+                if self.eval_due():
+                    self._eval_in_training(writer)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
         if self.step > first_step:  # else the checkpoint of the last step exists: an earlier attempt saved it
             self._save(temperature)
-        if main:
-            self._tick(end_state="completed")
         return EXIT_DONE
+
+    def eval_due(self) -> bool:
+        c, e = self.phase.cadence, self.phase.eval
+        return bool(c.eval_every and e.in_training and self.step % c.eval_every == 0 and self.step < self.total)
+
+    def _eval_in_training(self, writer) -> None:
+        """Score the current weights on `eval.in_training` (small sets): every rank gathers the weights (collective
+        under ZeRO-3), rank 0 evaluates a CPU copy on its device while the others wait at the barrier. The RNG is
+        restored afterwards, so a run with evaluations trains exactly like one without."""
+        from .checkpoint import capture_rng_state, restore_rng_state
+        from .export import gather_colbert
+
+        model = gather_colbert(self.engine, self.init_path, self.recipe, self.phase_name)
+        if self.main:
+            from ..evaluate import evaluate
+
+            rng = capture_rng_state()
+            t0 = time.perf_counter()
+            try:
+                # Not a saved folder: the evaluator keeps these throw-away embeddings in a temp dir, not its cache.
+                res = evaluate(f"{self.phase_name}@step{self.step}", self.phase.eval.in_training, model=model,
+                               batch_size=self.phase.eval.batch_size, max_corpus=self.phase.eval.max_corpus,
+                               device=str(self.rt.device), show_progress=False)
+            finally:
+                restore_rng_state(rng)
+            rec = {"time": now_iso(), "phase": self.phase_name, "step": self.step, "attempt": self.attempt_id,
+                   "seconds": round(time.perf_counter() - t0, 3), "average": res["average"],
+                   "datasets": {n: {k: v for k, v in r.items() if k != "retrieval"} for n, r in res["datasets"].items()}}
+            with open(self.logs / "eval.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if writer is not None:
+                for name, r in res["datasets"].items():
+                    writer.add_scalar(f"eval/{name}/ndcg@10", r["ndcg@10"], self.step)
+                writer.add_scalar("eval/average/ndcg@10", res["average"]["ndcg@10"], self.step)
+            short = {"step": self.step, "ndcg@10": {n: r["ndcg@10"] for n, r in res["datasets"].items()}}
+
+            def add(p):  # a resumed attempt re-evaluates steps after its checkpoint: keep the newest per step
+                p["in_training_eval"] = [e for e in p.get("in_training_eval") or [] if e["step"] != self.step]
+                p["in_training_eval"].append(short)
+
+            self.manifest.update_phase(self.phase_name, add)
+            print(f"[colbertzero] phase {self.phase_name}: step {self.step} nDCG@10 "
+                  + ", ".join(f"{n} {100 * r['ndcg@10']:.2f}" for n, r in res["datasets"].items()), file=sys.stderr)
+        if tdist.is_initialized():
+            tdist.barrier()
 
     def _log(self, res, window: dict, peak: float | None, writer) -> None:
         seconds = window["seconds"]

@@ -10,14 +10,19 @@
                   Distillation + ColBERTCollator (which tokenizes every step: that is how PyLate trains);
      colbertzero  GlobalBatchLoader on prepared shards + gradcache.train_step on a DeepSpeed engine (ZeRO-1, one
                   process): the step `colbertzero train` runs;
-   batch 16, query length 32, document length 128, no prompts, one warm-up step then `--steps` timed ones. Both take
+   batch 16, query length 32, document length 128, no prompts, `--warmup` steps (allocator and caches settle over the
+   first steps of a process) then `--steps` timed ones. Both take
    the same batches: PyLate's dataset is written in the order of colbertzero's loader and read sequentially, so step
    t holds the same rows on both sides; the first step's losses (same initial weights) are reported side by side as
-   the check. Rows from the FlagEmbedding examples in ../shared/data: (query, positive, one hard negative) for the
-   contrastive losses, (query, 4 documents, teacher scores) for distillation. Every side runs in a fresh process.
+   the check, equal where the model has no dropout (the tiny ModernBERT; MiniLM's dropout draws its own masks on
+   each side). Other load on the machine shows in the per-round figures: compare rounds, or re-run when quiet.
+   Rows from the FlagEmbedding examples in ../shared/data: (query, positive, one hard negative) for the contrastive
+   losses, (query, 4 documents, teacher scores) for distillation. Every side runs in a fresh process.
 2. Memory (CPU). Peak RSS of a process taking one GradCache step (unsupervised pairs from BEIR msmarco-5k's qrels,
-   tiny ModernBERT, mini-batch 32, q 32 / d 128) at each global batch, one process per size.
-   gradcache_memory_ratio = peak RSS at the largest size / at the smallest.
+   tiny ModernBERT or `--memory-model minilm`, mini-batch 32, q 32 / d 128) at each global batch, one process per
+   size. gradcache_memory_ratio = peak RSS at the largest size / at the smallest; memory_per_pair_kb sets what one
+   more pair costs beside what GradCache must hold per pair (its cached embeddings and their gradients, fp32): the
+   rest (encoder activations, the MaxSim intermediate) should not grow with the batch.
 3. GPU (--device cuda). ModernBERT-base shapes (transformers' `ModernBertConfig()` defaults, random weights) with the
    MiniLM tokenizer, bf16, ColBERT-Zero's unsupervised step: GradCache mini-batch 512, q 39 / d 187 (prompts on),
    global batch 16384 on one GPU, so every query is scored against 16384 documents as on each of the paper's 16 GPUs
@@ -200,16 +205,16 @@ def worker_pylate(spec: dict) -> dict:
         clock = Clock()
         with tempfile.TemporaryDirectory() as tmp:
             args = SentenceTransformerTrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=spec["steps"] + 1, learning_rate=1e-5,
-                logging_steps=1, save_strategy="no", report_to="none", batch_sampler=sequential, seed=0,
+                output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=spec["steps"] + spec["warmup"],
+                learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", batch_sampler=sequential, seed=0,
                 use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
             trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                                  loss=loss, data_collator=utils.ColBERTCollator(model.tokenize),
                                                  callbacks=[clock])
             trainer.train()
-        timed = clock.ends[-1] - clock.ends[0]  # after the warm-up step
-        out[loss_name] = {"steps_per_s": spec["steps"] / timed, "first_loss": clock.losses[0],
-                          "cpu_s_per_step": (clock.cpu[-1] - clock.cpu[0]) / spec["steps"]}
+        w = spec["warmup"] - 1  # the timed steps end after the warm-up ones
+        out[loss_name] = {"steps_per_s": spec["steps"] / (clock.ends[-1] - clock.ends[w]), "first_loss": clock.losses[0],
+                          "cpu_s_per_step": (clock.cpu[-1] - clock.cpu[w]) / spec["steps"]}
         log(f"pylate {Path(spec['model']).name} {loss_name}: {out[loss_name]['steps_per_s']:.3f} steps/s")
     return out
 
@@ -221,11 +226,11 @@ def _engine_for(r, init_path: str, rt):
     from colbertzero.data.loader import GlobalBatchLoader
     from colbertzero.train.engine import build_engine
     from colbertzero.train.module import ColBERTForTraining
-    from colbertzero.train.runner import FlopCounter, _build_model
+    from colbertzero.train.runner import FlopCounter, build_model
 
     phase = r.phase("bench")
     torch.manual_seed(phase.seed)
-    colbert = _build_model(init_path, r, phase, rt.device)
+    colbert = build_model(init_path, r, phase, rt.device)
     module = ColBERTForTraining.for_phase(colbert, phase)
     flops = FlopCounter(colbert, phase, rt.world_size)
     loader = GlobalBatchLoader(r, "bench", rt.rank, rt.world_size)
@@ -233,14 +238,14 @@ def _engine_for(r, init_path: str, rt):
     return engine, loader, flops
 
 
-def _timed_steps(engine, loader, phase, flops, steps: int) -> dict:
+def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> dict:
     import torch
 
     from colbertzero.train.gradcache import train_step
 
     ends, cpu, first, total_flops, pairs = [], [], None, 0.0, 0
     it = iter(loader)
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
         batch = next(it)
         res = train_step(engine, batch, phase)
         if engine.device.type == "cuda":
@@ -248,12 +253,12 @@ def _timed_steps(engine, loader, phase, flops, steps: int) -> dict:
         ends.append(time.perf_counter())
         cpu.append(time.process_time())
         first = res.loss if first is None else first
-        if i > 0:
+        if i >= warmup:
             total_flops += flops.total(flops.local(batch))
             pairs += res.n_queries
-    seconds = ends[-1] - ends[0]
+    seconds = ends[-1] - ends[warmup - 1]
     return {"steps_per_s": steps / seconds, "seconds_per_step": seconds / steps, "first_loss": first,
-            "cpu_s_per_step": (cpu[-1] - cpu[0]) / steps, "pairs_per_s": pairs / seconds,
+            "cpu_s_per_step": (cpu[-1] - cpu[warmup - 1]) / steps, "pairs_per_s": pairs / seconds,
             "tflops": total_flops / seconds / 1e12}
 
 
@@ -266,7 +271,7 @@ def worker_colbertzero(spec: dict) -> dict:
     for loss_name in spec["losses"]:
         r = recipe_from_dict(spec["recipes"][loss_name])
         engine, loader, flops = _engine_for(r, spec["model"], rt)
-        out[loss_name] = _timed_steps(engine, loader, r.phase("bench"), flops, spec["steps"])
+        out[loss_name] = _timed_steps(engine, loader, r.phase("bench"), flops, spec["steps"], spec["warmup"])
         log(f"colbertzero {Path(spec['model']).name} {loss_name}: {out[loss_name]['steps_per_s']:.3f} steps/s")
         del engine
     return out
@@ -319,7 +324,6 @@ def run_worker(kind: str, spec: dict, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "colbertzero-torch-extensions"))
     cmd = [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -331,13 +335,13 @@ def run_worker(kind: str, spec: dict, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------- the three parts
-def bench_throughput(models: list[str], steps: int, rounds: int, work: Path) -> dict:
+def bench_throughput(models: list[str], steps: int, rounds: int, work: Path, warmup: int = 2) -> dict:
     """Per model, `rounds` rounds of one PyLate process and one colbertzero process (the order alternating); a
     side's figure is its best round (wall clock: other load on the machine only ever slows a round down) and its
     least CPU time per step (all threads of the process: robust to other load, a second view)."""
     from colbertzero.models import resolve_model_ref
 
-    n = BATCH * (steps + 1)
+    n = BATCH * (steps + warmup)
     data = {"supervised": triplet_rows(), "distillation": kd_rows()}
     out = {}
     for name in models:
@@ -346,11 +350,13 @@ def bench_throughput(models: list[str], steps: int, rounds: int, work: Path) -> 
         for loss in LOSSES:
             kind = KIND[loss]
             r = prepared(kind, data[kind][:n], work, path, f"{name}-{kind}-{n}", batch=BATCH, q=Q_LEN, d=D_LEN,
-                         steps=steps + 1, mini=MINI if loss == "cached_contrastive" else None)
+                         steps=steps + warmup, mini=MINI if loss == "cached_contrastive" else None)
             recipes[loss] = r.resolved()
-            rows[loss] = str(_jsonl(work / f"{name}-{loss}-pylate.jsonl", step_rows(r, data[kind][:n], steps + 1)))
-        specs = {"pylate": {"model": path, "losses": list(LOSSES), "rows": rows, "steps": steps},
-                 "colbertzero": {"model": path, "losses": list(LOSSES), "recipes": recipes, "steps": steps}}
+            ordered = step_rows(r, data[kind][:n], steps + warmup)
+            rows[loss] = str(_jsonl(work / f"{name}-{loss}-pylate.jsonl", ordered))
+        specs = {"pylate": {"model": path, "losses": list(LOSSES), "rows": rows, "steps": steps, "warmup": warmup},
+                 "colbertzero": {"model": path, "losses": list(LOSSES), "recipes": recipes, "steps": steps,
+                                 "warmup": warmup}}
         runs: dict[str, list[dict]] = {"pylate": [], "colbertzero": []}
         for k in range(rounds):
             for side in (("pylate", "colbertzero") if k % 2 == 0 else ("colbertzero", "pylate")):
@@ -373,13 +379,13 @@ def bench_throughput(models: list[str], steps: int, rounds: int, work: Path) -> 
     return out
 
 
-def bench_memory(sizes: list[int], work: Path) -> dict:
+def bench_memory(sizes: list[int], work: Path, model: str = "tiny-modernbert") -> dict:
     from colbertzero.models import resolve_model_ref
 
-    path = resolve_model_ref("builtin:tiny-modernbert")
+    path = resolve_model_ref(f"builtin:{model}")
     rows = pair_rows()
-    r0 = prepared("unsupervised", rows, work, path, "memory-pairs", batch=max(sizes), q=Q_LEN, d=D_LEN, steps=1,
-                  mini=MEMORY_MINI)
+    r0 = prepared("unsupervised", rows, work, path, f"memory-pairs-{model}", batch=max(sizes), q=Q_LEN, d=D_LEN,
+                  steps=1, mini=MEMORY_MINI)
     out = {}
     for b in sizes:
         spec = r0.resolved()
@@ -436,7 +442,8 @@ def summary(result: dict) -> str:
             lines.append(f"  {loss:<20}{x['pylate_steps_per_s']:>9.3f}{x['colbertzero_steps_per_s']:>9.3f}"
                          f"{x['ratio']:>7.2f}x{x['cpu_ratio']:>12.2f}x   {fl['pylate']:.6f} / {fl['colbertzero']:.6f}")
     if "memory" in result:
-        lines.append(f"GradCache memory (tiny ModernBERT, mini-batch {MEMORY_MINI}, q {Q_LEN} / d {D_LEN}), peak RSS:")
+        lines.append(f"GradCache memory ({result['memory_model']}, mini-batch {MEMORY_MINI}, q {Q_LEN} / d {D_LEN}), "
+                     f"peak RSS:")
         for b, x in result["memory"].items():
             lines.append(f"  global batch {b:>5}: {x['peak_rss_mb']:8.0f} MB   (one step {x['step_s']:.1f} s)")
         lines.append(f"  ratio largest / smallest: {result['gradcache_memory_ratio']:.2f}x")
@@ -460,11 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the GPU measurement only (pairs/s/GPU, MFU)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per loss (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per loss")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (throughput)")
     p.add_argument("--rounds", type=int, default=2, help="throughput: processes per side and model (best kept)")
     p.add_argument("--models", default="minilm,tiny-modernbert")
     p.add_argument("--parts", default=None, help="comma list of throughput,memory,gpu (default: by --device)")
     p.add_argument("--memory-sizes", default="128,512,2048")
+    p.add_argument("--memory-model", default="tiny-modernbert", choices=["tiny-modernbert", "minilm"],
+                   help="encoder of the memory part (minilm: a real one, ~10 min at 2048 on 2 cores)")
     p.add_argument("--gpu-batch", type=int, default=GPU["batch"])
     p.add_argument("--gpu-mini-batch", type=int, default=GPU["mini"])
     p.add_argument("--gpu-steps", type=int, default=2)
@@ -490,12 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                 "torch_threads": torch.get_num_threads()}}
     if "throughput" in parts:
-        result["throughput"] = bench_throughput(args.models.split(","), args.steps, args.rounds, work)
+        result["throughput"] = bench_throughput(args.models.split(","), args.steps, args.rounds, work, args.warmup)
         result["ratio_vs_pylate"] = {loss: min(m[loss]["ratio"] for m in result["throughput"].values())
                                      for loss in LOSSES}
     if "memory" in parts:
         sizes = sorted(int(s) for s in args.memory_sizes.split(","))
-        result["memory"] = bench_memory(sizes, work)
+        result["memory_model"] = args.memory_model
+        result["memory"] = bench_memory(sizes, work, args.memory_model)
         lo, hi = result["memory"][str(sizes[0])], result["memory"][str(sizes[-1])]
         result["gradcache_memory_ratio"] = hi["peak_rss_mb"] / lo["peak_rss_mb"]
         if len(sizes) > 1:
