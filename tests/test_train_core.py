@@ -220,3 +220,30 @@ def test_padding_documents_leaves_maxsim_unchanged():
     dp, mp = pad_documents(d, mask, 11)
     assert dp.shape == (4, 11, 8) and not mp[:, 6:].any()
     torch.testing.assert_close(colbert_scores(q, dp, documents_mask=mp), colbert_scores(q, d, documents_mask=mask))
+
+
+@pytest.mark.parametrize("query_mask", [False, True], ids=["expanded-queries", "masked-queries"])
+def test_hand_written_cached_loss_gradients_equal_autograd(query_mask):
+    """The cached loss's hand-written gradients (along MaxSim's argmax) against autograd through PyLate's scores,
+    with masked document tokens, masked query tokens (models without query expansion) and a temperature."""
+    from colbertzero.train.losses import contrastive_ce_sum, contrastive_ce_sum_and_grads
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 7, 16, generator=g, dtype=torch.float64), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(10, 9, 16, generator=g, dtype=torch.float64), dim=-1)
+    d_mask = torch.rand(10, 9, generator=g) > 0.3
+    d_mask[:, 0] = True
+    q_mask = (torch.rand(5, 7, generator=g) > 0.3) if query_mask else None
+    labels = torch.tensor([0, 2, 4, 6, 8])
+    t = torch.tensor([0.05], dtype=torch.float64)
+
+    ql, dl, tl = q.clone().requires_grad_(), d.clone().requires_grad_(), t.clone().requires_grad_()
+    ref = contrastive_ce_sum(ql, q_mask, dl, d_mask, labels, tl) / 7
+    ref.backward()
+    d_grad = torch.zeros_like(d)
+    loss, q_grad, t_grad = contrastive_ce_sum_and_grads(q, q_mask, d, d_mask, labels, t, 7, d_grad)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(q_grad, ql.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d_grad, dl.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(t_grad, tl.grad, rtol=1e-10, atol=1e-12)
+    assert d_grad[~d_mask].abs().max() == 0  # masked document tokens never receive gradient

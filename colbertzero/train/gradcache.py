@@ -14,9 +14,9 @@ the whole global batch); gradients are those of that global mean (see losses.py 
 How a step runs. The rank's queries are split into `phase.gradient_accumulation` groups (each group is its own
 contrastive problem, as gradient accumulation is elsewhere). Per group:
 - contrastive + `gradcache_mini_batch`: GradCache. (1) no-grad forward of chunks of `gradcache_mini_batch` queries and
-  their documents, saving the RNG state of each chunk; (2) the loss on the cached embeddings as detached leaves
-  (documents padded to one length across ranks and gathered with their masks), backward to the embeddings (and the
-  temperature); the gathered documents' gradient is summed over ranks with one all_reduce and each rank keeps its
+  their documents, saving the RNG state of each chunk; (2) the loss on the cached embeddings
+  (documents padded to one length across ranks and gathered with their masks) and its gradient with respect to the
+  embeddings and the temperature, written along MaxSim's argmax (no autograd graph); the gathered documents' gradient is summed over ranks with one all_reduce and each rank keeps its
   own rows; (3) per chunk, re-forward with grad under the saved RNG state (dropout reproduces the first pass) and
   backward of the surrogate Σ embeddings · cached gradient (+ temperature · its gradient once per group).
 - contrastive without GradCache: one forward of the group and the loss with documents gathered differentiably.
@@ -41,7 +41,7 @@ from colbertzero.recipe import Phase
 from colbertzero.train.losses import (
     Loss,
     common_document_length,
-    contrastive_ce_sum,
+    contrastive_ce_sum_and_grads,
     contrastive_labels,
     gather_documents,
     loss_for,
@@ -174,17 +174,23 @@ def _gradcache_group(queries, documents, *, engine, model, n_docs, phase, denomi
         (_rows(queries, slice(i, i + m)), _rows(documents, slice(i * n_docs, (i + m) * n_docs))) for i in range(0, n, m)
     ]
 
-    # (1) embeddings without a graph; RandContext (PyLate's copy of GradCache's) keeps each chunk's RNG state.
-    q_emb, d_emb, rng = [], [], []
+    # (1) embeddings without a graph; RandContext (PyLate's copy of GradCache's) keeps each chunk's RNG state. Each
+    # chunk is copied into the cache as it comes (chunks share the batch's padded lengths): no list of chunk outputs
+    # plus a concatenated copy, which would double the cache at its peak.
+    rng, q_all, d_all = [], None, None
     with torch.no_grad():
-        for q_feat, d_feat in chunks:
+        for j, (q_feat, d_feat) in enumerate(chunks):
             rng.append(RandContext(q_feat["input_ids"], d_feat["input_ids"]))
             out_q, out_d = engine(q_feat), engine(d_feat)
-            q_emb.append(out_q["embeddings"])
-            d_emb.append(out_d["embeddings"])
+            q_out, d_out = out_q["embeddings"], out_d["embeddings"]
+            if q_all is None:
+                q_all = q_out.new_empty((n, *q_out.shape[1:]), dtype=torch.float32)
+                d_all = d_out.new_empty((n * n_docs, *d_out.shape[1:]), dtype=torch.float32)
+            q_all[j * m : j * m + q_out.shape[0]] = q_out
+            d_all[j * m * n_docs : j * m * n_docs + d_out.shape[0]] = d_out
+            del q_out, d_out
     temperature = out_q["temperature"]
-    q_all, d_all = torch.cat(q_emb).float(), torch.cat(d_emb).float()
-    del q_emb, d_emb
+    del out_q, out_d
 
     # (2) loss and its gradient with respect to the cached embeddings.
     loss, q_grad, d_grad, t_grad = _cached_contrastive(
@@ -219,9 +225,10 @@ def _gradcache_group(queries, documents, *, engine, model, n_docs, phase, denomi
 def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs, gather, denominator):
     """Contrastive loss on cached embeddings → (loss, dL/dq, dL/d(this rank's documents), dL/dtemperature or None).
 
-    Scored in query chunks with a backward per chunk so the MaxSim intermediates of one chunk only are alive.
-    Gathered documents are plain leaves: their gradient is summed over ranks with one all_reduce (every rank's loss
-    touches every rank's documents) and each rank keeps its own rows."""
+    Scored in query chunks (`score_chunk`), the gradients written by hand along MaxSim's argmax
+    (`losses.contrastive_ce_sum_and_grads`), so one chunk's scores are the only intermediate alive. The gathered
+    documents' gradient is summed over ranks with one all_reduce (every rank's loss touches every rank's documents)
+    and each rank keeps its own rows."""
     n, doc_len = q.shape[0], d.shape[1]
     distributed = gather and tdist.is_initialized() and tdist.get_world_size() > 1
     if distributed:
@@ -231,21 +238,22 @@ def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs,
         first, own = rank * n, slice(rank * n * n_docs, (rank + 1) * n * n_docs)
     else:
         first, own = 0, slice(None)
-    q_leaf = q.detach().requires_grad_()
-    d_leaf = d.detach().requires_grad_()
-    t_leaf = temperature.detach().clone().requires_grad_(learnable)
     labels = contrastive_labels(n, n_docs, first, q.device)
     step = score_chunk(d.shape[0], q.shape[1], d.shape[1])
     total = torch.zeros((), dtype=torch.float64, device=q.device)
+    q_grad = torch.empty_like(q)
+    d_grad = torch.zeros_like(d)
+    t_grad = torch.zeros((1,), dtype=torch.float32, device=q.device)
+    t = temperature.detach().float()
     for i in range(0, n, step):
         qm = None if q_mask is None else q_mask[i : i + step]
-        loss = contrastive_ce_sum(q_leaf[i : i + step], qm, d_leaf, d_mask, labels[i : i + step], t_leaf) / denominator
-        loss.backward()
+        loss, q_grad[i : i + step], tg = contrastive_ce_sum_and_grads(
+            q[i : i + step], qm, d, d_mask, labels[i : i + step], t, denominator, d_grad)
+        t_grad += tg
         total += loss.detach()
-    d_grad = d_leaf.grad
     if distributed:
         tdist.all_reduce(d_grad)
-    return total, q_leaf.grad, d_grad[own, :doc_len], t_leaf.grad if learnable else None
+    return total, q_grad, d_grad[own, :doc_len], t_grad if learnable else None
 
 
 # ----------------------------------------------------------------------------- helpers

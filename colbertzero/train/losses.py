@@ -40,10 +40,10 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from pylate.scores import colbert_kd_scores, colbert_scores
 
-# Elements of the MaxSim intermediate scored at once (2^25 fp32 = 128 MiB). PyLate's torch path materialises the
-# [queries, documents, query tokens, document tokens] scores and its backward holds ~2-3x that, so this bounds the
-# loss's transient memory whatever the global batch (GradCache's cached embeddings are then what grows with it). On
-# GPU, `colbert_scores` runs PyLate's fused kernels instead when late-interaction-kernels / flash-maxsim are installed.
+# Elements of the MaxSim intermediate scored at once (2^25 fp32 = 128 MiB): the [queries, documents, query tokens,
+# document tokens] scores exist for one chunk of queries at a time, so the loss's transient memory stays bounded
+# whatever the global batch (GradCache's cached embeddings are then what grows with it). On GPU, `colbert_scores`
+# runs PyLate's fused kernels instead when late-interaction-kernels / flash-maxsim are installed.
 SCORE_BUDGET = 2**25
 
 
@@ -122,6 +122,52 @@ def contrastive_ce_sum(
     """Σ over these queries of cross-entropy(MaxSim(q, every document) / temperature, label)."""
     scores = colbert_scores(q, d_all, queries_mask=q_mask, documents_mask=d_mask_all)
     return F.cross_entropy(scores / temperature, labels, reduction="sum")
+
+
+def contrastive_ce_sum_and_grads(
+    q: torch.Tensor,
+    q_mask: torch.Tensor | None,
+    d_all: torch.Tensor,
+    d_mask_all: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    denominator: int,
+    d_grad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`contrastive_ce_sum(...) / denominator` on cached (no-graph) embeddings, with its gradients written by hand:
+    returns (loss, dL/dq, dL/dtemperature) and adds dL/d(documents) into `d_grad` (shaped like `d_all`).
+
+    Why not autograd: its MaxSim backward materialises the [queries, documents, query tokens, document tokens]
+    gradient and then a full-size document gradient per query chunk. MaxSim's gradient only flows through each
+    (query token, document) pair's best document token, so the argmax is kept and the gradients are gathered
+    (queries) and scattered (documents) along it: no second intermediate, and a backward that costs a fraction of
+    the forward. Forward values are PyLate's `colbert_scores` exactly (same einsum, masks multiplied, max, sum);
+    gradients are autograd's up to summation order (tests/test_train_core.py compares them with PyLate's loss)."""
+    n_docs_all, doc_len, dim = d_all.shape
+    sim = torch.einsum("ash,bth->abst", q, d_all)
+    if q_mask is not None:
+        sim = sim * q_mask.unsqueeze(1).unsqueeze(3)
+    sim = sim * d_mask_all.unsqueeze(0).unsqueeze(2)
+    best, at = sim.max(dim=-1)  # [queries, documents, query tokens]
+    del sim
+    logits = best.sum(dim=-1) / temperature
+    loss = F.cross_entropy(logits, labels, reduction="sum") / denominator
+    g_logits = torch.softmax(logits, dim=-1)
+    g_logits[torch.arange(len(labels), device=q.device), labels] -= 1.0
+    g_logits /= denominator
+    t_grad = -(g_logits * logits).sum().reshape(1) / temperature  # logits = scores / T
+    # Weight of each (query, document, query token) best match: dL/dscore, zero where the match is a masked
+    # document token (PyLate multiplies the masks in, so such a maximum is a constant 0) or a masked query token.
+    w = (g_logits / temperature).unsqueeze(-1) * torch.gather(
+        d_mask_all.to(q.dtype).unsqueeze(0).expand(q.shape[0], -1, -1), 2, at)
+    if q_mask is not None:
+        w = w * q_mask.to(q.dtype).unsqueeze(1)
+    rows = (torch.arange(n_docs_all, device=q.device).view(1, -1, 1) * doc_len + at).reshape(-1)
+    picked = d_all.reshape(-1, dim).index_select(0, rows).view(*at.shape, dim)
+    q_grad = torch.einsum("abs,absh->ash", w, picked)
+    del picked
+    d_grad.view(-1, dim).index_add_(0, rows, (w.unsqueeze(-1) * q.unsqueeze(1)).reshape(-1, dim))
+    return loss, q_grad, t_grad
 
 
 def contrastive_labels(n_queries: int, n_docs: int, first_query: int, device: torch.device) -> torch.Tensor:
