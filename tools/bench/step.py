@@ -17,7 +17,7 @@
    the check, equal where the model has no dropout (the tiny ModernBERT; MiniLM's dropout draws its own masks on
    each side). Other load on the machine shows in the per-round figures: compare rounds, or re-run when quiet.
    Rows from the FlagEmbedding examples in ../shared/data: (query, positive, one hard negative) for the contrastive
-   losses, (query, 4 documents, teacher scores) for distillation. Every side runs in a fresh process.
+   losses, (query, 4 documents, teacher scores) for distillation. Every side and loss runs in a fresh process.
 2. Memory (CPU). Peak RSS of a process taking one GradCache step (unsupervised pairs from BEIR msmarco-5k's qrels,
    tiny ModernBERT or `--memory-model minilm`, mini-batch 32, q 32 / d 128) at each global batch, one process per
    size. gradcache_memory_ratio = peak RSS at the largest size / at the smallest; memory_per_pair_kb sets what one
@@ -361,7 +361,9 @@ def bench_throughput(models: list[str], steps: int, rounds: int, work: Path, war
         for k in range(rounds):
             for side in (("pylate", "colbertzero") if k % 2 == 0 else ("colbertzero", "pylate")):
                 log(f"{name}: {side}, round {k + 1}/{rounds}, {steps} timed steps per loss")
-                runs[side].append(run_worker(side, specs[side], work))
+                # One fresh process per loss: a loss never runs in a process that earlier ones grew or fragmented.
+                runs[side].append({loss: run_worker(side, {**specs[side], "losses": [loss]}, work)[loss]
+                                   for loss in LOSSES})
         best = {side: {loss: {"steps_per_s": max(r[loss]["steps_per_s"] for r in rs),
                               "cpu_s_per_step": min(r[loss]["cpu_s_per_step"] for r in rs),
                               "first_loss": rs[0][loss]["first_loss"]} for loss in LOSSES}
