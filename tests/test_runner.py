@@ -178,6 +178,9 @@ JOBS = {
     # lr 1e30 (after the first step's zero warm-up lr) blows the weights up: a real non-finite loss, not a patch.
     "nan": ("unsupervised", ("phases.unsupervised.deepspeed.zero_stage=0", "phases.unsupervised.lr=1e30",
                              "phases.unsupervised.cadence.save_every=1", "phases.unsupervised.cadence.keep_last=8")),
+    # An in-training set that is a folder but no dataset (validate only checks that it exists): rank 0's evaluation
+    # fails at step 2 and every rank must fail with it, not wait at a barrier.
+    "bad-eval": ("unsupervised", ("phases.unsupervised.cadence.eval_every=2",)),
 }
 
 
@@ -187,6 +190,9 @@ def jobs(setup):
     started = {}
     for name, (phase, overrides) in JOBS.items():
         extra = [beir] if phase == "distillation" else list(_in_training_eval(setup)) if name == "reference" else []
+        if name == "bad-eval":
+            (setup["runs"] / "not-a-dataset").mkdir(exist_ok=True)
+            extra = [f"phases.unsupervised.eval.in_training=[{setup['runs'] / 'not-a-dataset'}]"]
         run = _run_dir(setup, name, *overrides, *extra)
         started[name] = (run, phase, _torchrun(run, phase, "train"))
     yield started
@@ -200,11 +206,16 @@ def _finished(jobs: dict, name: str) -> tuple[Path, int]:
     return run, _wait(proc, run, "train")
 
 
-@pytest.fixture(scope="module")
-def reference(jobs) -> Path:
-    run, code = _finished(jobs, "reference")
+def _succeeded(jobs: dict, name: str) -> Path:
+    """The run dir of a job of JOBS, which must have exited 0 (its log tail otherwise)."""
+    run, code = _finished(jobs, name)
     assert code == 0, _tail(run, "train")
     return run
+
+
+@pytest.fixture(scope="module")
+def reference(jobs) -> Path:
+    return _succeeded(jobs, "reference")
 
 
 # ---------------------------------------------------------------- exact resume after a signal and a SIGKILL
@@ -342,16 +353,12 @@ def test_reference_run_logs_exports_and_records(reference):
 # ---------------------------------------------------------------- the other phases and stages
 @pytest.fixture(scope="module")
 def unsupervised_zero1(jobs) -> Path:
-    run, code = _finished(jobs, "unsupervised-zero1")
-    assert code == 0, _tail(run, "train")
-    return run
+    return _succeeded(jobs, "unsupervised-zero1")
 
 
 @pytest.fixture(scope="module")
 def distillation_zero2(jobs) -> Path:
-    run, code = _finished(jobs, "distillation-zero2")
-    assert code == 0, _tail(run, "train")
-    return run
+    return _succeeded(jobs, "distillation-zero2")
 
 
 def test_unsupervised_gradcache_zero1_runs_to_export(unsupervised_zero1):
@@ -372,6 +379,15 @@ def test_distillation_zero2_runs_exports_and_evaluates(distillation_zero2):
     assert "ndcg@10" in (distillation_zero2 / ph["export"]["path"] / "README.md").read_text().lower()
     recs = _records(distillation_zero2, "distillation")
     assert all(r["temperature"] is None for r in recs)  # PyLate's distillation loss has none
+
+
+def test_a_failing_in_training_eval_fails_every_rank_with_the_dataset_named(jobs):
+    run, code = _finished(jobs, "bad-eval")  # _wait fails the test if a rank hangs
+    assert code != 0
+    ph = Manifest(run).phase("unsupervised")
+    assert ph["state"] == "failed" and ph["failure"]["step"] == 2, ph["failure"]
+    reason = ph["failure"]["reason"]
+    assert "in-training evaluation of phase unsupervised at step 2" in reason and "not-a-dataset" in reason, reason
 
 
 def test_non_finite_loss_stops_and_marks_the_phase_failed(jobs):

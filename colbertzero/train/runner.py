@@ -443,13 +443,15 @@ class PhaseRun:
 
     def _eval_in_training(self, writer) -> None:
         """Score the current weights on `eval.in_training` (small sets): every rank gathers the weights (collective
-        under ZeRO-3), rank 0 evaluates a CPU copy on its device while the others wait at the barrier. The RNG is
-        restored afterwards, so a run with evaluations trains exactly like one without."""
-        from .checkpoint import capture_rng_state, restore_rng_state
+        under ZeRO-3), rank 0 evaluates a CPU copy on its device while the others wait for its outcome, which is
+        broadcast: an evaluation that fails (a bad dataset) fails every rank at once instead of leaving them at a
+        barrier. The RNG is restored afterwards, so a run with evaluations trains exactly like one without."""
+        from .checkpoint import _on_rank0, _raise_everywhere, capture_rng_state, restore_rng_state
         from .export import gather_colbert
 
         model = gather_colbert(self.engine, self.init_path, self.recipe, self.phase_name)
-        if self.main:
+
+        def score() -> None:
             from ..evaluate import evaluate
 
             rng = capture_rng_state()
@@ -479,8 +481,9 @@ class PhaseRun:
             self.manifest.update_phase(self.phase_name, add)
             print(f"[colbertzero] phase {self.phase_name}: step {self.step} nDCG@10 "
                   + ", ".join(f"{n} {100 * r['ndcg@10']:.2f}" for n, r in res["datasets"].items()), file=sys.stderr)
-        if tdist.is_initialized():
-            tdist.barrier()
+
+        _raise_everywhere(_on_rank0(score, f"in-training evaluation of phase {self.phase_name} at step {self.step}"),
+                          RuntimeError)
 
     def _log(self, res, window: dict, peak: float | None, writer) -> None:
         seconds = window["seconds"]
