@@ -5,7 +5,7 @@ jobs overlap on the two nodes; the tests then wait for their scenario and check 
 
   chain      `launch` of the three-phase tiny recipe with no shards yet: prepare array + index job, then the three
              phases, each on 2 nodes x 1 task (gloo), chained with afterok
-  interrupt  one phase, 2 nodes: a 1-minute time limit with the warning 59 s before it stops it at a checkpoint and
+  interrupt  one phase, 2 nodes: a 2-minute time limit with the warning 100 s before it stops it at a checkpoint and
              it requeues itself; its second attempt is then preempted (USR2, what Slurm sends a preempted job) and
              requeues again; `resume` releases the held job; the third attempt finishes. Its export must equal the
              chain's first phase (the same training) bit for bit.
@@ -14,7 +14,9 @@ jobs overlap on the two nodes; the tests then wait for their scenario and check 
              `resume` submit once, from the newest checkpoint
   byhand     the `colbertzero sbatch` scripts submitted by hand with --dependency=afterok
 
-Slurm checks time limits every 30 s: the interrupted phase is long enough (160 steps) to outlast one check.
+Slurm checks time limits every 30 s, so the warning comes 20 to 50 s into the job: late enough that every task has
+started Python and holds its handlers (a signal before that kills the task, as it would any program), early enough
+that the interrupted phase (480 steps, about a minute of training) is still running.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "tiny-cpu-slurm.yaml"
 WAIT_S = 600  # for one scenario; the jobs of all of them share two nodes (and two cores in CI)
 NO_EVAL = {"eval": {"beir": []}}
-# The first phase of the chain and the interrupted one train exactly this: 160 steps, a checkpoint every 20.
-UNSUPERVISED = {"data": {"epochs": 40}, "cadence": {"save_every": 20, "keep_last": 2}, **NO_EVAL}
+# The first phase of the chain and the interrupted one train exactly this: 480 steps, a checkpoint every 20.
+UNSUPERVISED = {"data": {"epochs": 120}, "cadence": {"save_every": 20, "keep_last": 2}, **NO_EVAL}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -92,10 +94,33 @@ def queued(job: str) -> tuple[str, str] | None:
     return tuple(out.split("|", 1)) if out and out.split("|")[0] not in ENDED else None
 
 
-def sacct_runs(job: str, fields: str = "State") -> list[str]:
-    """One line per run of the job (a requeued job has one per start), main job lines only."""
+def _sacct_lines(job: str, fields: str) -> list[tuple[str, str]]:
     out = run_cmd("sacct", "-D", "-X", "-P", "-n", "-j", job, "-o", f"JobID,{fields}")
-    return [line.split("|", 1)[1] for line in out.splitlines() if line.split("|")[0] == job]
+    return [tuple(line.split("|", 1)) for line in out.splitlines()]
+
+
+def sacct_runs(job: str, fields: str = "State", timeout: float = 60) -> list[str]:
+    """One line per run of the job (a requeued job has one per start), main job lines only, once accounting has
+    caught up: slurmctld sends records to slurmdbd asynchronously, so sacct can still say PENDING or RUNNING after
+    the job has left the queue. Waits (never on a job still queued) until the last run's state is a final one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [rest for jid, rest in _sacct_lines(job, fields) if jid == job]
+        final = bool(runs) and runs[-1].split("|")[0].split(" ")[0] in ENDED
+        if final or queued(job) is not None or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def sacct_tasks(job: str, timeout: float = 60) -> list[str]:
+    """'JOBID|STATE' per line of the job (one per task of an array job: 'JOBID_TASK|STATE'), once every line's
+    state is final (see sacct_runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = [f"{jid}|{state}" for jid, state in _sacct_lines(job, "State")]
+        if (tasks and all(t.split("|")[1].split(" ")[0] in ENDED for t in tasks)) or time.monotonic() > deadline:
+            return tasks
+        time.sleep(0.5)
 
 
 def wait(cond, what: str, timeout: float = WAIT_S, poll: float = 0.3):
@@ -176,7 +201,7 @@ def drive_interrupt(recipe: Path):
     def go(run: Path) -> dict:
         _launch(recipe, run)
         job = job_of(run)
-        # Time limit: the warning comes at the first of Slurm's 30-second checks a second into the job; every rank
+        # Time limit: the warning comes at the first of Slurm's 30-second checks 20 s into the job; every rank
         # stops at the same step and checkpoints, rank 0 requeues.
         wait(lambda: held_or_gone(job), "the time-limit requeue")
         out = {"job": job, "after_time_limit": record(run)}
@@ -246,7 +271,7 @@ def runs(local_slurm, tmp_path_factory):
     recipes = {
         "chain": write_recipe(root, "lt-chain", shards, {"unsupervised": UNSUPERVISED}),
         "interrupt": write_recipe(root, "lt-interrupt", shards, {**one, "unsupervised": {
-            **UNSUPERVISED, "resources": {"time_limit": "00:01:00", "signal_seconds": 59}}}),
+            **UNSUPERVISED, "resources": {"time_limit": "00:02:00", "signal_seconds": 100}}}),
         # The paper-based projection (reference.gpu_hours) says the phase fits; the job's start-up alone crosses it.
         "budget": write_recipe(root, "lt-budget", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 15}, "cadence": {"save_every": 10}, "budget_gpu_hours": 0.002,
@@ -286,7 +311,7 @@ def test_chain_runs_three_phases_on_two_nodes(runs):
     jobs = data["submissions"][0]["jobs"]
     assert list(jobs) == ["prepare", "prepare-index", "unsupervised", "supervised", "distillation"]
     # prepare ran as a 2-task array job (tiny-cpu-slurm: prepare.array_tasks=2)
-    array = run_cmd("sacct", "-X", "-P", "-n", "-j", jobs["prepare"], "-o", "JobID,State").splitlines()
+    array = sacct_tasks(jobs["prepare"])
     assert sorted(array) == [f"{jobs['prepare']}_0|COMPLETED", f"{jobs['prepare']}_1|COMPLETED"]
     previous_export = None
     for phase in ("unsupervised", "supervised", "distillation"):
@@ -388,7 +413,7 @@ def test_sbatch_scripts_submitted_by_hand_run_the_chain(runs):
     run = runs["dirs"]["byhand"]
     out = runs["scenarios"]["byhand"].outcome()
     for step, job in out["jobs"].items():
-        states = run_cmd("sacct", "-X", "-P", "-n", "-j", job, "-o", "State").split()
+        states = [line.split("|")[1] for line in sacct_tasks(job)]  # the prepare step is an array job
         assert states and set(states) == {"COMPLETED"}, (step, states, logs(run))
     data = manifest(run)
     assert [data["phases"][p]["state"] for p in ("unsupervised", "supervised")] == ["done", "done"]

@@ -224,8 +224,9 @@ def test_padding_documents_leaves_maxsim_unchanged():
 
 @pytest.mark.parametrize("query_mask", [False, True], ids=["expanded-queries", "masked-queries"])
 def test_hand_written_cached_loss_gradients_equal_autograd(query_mask):
-    """The cached loss's hand-written gradients (along MaxSim's argmax) against autograd through PyLate's scores,
-    with masked document tokens, masked query tokens (models without query expansion) and a temperature."""
+    """The hand-written contrastive gradients (along MaxSim's argmax; the cached loss's, and the direct loss's
+    through its autograd node) against autograd through PyLate's scores, with masked document tokens, masked query
+    tokens (models without query expansion) and a temperature."""
     from colbertzero.train.losses import contrastive_ce_sum, contrastive_ce_sum_and_grads
 
     g = torch.Generator().manual_seed(0)
@@ -247,3 +248,13 @@ def test_hand_written_cached_loss_gradients_equal_autograd(query_mask):
     torch.testing.assert_close(d_grad, dl.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(t_grad, tl.grad, rtol=1e-10, atol=1e-12)
     assert d_grad[~d_mask].abs().max() == 0  # masked document tokens never receive gradient
+
+    # The same gradients through the non-cached loss (an autograd node around them), times an outer factor.
+    from colbertzero.train.losses import contrastive_loss
+
+    qn, dn, tn = q.clone().requires_grad_(), d.clone().requires_grad_(), t.clone().requires_grad_()
+    direct = contrastive_loss(qn, q_mask, dn, d_mask, n_docs=2, temperature=tn, denominator=7, gather=False)
+    (3 * direct).backward()
+    torch.testing.assert_close(direct.detach(), ref.detach(), rtol=1e-12, atol=0)
+    for got, want in ((qn.grad, ql.grad), (dn.grad, dl.grad), (tn.grad, tl.grad)):
+        torch.testing.assert_close(got, 3 * want, rtol=1e-10, atol=1e-12)

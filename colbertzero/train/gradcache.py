@@ -41,12 +41,11 @@ from colbertzero.recipe import Phase
 from colbertzero.train.losses import (
     Loss,
     common_document_length,
-    contrastive_ce_sum_and_grads,
     contrastive_labels,
+    contrastive_sum_and_grads,
     gather_documents,
     loss_for,
     pad_documents,
-    score_chunk,
 )
 from colbertzero.train.module import ColBERTForTraining
 
@@ -226,7 +225,7 @@ def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs,
     """Contrastive loss on cached embeddings → (loss, dL/dq, dL/d(this rank's documents), dL/dtemperature or None).
 
     Scored in query chunks (`score_chunk`), the gradients written by hand along MaxSim's argmax
-    (`losses.contrastive_ce_sum_and_grads`), so one chunk's scores are the only intermediate alive. The gathered
+    (`losses.contrastive_sum_and_grads`), so one chunk's scores are the only intermediate alive. The gathered
     documents' gradient is summed over ranks with one all_reduce (every rank's loss touches every rank's documents)
     and each rank keeps its own rows."""
     n, doc_len = q.shape[0], d.shape[1]
@@ -239,18 +238,7 @@ def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs,
     else:
         first, own = 0, slice(None)
     labels = contrastive_labels(n, n_docs, first, q.device)
-    step = score_chunk(d.shape[0], q.shape[1], d.shape[1])
-    total = torch.zeros((), dtype=torch.float64, device=q.device)
-    q_grad = torch.empty_like(q)
-    d_grad = torch.zeros_like(d)
-    t_grad = torch.zeros((1,), dtype=torch.float32, device=q.device)
-    t = temperature.detach().float()
-    for i in range(0, n, step):
-        qm = None if q_mask is None else q_mask[i : i + step]
-        loss, q_grad[i : i + step], tg = contrastive_ce_sum_and_grads(
-            q[i : i + step], qm, d, d_mask, labels[i : i + step], t, denominator, d_grad)
-        t_grad += tg
-        total += loss.detach()
+    total, q_grad, d_grad, t_grad = contrastive_sum_and_grads(q, q_mask, d, d_mask, labels, temperature, denominator)
     if distributed:
         tdist.all_reduce(d_grad)
     return total, q_grad, d_grad[own, :doc_len], t_grad if learnable else None

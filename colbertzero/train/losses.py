@@ -119,7 +119,8 @@ def contrastive_ce_sum(
     labels: torch.Tensor,
     temperature: torch.Tensor | float,
 ) -> torch.Tensor:
-    """Σ over these queries of cross-entropy(MaxSim(q, every document) / temperature, label)."""
+    """Σ over these queries of cross-entropy(MaxSim(q, every document) / temperature, label): the definition, by
+    autograd through PyLate's scores. Training uses `contrastive_ce_sum_and_grads`, checked against it."""
     scores = colbert_scores(q, d_all, queries_mask=q_mask, documents_mask=d_mask_all)
     return F.cross_entropy(scores / temperature, labels, reduction="sum")
 
@@ -176,6 +177,50 @@ def contrastive_labels(n_queries: int, n_docs: int, first_query: int, device: to
     return (torch.arange(n_queries, device=device) + first_query) * n_docs
 
 
+def contrastive_sum_and_grads(
+    q: torch.Tensor,
+    q_mask: torch.Tensor | None,
+    d_all: torch.Tensor,
+    d_mask_all: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    denominator: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contrastive loss of all of `q` against `d_all`, scored in query chunks of `score_chunk` (one chunk's
+    scores are the only intermediate alive), with its gradients written by hand:
+    returns (loss, dL/dq, dL/d_all, dL/dtemperature), the loss in fp64."""
+    n = q.shape[0]
+    step = score_chunk(d_all.shape[0], q.shape[1], d_all.shape[1])
+    total = torch.zeros((), dtype=torch.float64, device=q.device)
+    q_grad, d_grad = torch.empty_like(q), torch.zeros_like(d_all)
+    t_grad = torch.zeros((1,), dtype=q.dtype, device=q.device)
+    t = temperature.detach().to(q.dtype).reshape(1)
+    for i in range(0, n, step):
+        qm = None if q_mask is None else q_mask[i : i + step]
+        loss, q_grad[i : i + step], tg = contrastive_ce_sum_and_grads(
+            q[i : i + step], qm, d_all, d_mask_all, labels[i : i + step], t, denominator, d_grad)
+        t_grad += tg
+        total += loss.detach()
+    return total, q_grad, d_grad, t_grad
+
+
+class _ContrastiveHandGrad(torch.autograd.Function):
+    """`contrastive_sum_and_grads` as an autograd node: the forward computes the gradients along with the loss and
+    keeps them (the size of the embeddings) instead of autograd's MaxSim graph; the backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, q, d_all, temperature, q_mask, d_mask_all, labels, denominator):
+        loss, q_grad, d_grad, t_grad = contrastive_sum_and_grads(
+            q.detach(), q_mask, d_all.detach(), d_mask_all, labels, temperature, denominator)
+        ctx.save_for_backward(q_grad, d_grad, t_grad.to(temperature.dtype).reshape(temperature.shape))
+        return loss.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_grad, d_grad, t_grad = ctx.saved_tensors
+        return grad * q_grad, grad * d_grad, grad * t_grad, None, None, None, None
+
+
 def contrastive_loss(
     q: torch.Tensor,
     q_mask: torch.Tensor | None,
@@ -188,6 +233,8 @@ def contrastive_loss(
     gather: bool,
     teacher_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Differentiable (q, d, temperature); the MaxSim gradients are the hand-written ones of
+    `contrastive_ce_sum_and_grads`, equal to autograd's through `contrastive_ce_sum` up to summation order."""
     del teacher_scores
     if gather and tdist.is_initialized() and tdist.get_world_size() > 1:
         d, d_mask = pad_documents(d, d_mask, common_document_length(d.shape[1], d.device))
@@ -196,12 +243,9 @@ def contrastive_loss(
     else:
         first = 0
     labels = contrastive_labels(q.shape[0], n_docs, first, q.device)
-    step = score_chunk(d.shape[0], q.shape[1], d.shape[1])
-    total = 0.0
-    for i in range(0, q.shape[0], step):
-        qm = None if q_mask is None else q_mask[i : i + step]
-        total = total + contrastive_ce_sum(q[i : i + step], qm, d, d_mask, labels[i : i + step], temperature)
-    return total / denominator
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor([float(temperature)], dtype=q.dtype, device=q.device)
+    return _ContrastiveHandGrad.apply(q, d, temperature, q_mask, d_mask, labels, denominator)
 
 
 # ----------------------------------------------------------------------------- distillation
