@@ -222,13 +222,18 @@ def test_padding_documents_leaves_maxsim_unchanged():
     torch.testing.assert_close(colbert_scores(q, dp, documents_mask=mp), colbert_scores(q, d, documents_mask=mask))
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-2-queries"])
 @pytest.mark.parametrize("query_mask", [False, True], ids=["expanded-queries", "masked-queries"])
-def test_hand_written_cached_loss_gradients_equal_autograd(query_mask):
+def test_hand_written_cached_loss_gradients_equal_autograd(query_mask, chunked, monkeypatch):
     """The hand-written contrastive gradients (along MaxSim's argmax; the cached loss's, and the direct loss's
-    through its autograd node) against autograd through PyLate's scores, with masked document tokens, masked query
-    tokens (models without query expansion) and a temperature."""
-    from colbertzero.train.losses import contrastive_ce_sum, contrastive_ce_sum_and_grads
+    through its autograd node) against autograd through PyLate's scores, with masked document tokens (some maxima
+    fall on them: every real token of the pair scores below 0), masked query tokens (models without query
+    expansion), a temperature, and queries scored in several chunks."""
+    from colbertzero.train import losses
+    from colbertzero.train.losses import contrastive_ce_sum, contrastive_sum_and_grads
 
+    if chunked:
+        monkeypatch.setattr(losses, "SCORE_BUDGET", 2 * 10 * 7 * 9)  # 2 queries x 10 documents x 7 x 9 tokens
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(5, 7, 16, generator=g, dtype=torch.float64), dim=-1)
     d = torch.nn.functional.normalize(torch.randn(10, 9, 16, generator=g, dtype=torch.float64), dim=-1)
@@ -237,17 +242,23 @@ def test_hand_written_cached_loss_gradients_equal_autograd(query_mask):
     q_mask = (torch.rand(5, 7, generator=g) > 0.3) if query_mask else None
     labels = torch.tensor([0, 2, 4, 6, 8])
     t = torch.tensor([0.05], dtype=torch.float64)
+    real = torch.einsum("ash,bth->abst", q, d).masked_fill(~d_mask[None, :, None, :], -1).amax(-1)
+    assert (real < 0).any()  # the case where PyLate's maximum is a masked token's 0
 
     ql, dl, tl = q.clone().requires_grad_(), d.clone().requires_grad_(), t.clone().requires_grad_()
     ref = contrastive_ce_sum(ql, q_mask, dl, d_mask, labels, tl) / 7
     ref.backward()
-    d_grad = torch.zeros_like(d)
-    loss, q_grad, t_grad = contrastive_ce_sum_and_grads(q, q_mask, d, d_mask, labels, t, 7, d_grad)
+    d_in = d.clone()
+    loss, q_grad, d_grad, t_grad = contrastive_sum_and_grads(q, q_mask, d_in, d_mask, labels, t, 7)
+    assert torch.equal(d_in, d)  # a copy is masked, not the caller's documents
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(q_grad, ql.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(d_grad, dl.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(t_grad, tl.grad, rtol=1e-10, atol=1e-12)
     assert d_grad[~d_mask].abs().max() == 0  # masked document tokens never receive gradient
+    again = contrastive_sum_and_grads(q, q_mask, d_in, d_mask, labels, t, 7, zero_masked_in_place=True)
+    assert all(torch.equal(a, b) for a, b in zip(again, (loss, q_grad, d_grad, t_grad)))
+    assert d_in[~d_mask].abs().max() == 0 and torch.equal(d_in[d_mask], d[d_mask])  # the owner's cache, zeroed
 
     # The same gradients through the non-cached loss (an autograd node around them), times an outer factor.
     from colbertzero.train.losses import contrastive_loss

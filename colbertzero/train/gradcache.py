@@ -238,7 +238,10 @@ def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs,
     else:
         first, own = 0, slice(None)
     labels = contrastive_labels(n, n_docs, first, q.device)
-    total, q_grad, d_grad, t_grad = contrastive_sum_and_grads(q, q_mask, d, d_mask, labels, temperature, denominator)
+    # `d` is this step's cache (or its gathered copy), read by nothing after the loss: its masked tokens are zeroed
+    # in place rather than in a copy of every document.
+    total, q_grad, d_grad, t_grad = contrastive_sum_and_grads(q, q_mask, d, d_mask, labels, temperature, denominator,
+                                                              zero_masked_in_place=True)
     if distributed:
         tdist.all_reduce(d_grad)
     return total, q_grad, d_grad[own, :doc_len], t_grad if learnable else None

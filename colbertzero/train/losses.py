@@ -42,8 +42,7 @@ from pylate.scores import colbert_kd_scores, colbert_scores
 
 # Elements of the MaxSim intermediate scored at once (2^25 fp32 = 128 MiB): the [queries, documents, query tokens,
 # document tokens] scores exist for one chunk of queries at a time, so the loss's transient memory stays bounded
-# whatever the global batch (GradCache's cached embeddings are then what grows with it). On GPU, `colbert_scores`
-# runs PyLate's fused kernels instead when late-interaction-kernels / flash-maxsim are installed.
+# whatever the global batch (GradCache's cached embeddings are then what grows with it).
 SCORE_BUDGET = 2**25
 
 
@@ -120,12 +119,12 @@ def contrastive_ce_sum(
     temperature: torch.Tensor | float,
 ) -> torch.Tensor:
     """Σ over these queries of cross-entropy(MaxSim(q, every document) / temperature, label): the definition, by
-    autograd through PyLate's scores. Training uses `contrastive_ce_sum_and_grads`, checked against it."""
+    autograd through PyLate's scores. Training uses `contrastive_sum_and_grads`, checked against it."""
     scores = colbert_scores(q, d_all, queries_mask=q_mask, documents_mask=d_mask_all)
     return F.cross_entropy(scores / temperature, labels, reduction="sum")
 
 
-def contrastive_ce_sum_and_grads(
+def _contrastive_chunk(
     q: torch.Tensor,
     q_mask: torch.Tensor | None,
     d_all: torch.Tensor,
@@ -135,22 +134,21 @@ def contrastive_ce_sum_and_grads(
     denominator: int,
     d_grad: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`contrastive_ce_sum(...) / denominator` on cached (no-graph) embeddings, with its gradients written by hand:
-    returns (loss, dL/dq, dL/dtemperature) and adds dL/d(documents) into `d_grad` (shaped like `d_all`).
+    """`contrastive_ce_sum(...) / denominator` for one chunk of queries, with its gradients written by hand: returns
+    (loss, dL/dq, dL/dtemperature) and adds dL/d(documents) into `d_grad` (shaped like `d_all`). `d_all` must be zero
+    at its masked tokens (`contrastive_sum_and_grads` sees to it).
 
     Why not autograd: its MaxSim backward materialises the [queries, documents, query tokens, document tokens]
     gradient and then a full-size document gradient per query chunk. MaxSim's gradient only flows through each
     (query token, document) pair's best document token, so the argmax is kept and the gradients are gathered
     (queries) and scattered (documents) along it: no second intermediate, and a backward that costs a fraction of
-    the forward. Forward values are PyLate's `colbert_scores` exactly (same einsum, masks multiplied, max, sum);
-    gradients are autograd's up to summation order (tests/test_train_core.py compares them with PyLate's loss)."""
+    the forward. Forward values are PyLate's `colbert_scores` exactly: its masks multiply the scores, which gives the
+    same zeros as scoring zeroed embeddings, without a pass over the largest tensor (the scores) per mask.
+    Gradients are autograd's up to summation order (tests/test_train_core.py compares them with PyLate's loss)."""
     n_docs_all, doc_len, dim = d_all.shape
-    sim = torch.einsum("ash,bth->abst", q, d_all)
     if q_mask is not None:
-        sim = sim * q_mask.unsqueeze(1).unsqueeze(3)
-    sim = sim * d_mask_all.unsqueeze(0).unsqueeze(2)
-    best, at = sim.max(dim=-1)  # [queries, documents, query tokens]
-    del sim
+        q = q * q_mask.unsqueeze(-1).to(q.dtype)
+    best, at = torch.einsum("ash,bth->abst", q, d_all).max(dim=-1)  # [queries, documents, query tokens]
     logits = best.sum(dim=-1) / temperature
     loss = F.cross_entropy(logits, labels, reduction="sum") / denominator
     g_logits = torch.softmax(logits, dim=-1)
@@ -185,10 +183,18 @@ def contrastive_sum_and_grads(
     labels: torch.Tensor,
     temperature: torch.Tensor,
     denominator: int,
+    *,
+    zero_masked_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The contrastive loss of all of `q` against `d_all`, scored in query chunks of `score_chunk` (one chunk's
-    scores are the only intermediate alive), with its gradients written by hand:
-    returns (loss, dL/dq, dL/d_all, dL/dtemperature), the loss in fp64."""
+    """`contrastive_ce_sum(...) / denominator` of all of `q` against `d_all`, scored in query chunks of
+    `score_chunk` (one chunk's scores are the only intermediate alive), with its gradients written by hand
+    (`_contrastive_chunk`): returns (loss, dL/dq, dL/d_all, dL/dtemperature), the loss in fp64.
+
+    The masked document tokens are zeroed first: in place with `zero_masked_in_place` (a caller that owns `d_all`,
+    such as GradCache's cache, saves a copy of every document), else in a copy."""
+    keep = d_mask_all.unsqueeze(-1).to(d_all.dtype)
+    d_all = d_all.mul_(keep) if zero_masked_in_place else d_all * keep
+    del keep
     n = q.shape[0]
     step = score_chunk(d_all.shape[0], q.shape[1], d_all.shape[1])
     total = torch.zeros((), dtype=torch.float64, device=q.device)
@@ -197,7 +203,7 @@ def contrastive_sum_and_grads(
     t = temperature.detach().to(q.dtype).reshape(1)
     for i in range(0, n, step):
         qm = None if q_mask is None else q_mask[i : i + step]
-        loss, q_grad[i : i + step], tg = contrastive_ce_sum_and_grads(
+        loss, q_grad[i : i + step], tg = _contrastive_chunk(
             q[i : i + step], qm, d_all, d_mask_all, labels[i : i + step], t, denominator, d_grad)
         t_grad += tg
         total += loss.detach()
@@ -234,7 +240,7 @@ def contrastive_loss(
     teacher_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable (q, d, temperature); the MaxSim gradients are the hand-written ones of
-    `contrastive_ce_sum_and_grads`, equal to autograd's through `contrastive_ce_sum` up to summation order."""
+    `contrastive_sum_and_grads`, equal to autograd's through `contrastive_ce_sum` up to summation order."""
     del teacher_scores
     if gather and tdist.is_initialized() and tdist.get_world_size() > 1:
         d, d_mask = pad_documents(d, d_mask, common_document_length(d.shape[1], d.device))

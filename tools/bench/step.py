@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training-step benchmark: colbertzero's step beside PyLate's, GradCache's memory, and the GPU figure.
 
-    python tools/bench/step.py [--json] [--steps 5] [--models minilm,tiny-modernbert] [--memory-sizes 128,...,2048]
+    python tools/bench/step.py [--json] [--steps N] [--models minilm,tiny-modernbert] [--memory-sizes 128,...,2048]
     python tools/bench/step.py --device cuda [--json]      # pairs/s/GPU and MFU: ModernBERT-base shapes, bf16
 
 1. Throughput (CPU). For each model (MiniLM, `colbertzero.models.minilm_path()`; the tiny ModernBERT) and each loss
@@ -11,7 +11,8 @@
      colbertzero  GlobalBatchLoader on prepared shards + gradcache.train_step on a DeepSpeed engine (ZeRO-1, one
                   process): the step `colbertzero train` runs;
    batch 16, query length 32, document length 128, no prompts, `--warmup` steps (allocator and caches settle over the
-   first steps of a process) then `--steps` timed ones. Both take
+   first steps of a process) then `--steps` timed ones (by default 4 for MiniLM, ~3 s each, and 20 for the tiny
+   ModernBERT, whose steps take ~0.15 s: fewer would time scheduler noise). Both take
    the same batches: PyLate's dataset is written in the order of colbertzero's loader and read sequentially, so step
    t holds the same rows on both sides; the first step's losses (same initial weights) are reported side by side as
    the check, equal where the model has no dropout (the tiny ModernBERT; MiniLM's dropout draws its own masks on
@@ -56,6 +57,7 @@ LOSSES = ("contrastive", "cached_contrastive", "distillation")
 KIND = {"contrastive": "supervised", "cached_contrastive": "supervised", "distillation": "distillation"}
 BATCH, Q_LEN, D_LEN, MINI, DOCS = 16, 32, 128, 4, 4
 MEMORY_MINI = 32
+TIMED_STEPS = {"minilm": 4, "tiny-modernbert": 20}  # per model when --steps is not given: seconds of timing each
 PAPER_PAIRS_PER_GPU = 177.0
 GPU = {"batch": 16384, "mini": 512, "q": 32, "d": 180}  # + 7 prompt tokens each, as colbert-zero.yaml
 
@@ -335,16 +337,25 @@ def run_worker(kind: str, spec: dict, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------- the three parts
-def bench_throughput(models: list[str], steps: int, rounds: int, work: Path, warmup: int = 2) -> dict:
+def steps_for(model: str, given: int | None) -> int:
+    return given if given is not None else TIMED_STEPS.get(model, 4)
+
+
+def bench_throughput(models: list[str], given: int | None, rounds: int, work: Path, warmup: int = 2) -> dict:
     """Per model, `rounds` rounds of one PyLate process and one colbertzero process (the order alternating); a
     side's figure is its best round (wall clock: other load on the machine only ever slows a round down) and its
     least CPU time per step (all threads of the process: robust to other load, a second view)."""
     from colbertzero.models import resolve_model_ref
 
-    n = BATCH * (steps + warmup)
     data = {"supervised": triplet_rows(), "distillation": kd_rows()}
     out = {}
     for name in models:
+        steps = steps_for(name, given)
+        n = BATCH * (steps + warmup)
+        for kind, kind_rows in data.items():
+            if len(kind_rows) < n:
+                raise SystemExit(f"--steps {steps} + --warmup {warmup} need {n} {kind} rows; the benchmark data has "
+                                 f"{len(kind_rows)} (at most {len(kind_rows) // BATCH - warmup} timed steps)")
         path = resolve_model_ref(f"builtin:{name}")
         recipes, rows = {}, {}
         for loss in LOSSES:
@@ -372,6 +383,7 @@ def bench_throughput(models: list[str], steps: int, rounds: int, work: Path, war
         out[name] = {loss: {"pylate_steps_per_s": py[loss]["steps_per_s"],
                             "colbertzero_steps_per_s": us[loss]["steps_per_s"],
                             "ratio": us[loss]["steps_per_s"] / py[loss]["steps_per_s"],
+                            "timed_steps": steps,
                             "pylate_cpu_s_per_step": py[loss]["cpu_s_per_step"],
                             "colbertzero_cpu_s_per_step": us[loss]["cpu_s_per_step"],
                             "cpu_ratio": py[loss]["cpu_s_per_step"] / us[loss]["cpu_s_per_step"],
@@ -437,7 +449,8 @@ def modernbert_base(out: Path) -> str:
 def summary(result: dict) -> str:
     lines = []
     for model, per in result.get("throughput", {}).items():
-        lines.append(f"throughput, {model} (batch {BATCH}, q {Q_LEN} / d {D_LEN}), steps/s:")
+        timed = next(iter(per.values()))["timed_steps"]
+        lines.append(f"throughput, {model} (batch {BATCH}, q {Q_LEN} / d {D_LEN}, {timed} timed steps), steps/s:")
         lines.append(f"  {'loss':<20}{'PyLate':>9}{'ours':>9}{'ratio':>8}{'CPU-s ratio':>13}   first loss PyLate / ours")
         for loss, x in per.items():
             fl = x["first_loss"]
@@ -469,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the GPU measurement only (pairs/s/GPU, MFU)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per loss")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timed steps per loss (default per model: {TIMED_STEPS}, 4 for others)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (throughput)")
     p.add_argument("--rounds", type=int, default=2, help="throughput: processes per side and model (best kept)")
     p.add_argument("--models", default="minilm,tiny-modernbert")
