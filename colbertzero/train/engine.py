@@ -4,7 +4,8 @@
 
 - `model`: a `ColBERTForTraining`; `total_steps`: optimizer steps of the phase (the schedule's length).
 - Optimizer: torch AdamW built here and handed to DeepSpeed (not a DeepSpeed-config optimizer: that JIT-builds
-  FusedAdam, ~70 s on CPU). Weight decay as the transformers Trainer applies it: not on biases, norms, or the
+  FusedAdam, ~70 s on CPU), with torch's fused kernel (CPU and CUDA; the transformers Trainer's default too): on a
+  2M-parameter flat partition it steps in 1.2 ms where the per-tensor loop takes 10.7 ms, on this 2-core machine. Weight decay as the transformers Trainer applies it: not on biases, norms, or the
   temperature. With `offload_optimizer` it is still torch AdamW, run on the CPU copy (slower than DeepSpeedCPUAdam,
   which would need another JIT build; offloading is a memory fallback here).
 - Scheduler: transformers' `get_scheduler` (linear / constant / cosine, each with warmup: `warmup_steps`, else
@@ -81,7 +82,7 @@ def build_optimizer(model: nn.Module, phase: Phase) -> torch.optim.AdamW:
         {"params": [p for n, p in params if n in decay], "weight_decay": phase.weight_decay},
         {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=phase.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=phase.lr, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, phase: Phase, total_steps: int):
