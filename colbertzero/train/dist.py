@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
 
+# DeepSpeed 0.19.8's ZeRO calls an API torch 2.13 deprecates, once per process: a notice for DeepSpeed, nothing a
+# user of a training job can act on, printed by every rank of every phase.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 # Long enough for a ZeRO-3 checkpoint consolidation or an export on rank 0 while the others wait in a collective.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
