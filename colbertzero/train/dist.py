@@ -24,6 +24,7 @@ import torch.distributed as tdist
 # user of a training job can act on, printed by every rank of every phase.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                         category=FutureWarning)
+
 # Long enough for a ZeRO-3 checkpoint consolidation or an export on rank 0 while the others wait in a collective.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
