@@ -6,8 +6,9 @@
 - Optimizer: torch AdamW built here and handed to DeepSpeed (not a DeepSpeed-config optimizer: that JIT-builds
   FusedAdam, ~70 s on CPU), with torch's fused kernel (CPU and CUDA; the transformers Trainer's default too): on a
   2M-parameter flat partition it steps in 1.2 ms where the per-tensor loop takes 10.7 ms (2 CPU cores). Weight
-  decay as the transformers Trainer applies it: not on biases, norms, or the temperature. With `offload_optimizer` it is still torch AdamW, run on the CPU copy (slower than DeepSpeedCPUAdam,
-  which would need another JIT build; offloading is a memory fallback here).
+  decay as the transformers Trainer applies it: not on biases, norms, or the temperature. With `offload_optimizer`
+  it is still torch AdamW, run on the CPU copy (slower than DeepSpeedCPUAdam, which would need another JIT build;
+  offloading is a memory fallback here).
 - Scheduler: transformers' `get_scheduler` (linear / constant / cosine, each with warmup: `warmup_steps`, else
   ceil(warmup_ratio x total_steps)), a LambdaLR over the AdamW above. It is given to DeepSpeed, so `engine.step()`
   steps it (do not step it again) and DeepSpeed checkpoints carry it.
