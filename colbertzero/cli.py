@@ -1,4 +1,8 @@
-"""`colbertzero` command line: argument parsing only; every command is a thin call into its module."""
+"""`colbertzero` command line: argument parsing only; every command is a thin call into its module.
+
+Each command imports its module when it runs, not at start-up: `plan`, `validate` and `status` answer on a login node
+in a fraction of a second, without loading torch, DeepSpeed or PyLate.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import time
+import traceback
 
-EXIT_REFUSED = 2  # validation refusal / bad input: nothing was written or submitted
+from .recipe import RecipeError, load_recipe
+from .runtime import Exit
 
 
 def _recipe(args):
-    from .recipe import load_recipe
-
     return load_recipe(args.recipe, getattr(args, "overrides", None) or [])
 
 
@@ -27,7 +33,7 @@ def cmd_plan(args) -> int:
     from .manifest import Manifest
 
     recipe = _recipe(args)
-    mdata = Manifest(args.run_dir).read() if args.run_dir and Manifest(args.run_dir).exists() else None
+    mdata = Manifest(args.run_dir).snapshot() if args.run_dir and Manifest(args.run_dir).exists() else None
     p = preflight.plan(recipe, mdata)
     if args.json:
         print(json.dumps(p, indent=2))
@@ -40,29 +46,36 @@ def format_plan(p: dict) -> str:
     ref = p["reference"]
     lines = [f"recipe {p['recipe']}  (hash {p['recipe_hash'][:12]})"]
     if ref.get("beir_ndcg10") is not None:
-        lines.append(f"paper: {ref['beir_ndcg10']} nDCG@10 on BEIR, ~{ref.get('gpu_hours') or '?'} {ref.get('hardware') or 'GPU'}-hours")
-    hdr = f"{'phase':<14}{'kind':<14}{'lr':>9}{'batch':>7}{'temp':>6}{'gc':>5}{'q/d len':>10}{'prompts':>8}{'GPUs':>6}{'steps':>8}{'proj GPU-h':>11}{'budget':>8}"
+        lines.append(f"paper: {ref['beir_ndcg10']} nDCG@10 on BEIR, ~{ref.get('gpu_hours') or '?'} "
+                     f"{ref.get('hardware') or 'GPU'}-hours")
+    hdr = (f"{'phase':<14}{'kind':<14}{'lr':>9}{'batch':>7}{'temp':>6}{'gc':>5}{'q/d len':>10}{'prompts':>8}"
+           f"{'GPUs':>6}{'steps':>8}{'proj GPU-h':>11}{'budget':>8}")
     lines += ["", hdr, "-" * len(hdr)]
     for name, ph in p["phases"].items():
         h = ph["hyperparameters"]
+        lengths = f"{h['effective_query_length']}/{h['effective_document_length']}"
+        steps = ph["total_steps"] if ph["total_steps"] is not None else "?"
+        budget = ph["budget_gpu_hours"] if ph["budget_gpu_hours"] is not None else "-"
         lines.append(
             f"{name:<14}{ph['kind']:<14}{h['lr']:>9.1e}{h['global_batch_size']:>7}{h['temperature']:>6g}"
-            f"{h['gradcache_mini_batch'] or '-':>5}{str(h['effective_query_length']) + '/' + str(h['effective_document_length']):>10}"
-            f"{'on' if h['prompts']['enabled'] else 'off':>8}{ph['gpus']:>6}{ph['total_steps'] if ph['total_steps'] is not None else '?':>8}"
-            f"{ph['projected_gpu_hours']:>11.1f}{ph['budget_gpu_hours'] if ph['budget_gpu_hours'] is not None else '-':>8}"
+            f"{h['gradcache_mini_batch'] or '-':>5}{lengths:>10}{'on' if h['prompts']['enabled'] else 'off':>8}"
+            f"{ph['gpus']:>6}{steps:>8}{ph['projected_gpu_hours']:>11.1f}{budget:>8}"
         )
     lines.append("")
     for name, ph in p["phases"].items():
         h = ph["hyperparameters"]
         r = h["resources"]
         init = h["init"] if isinstance(h["init"], str) else f"export of phase {h['init']['from']!r}"
-        lines.append(f"{name}: init {init}; {len(h['sources'])} source(s), {h['sampling']}; {ph['rows'] or '?'} rows ({ph['rows_from']})")
+        lines.append(f"{name}: init {init}; {len(h['sources'])} source(s), {h['sampling']}; {ph['rows'] or '?'} rows "
+                     f"({ph['rows_from']})")
         lines.append(
-            f"  {r['nodes']} node(s) × {r['gpus_per_node'] or 'CPU'} GPUs, {r['time_limit']}, partition {r['partition'] or 'default'}"
+            f"  {r['nodes']} node(s) × {r['gpus_per_node'] or 'CPU'} GPUs, {r['time_limit']}, partition "
+            f"{r['partition'] or 'default'}"
             f", ZeRO-{h['zero_stage']}; projection: {ph['projected_from']}"
         )
     b = p["budget_gpu_hours"]
-    lines.append(f"\nprojected {p['projected_gpu_hours']:.1f} GPU-hours for the run; budget {b if b is not None else 'none'}")
+    lines.append(f"\nprojected {p['projected_gpu_hours']:.1f} GPU-hours for the run; budget "
+                 f"{b if b is not None else 'none'}")
     return "\n".join(lines)
 
 
@@ -77,7 +90,7 @@ def cmd_validate(args) -> int:
         print(f"{args.recipe}: refused ({len(errs)} error(s)); nothing was written", file=sys.stderr)
         _print_findings(errs)
         _print_findings(warns)
-        return EXIT_REFUSED
+        return Exit.REFUSED
     _print_findings(warns)
     print(f"{args.recipe}: ok ({len(recipe.phases)} phase(s): {', '.join(recipe.phases)})")
     return 0
@@ -123,6 +136,12 @@ def cmd_train(args) -> int:
     return run_phase(args.run_dir, args.phase)
 
 
+def cmd_after_phase(args) -> int:
+    from .launcher.requeue import after_phase_in_job
+
+    return after_phase_in_job(args.run_dir, args.phase, args.exit_code, is_main=True)
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table
 
@@ -149,26 +168,23 @@ def cmd_report(args) -> int:
 
 # ------------------------------------------------------------------ launcher
 def cmd_launch(args) -> int:
-    from .launch import launch
+    from .launcher.api import launch
 
-    return launch(
-        args.recipe,
-        args.run_dir,
-        overrides=args.overrides or [],
-        executor=args.executor,
-        budget=args.budget,
-        wait=args.wait,
-    )
+    run = launch(args.recipe, args.run_dir, overrides=args.overrides or [], executor=args.executor,
+                 budget=args.budget, wait=args.wait)
+    return run.returncode or 0
 
 
 def cmd_resume(args) -> int:
-    from .launch import resume
+    from .launcher.api import resume
 
-    return resume(args.run_dir, executor=args.executor, budget=args.budget, phase_budgets=args.phase_budget, wait=args.wait)
+    run = resume(args.run_dir, executor=args.executor, budget=args.budget, phase_budgets=args.phase_budget,
+                 wait=args.wait)
+    return run.returncode or 0
 
 
 def cmd_sbatch(args) -> int:
-    from .launch.sbatch import write_sbatch_scripts
+    from .launcher.sbatch import write_sbatch_scripts
 
     recipe = _recipe(args)
     paths = write_sbatch_scripts(recipe, args.run_dir, out_dir=args.out)
@@ -189,7 +205,8 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="colbertzero",
-        description="SLURM-native training of ColBERT (multi-vector) retrieval models: the ColBERT-Zero pipelines as recipes.",
+        description="SLURM-native training of ColBERT (multi-vector) retrieval models: the ColBERT-Zero pipelines as "
+                    "recipes.",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -228,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir")
     sp.add_argument("--phase", required=True)
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("after-phase", help="(inside a phase job) apply the requeue policy to the phase's exit code")
+    sp.add_argument("run_dir")
+    sp.add_argument("--phase", required=True)
+    sp.add_argument("--exit-code", type=int, required=True)
+    sp.set_defaults(fn=cmd_after_phase)
 
     sp = sub.add_parser("evaluate", help="nDCG@10, MRR@10, recall@100, MAP@100 of a PyLate model on BEIR-layout data")
     sp.add_argument("model")
@@ -276,13 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input or a refused command: one message, exit 2, never a traceback."""
     from .data.shards import DataError
-    from .demo_data import DemoDataError
-    from .launch.chain import LaunchError
+    from .demo.pydocs import DemoDataError
+    from .evaluate.beir import DatasetError
+    from .launcher.slurm import LaunchError
     from .manifest import ManifestError
-    from .recipe import RecipeError
 
+    return RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError
+
+
+def _crash_report(cmd: str, exc: BaseException) -> str:
+    """Write the full traceback of an unexpected error to a file; returns its path."""
+    folder = os.environ.get("COLBERTZERO_CRASH_DIR") or tempfile.gettempdir()
+    path = os.path.join(folder, f"colbertzero-{cmd}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.txt")
+    with open(path, "w") as f:
+        f.write(f"colbertzero {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(exc, file=f)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options too (`validate R --no-path-checks a.b=1`).
@@ -295,15 +333,22 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.fn(args) or 0)
         sys.stdout.flush()  # a reader that left shows here, inside the handler, not at interpreter exit
         return code
-    except (RecipeError, ManifestError, DataError, LaunchError, DemoDataError) as e:
-        print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `colbertzero status RUN | head`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # else the interpreter's final flush raises again
         return 0
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
+            return Exit.REFUSED
+        if args.cmd in ("train", "after-phase"):
+            raise  # inside a job: the whole traceback belongs in the job's log (and the manifest has it)
+        where = _crash_report(args.cmd, e)
+        print(f"colbertzero {args.cmd}: unexpected error: {type(e).__name__}: {e}\n  full traceback: {where} "
+              "(please attach it to a bug report)", file=sys.stderr)
+        return Exit.FAILED
 
 
 if __name__ == "__main__":

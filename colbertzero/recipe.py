@@ -206,6 +206,10 @@ class Phase(_Strict):
     learnable_temperature: bool = False
     gradcache_mini_batch: int | None = Field(default=None, gt=0)  # None = no GradCache
     gather_across_ranks: bool = True
+    # What the optimizer sees: the gradient of the global-mean loss (1), or that times the world size or the global
+    # batch, as PyLate's gathered Contrastive / CachedContrastive give it (docs/reproducing.md: with clipping at
+    # max_grad_norm these are different updates, and the paper's were the scripts').
+    loss_scale: Literal[1, "world_size", "global_batch"] = 1
     # model inputs
     query_length: int = Field(default=32, gt=1)
     document_length: int = Field(default=180, gt=1)
@@ -230,6 +234,15 @@ class Phase(_Strict):
     @property
     def init_from(self) -> str | None:
         return self.init.from_ if isinstance(self.init, InitFrom) else None
+
+    def gradient_scale(self, world_size: int) -> float:
+        """The factor on the global-mean gradient that ``loss_scale`` asks for, with this many ranks. A contrastive
+        problem is one accumulation group: ``global_batch`` is the queries scored together."""
+        if self.loss_scale == "world_size":
+            return float(world_size)
+        if self.loss_scale == "global_batch":
+            return float(self.global_batch_size // self.gradient_accumulation)
+        return 1.0
 
     @property
     def micro_batch_per_rank(self) -> int:
@@ -257,6 +270,8 @@ class Recipe(_Strict):
     allow_prompt_mismatch: bool = False
     prepare: PrepareResources = Field(default_factory=PrepareResources)
     reference: Reference = Field(default_factory=Reference)
+    # Where training metrics go besides phases/<phase>/logs/train.jsonl (each when its package is installed).
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     # where the recipe came from (set by load_recipe; not part of the hash)
     source_path: str | None = Field(default=None, exclude=True)
 
@@ -290,12 +305,12 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-# ---------------------------------------------------------------- time limits
-_TL = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TL = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+)(?:\.\d+)?)?$")
 
 
 def parse_time_limit(v: str | int) -> int:
-    """Slurm time limit → seconds. Accepts MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    """A Slurm duration → seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, as `--time` takes and squeue /
+    sacct print them (their fractions of a second are dropped). The one parser of Slurm durations."""
     s = str(v).strip()
     m = _TL.match(s)
     if not m:
@@ -317,7 +332,6 @@ def format_time_limit(seconds: int) -> str:
     return f"{d}-{h:02d}:{m:02d}:{s:02d}" if d else f"{h:02d}:{m:02d}:{s:02d}"
 
 
-# ---------------------------------------------------------------- loading
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -330,7 +344,8 @@ def _expand(value: Any, where: str) -> Any:
                 return os.environ[var]
             if default is not None:
                 return default
-            raise RecipeError(f"{where}: environment variable ${{{var}}} is not set (set it or write ${{{var}:-default}})")
+            raise RecipeError(f"{where}: environment variable ${{{var}}} is not set (set it or write "
+                              f"${{{var}:-default}})")
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):

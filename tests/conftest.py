@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+# The local Slurm cluster helper lives in tools/, not in the package: production code never calls it.
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,7 @@ def local_slurm() -> dict[str, str]:
     Starts it (installing Slurm on a fresh machine, ~15 s) and stops it at the end, unless it was already up with
     no test session holding it, or another session still holds it. Skips only where it cannot run (not root, no apt).
     """
-    from colbertzero.launch import local_slurm as cluster
+    import local_slurm as cluster  # tools/local_slurm.py (on sys.path above)
 
     if os.geteuid() != 0:
         pytest.skip("local-slurm needs root (it installs Slurm and runs slurmd as root); run the tests as root")

@@ -45,7 +45,12 @@ def recipe_dict(model_path: str) -> dict:
                 "global_batch_size": MICRO_BATCH * WORLD,
                 "query_length": 8,
                 "document_length": 24,
-                "prompts": {"enabled": True, "query": "search_query: ", "document": "search_document: ", "extra_length": 7},
+                "prompts": {
+                    "enabled": True,
+                    "query": "search_query: ",
+                    "document": "search_document: ",
+                    "extra_length": 7,
+                },
                 "temperature": 0.05,
                 "learnable_temperature": True,
                 "resources": {"nodes": 1, "gpus_per_node": 0, "cpu_tasks_per_node": WORLD},
@@ -63,17 +68,29 @@ def _free_port() -> int:
 
 def launch(mode: str, work: Path, model_path: str, timeout: float = 600) -> None:
     """Start WORLD worker processes the way torchrun would (env://) and wait for all of them."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(WORLD),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     procs, logs = [], []
     for rank in range(WORLD):
         log = open(work / f"{mode}-rank{rank}.log", "w")
         logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, mode, str(work), model_path],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, mode, str(work), model_path],
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
@@ -86,7 +103,9 @@ def launch(mode: str, work: Path, model_path: str, timeout: float = 600) -> None
             log.close()
     bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
     if bad:
-        tails = "\n".join(f"--- rank {r} (rc {rc}):\n" + (work / f"{mode}-rank{r}.log").read_text()[-4000:] for r, rc in bad)
+        tails = "\n".join(
+            f"--- rank {r} (rc {rc}):\n" + (work / f"{mode}-rank{r}.log").read_text()[-4000:] for r, rc in bad
+        )
         raise RuntimeError(f"{mode} launch failed:\n{tails}")
 
 
@@ -132,9 +151,13 @@ def _build_engine(recipe, stage: int, rank: int):
         def __init__(self):
             super().__init__()
             self.model = ColBERT(
-                ph.init, device="cpu", embedding_size=recipe.model.embedding_size,
-                query_prefix=recipe.model.query_prefix, document_prefix=recipe.model.document_prefix,
-                query_length=ph.effective_query_length, document_length=ph.effective_document_length,
+                ph.init,
+                device="cpu",
+                embedding_size=recipe.model.embedding_size,
+                query_prefix=recipe.model.query_prefix,
+                document_prefix=recipe.model.document_prefix,
+                query_length=ph.effective_query_length,
+                document_length=ph.effective_document_length,
                 prompts={"query": ph.prompts.query, "document": ph.prompts.document},
             )
             self.temperature = torch.nn.Parameter(torch.tensor([ph.temperature]))
@@ -237,11 +260,25 @@ def worker(mode: str, work: Path, model_path: str) -> None:
             if rank == 0:
                 torch.save(sd, work / f"weights-zero{stage}-A.pt")
             if stage in EXPORT_STAGES:
-                lineage = {"init": model_path, "init_sha256": "0" * 64, "data_index": "/nonexistent/index.json",
-                           "data_index_sha256": "1" * 64, "config_hash": recipe.hash()}
-                out = export_model(engine, model_path, run_a / "phases" / PHASE / "export", recipe=recipe,
-                                   phase_name=PHASE, manifest=ma, lineage=lineage,
-                                   eval_results={"toy-beir": {"ndcg@10": 0.5, "recall@100": 0.75, "queries": 50, "retrieval": "exact"}})
+                lineage = {
+                    "init": model_path,
+                    "init_sha256": "0" * 64,
+                    "data_index": "/nonexistent/index.json",
+                    "data_index_sha256": "1" * 64,
+                    "config_hash": recipe.hash(),
+                }
+                out = export_model(
+                    engine,
+                    model_path,
+                    run_a / "phases" / PHASE / "export",
+                    recipe=recipe,
+                    phase_name=PHASE,
+                    manifest=ma,
+                    lineage=lineage,
+                    eval_results={
+                        "toy-beir": {"ndcg@10": 0.5, "recall@100": 0.75, "queries": 50, "retrieval": "exact"}
+                    },
+                )
                 enc = _encode(engine.module.model)  # collective forward under ZeRO-3
                 if rank == 0:
                     torch.save({"out": str(out), **enc}, work / f"encode-zero{stage}.pt")
@@ -255,9 +292,17 @@ def worker(mode: str, work: Path, model_path: str) -> None:
 
             def save(step):
                 if step in (SPLIT - 1, SPLIT):
-                    save_checkpoint(engine, run_b, PHASE, step, extra_state={"note": f"zero{stage}"},
-                                    loader_state=loader if step == SPLIT else {}, temperature=0.05,
-                                    manifest=mb, keep_last=1)
+                    save_checkpoint(
+                        engine,  # noqa: F821 - the engine rebuilt above
+                        run_b,
+                        PHASE,
+                        step,
+                        extra_state={"note": f"zero{stage}"},
+                        loader_state=loader if step == SPLIT else {},
+                        temperature=0.05,
+                        manifest=mb,
+                        keep_last=1,
+                    )
 
             r["B1"] = _train(engine, 0, SPLIT, rank, on_step=save)
             if rank == 0:  # a writer killed mid-save leaves this behind: it must be ignored and cleaned

@@ -12,7 +12,9 @@ TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "colbertzero", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "colbertzero", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300
+    )
 
 
 def test_plan_json_has_paper_values():
@@ -50,44 +52,78 @@ def test_validate_ok(tmp_path):
 
 
 def test_validate_refuses_prompt_mismatch():
-    _refused(run("validate", TINY, "phases.supervised.prompts.enabled=false"),
-             "phases.supervised.prompts", "prompts.enabled", "allow_prompt_mismatch")
+    _refused(
+        run("validate", TINY, "phases.supervised.prompts.enabled=false"),
+        "phases.supervised.prompts",
+        "prompts.enabled",
+        "allow_prompt_mismatch",
+    )
     # an ablation may allow it explicitly
-    r = run("validate", TINY, "phases.supervised.prompts.enabled=false", "phases.distillation.prompts.enabled=false",
-            "allow_prompt_mismatch=true")
+    r = run(
+        "validate",
+        TINY,
+        "phases.supervised.prompts.enabled=false",
+        "phases.distillation.prompts.enabled=false",
+        "allow_prompt_mismatch=true",
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_validate_refuses_over_budget():
-    _refused(run("validate", TINY, "phases.supervised.budget_gpu_hours=0.01"),
-             "phases.supervised.budget_gpu_hours", "exceed the budget")
+    _refused(
+        run("validate", TINY, "phases.supervised.budget_gpu_hours=0.01"),
+        "phases.supervised.budget_gpu_hours",
+        "exceed the budget",
+    )
     _refused(run("validate", TINY, "budget_gpu_hours=0.5"), "budget_gpu_hours", "for the run exceed")
 
 
 def test_validate_refuses_indivisible_batch():
-    _refused(run("validate", TINY, "phases.unsupervised.global_batch_size=9"),
-             "phases.unsupervised.global_batch_size", "not divisible by the GPU count")
-    _refused(run("validate", TINY, "phases.unsupervised.gradcache_mini_batch=3"),
-             "gradcache_mini_batch")
+    _refused(
+        run("validate", TINY, "phases.unsupervised.global_batch_size=9"),
+        "phases.unsupervised.global_batch_size",
+        "not divisible by the GPU count",
+    )
+    _refused(run("validate", TINY, "phases.unsupervised.gradcache_mini_batch=3"), "gradcache_mini_batch")
 
 
 def test_validate_refuses_cadence_longer_than_time_limit():
     # 500 steps × 5.8 s/step (the paper's step time) > a 30-minute limit
-    _refused(run("validate", "recipes/colbert-zero.yaml", "--no-path-checks",
-                 "phases.unsupervised.resources.time_limit=00:30:00"),
-             "phases.unsupervised.cadence.save_every", "before its first checkpoint")
+    _refused(
+        run(
+            "validate",
+            "recipes/colbert-zero.yaml",
+            "--no-path-checks",
+            "phases.unsupervised.resources.time_limit=00:30:00",
+        ),
+        "phases.unsupervised.cadence.save_every",
+        "before its first checkpoint",
+    )
 
 
 def test_validate_refuses_missing_local_data(tmp_path):
-    _refused(run("validate", TINY, f"phases.unsupervised.data.sources=[{{name: x, path: {tmp_path}/none.jsonl}}]"),
-             "none.jsonl: not found")
+    _refused(
+        run("validate", TINY, f"phases.unsupervised.data.sources=[{{name: x, path: {tmp_path}/none.jsonl}}]"),
+        "none.jsonl: not found",
+    )
 
 
 def test_validate_refuses_missing_eval_sets_and_warns_on_a_cadence_without_sets(tmp_path):
-    _refused(run("validate", TINY, f"phases.distillation.eval.beir=[{tmp_path}/beir/scifact]"),
-             "phases.distillation.eval.beir[0]", "scifact: no such dataset folder", "eval.beir=[]")
-    _refused(run("validate", TINY, "phases.supervised.cadence.eval_every=2",
-                 f"phases.supervised.eval.in_training=[{tmp_path}/nano]"), "phases.supervised.eval.in_training[0]")
+    _refused(
+        run("validate", TINY, f"phases.distillation.eval.beir=[{tmp_path}/beir/scifact]"),
+        "phases.distillation.eval.beir[0]",
+        "scifact: no such dataset folder",
+        "eval.beir=[]",
+    )
+    _refused(
+        run(
+            "validate",
+            TINY,
+            "phases.supervised.cadence.eval_every=2",
+            f"phases.supervised.eval.in_training=[{tmp_path}/nano]",
+        ),
+        "phases.supervised.eval.in_training[0]",
+    )
     r = run("validate", TINY, "phases.supervised.cadence.eval_every=2")
     assert r.returncode == 0 and "eval.in_training lists no dataset" in r.stdout + r.stderr, (r.stdout, r.stderr)
 
@@ -105,8 +141,12 @@ def test_bad_recipe_message():
 
 def test_a_reader_that_leaves_early_is_not_an_error():
     """`colbertzero plan R | head -1`: the pipe closes before the output is flushed."""
-    proc = subprocess.Popen([sys.executable, "-m", "colbertzero", "plan", "recipes/colbert-zero.yaml", "--json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "colbertzero", "plan", "recipes/colbert-zero.yaml", "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # long before the interpreter has even imported the package
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0 and "BrokenPipe" not in err, err

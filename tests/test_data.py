@@ -24,7 +24,9 @@ def make_recipe(phases: dict, **model) -> "Recipe":  # noqa: F821
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]  # not splitlines: U+2028 in text
+    return [
+        json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()
+    ]  # not splitlines: U+2028 in text
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +92,11 @@ PARITY = [
 ]
 
 
-@pytest.mark.parametrize("model_name,prompts,model_cfg", PARITY, ids=[f"{m}-{'prompts' if p else 'plain'}-{'-'.join(c) or 'default'}" for m, p, c in PARITY])
+@pytest.mark.parametrize(
+    "model_name,prompts,model_cfg",
+    PARITY,
+    ids=[f"{m}-{'prompts' if p else 'plain'}-{'-'.join(c) or 'default'}" for m, p, c in PARITY],
+)
 def test_token_parity_with_pylate(request, shared_data, qrel_pairs, tmp_path, model_name, prompts, model_cfg):
     import pylate.models
     import pylate.utils
@@ -98,23 +104,60 @@ def test_token_parity_with_pylate(request, shared_data, qrel_pairs, tmp_path, mo
     init = request.getfixturevalue(model_name)
     flag = shared_data / FLAG
     common = {"init": init, "prompts": {"enabled": prompts}, "query_length": 24, "document_length": 60}
-    r = make_recipe({
-        "unsup": {**common, "kind": "unsupervised", "global_batch_size": 40,
-                  "data": {"shards_dir": str(tmp_path / "u"), "sources": [{"name": "pairs", "path": str(qrel_pairs)}]}},
-        "sup": {**common, "kind": "supervised", "init": {"from": "unsup"}, "global_batch_size": 10,
-                "data": {"shards_dir": str(tmp_path / "s"), "max_negatives": 4, "rows_per_shard": 3,
-                         "sources": [{"name": "ms", "path": str(flag / "msmarco.jsonl"),
-                                      "columns": {"positive": "pos", "negatives": "neg"}}]}},
-        "kd": {**common, "kind": "distillation", "init": {"from": "sup"}, "global_batch_size": 11,
-               "data": {"shards_dir": str(tmp_path / "k"), "docs_per_query": 6,
-                        "sources": [{"name": "llara", "path": str(flag / "llara_toy_finetune_data.jsonl"),
-                                     "columns": {"documents": "pos,neg", "scores": "pos_scores,neg_scores"}}]}},
-    }, **model_cfg)
+    r = make_recipe(
+        {
+            "unsup": {
+                **common,
+                "kind": "unsupervised",
+                "global_batch_size": 40,
+                "data": {"shards_dir": str(tmp_path / "u"), "sources": [{"name": "pairs", "path": str(qrel_pairs)}]},
+            },
+            "sup": {
+                **common,
+                "kind": "supervised",
+                "init": {"from": "unsup"},
+                "global_batch_size": 10,
+                "data": {
+                    "shards_dir": str(tmp_path / "s"),
+                    "max_negatives": 4,
+                    "rows_per_shard": 3,
+                    "sources": [
+                        {
+                            "name": "ms",
+                            "path": str(flag / "msmarco.jsonl"),
+                            "columns": {"positive": "pos", "negatives": "neg"},
+                        }
+                    ],
+                },
+            },
+            "kd": {
+                **common,
+                "kind": "distillation",
+                "init": {"from": "sup"},
+                "global_batch_size": 11,
+                "data": {
+                    "shards_dir": str(tmp_path / "k"),
+                    "docs_per_query": 6,
+                    "sources": [
+                        {
+                            "name": "llara",
+                            "path": str(flag / "llara_toy_finetune_data.jsonl"),
+                            "columns": {"documents": "pos,neg", "scores": "pos_scores,neg_scores"},
+                        }
+                    ],
+                },
+            },
+        },
+        **model_cfg,
+    )
     assert tokenizer_source(r, "kd") == init  # a chained phase tokenizes with the chain's first model
     prepare_recipe(r, progress=False)
     ph = r.phase("unsup")
     model = pylate.models.ColBERT(
-        init, device="cpu", query_length=ph.effective_query_length, document_length=ph.effective_document_length,
+        init,
+        device="cpu",
+        query_length=ph.effective_query_length,
+        document_length=ph.effective_document_length,
         **model_cfg,
     )
     qp, dp = (ph.prompts.query, ph.prompts.document) if prompts else (None, None)
@@ -142,16 +185,35 @@ def test_token_parity_with_pylate(request, shared_data, qrel_pairs, tmp_path, mo
     ref = collator([{"query": x["query"], "positive": x["pos"][0], "negatives": x["neg"][:4]} for x in rows])
     _assert_same(b.queries, ref["query_input_ids"], ref["query_attention_mask"], pad, "queries")
     docs = {k: v.view(len(rows), 5, -1) for k, v in b.documents.items()}
-    _assert_same({k: v[:, 0] for k, v in docs.items()}, ref["positive_input_ids"], ref["positive_attention_mask"], pad, "positives")
-    _assert_same({k: v[:, 1:].reshape(len(rows) * 4, -1) for k, v in docs.items()},
-                 ref["negatives_input_ids"], ref["negatives_attention_mask"], pad, "negatives")
+    _assert_same(
+        {k: v[:, 0] for k, v in docs.items()},
+        ref["positive_input_ids"],
+        ref["positive_attention_mask"],
+        pad,
+        "positives",
+    )
+    _assert_same(
+        {k: v[:, 1:].reshape(len(rows) * 4, -1) for k, v in docs.items()},
+        ref["negatives_input_ids"],
+        ref["negatives_attention_mask"],
+        pad,
+        "negatives",
+    )
 
     # distillation: 6 scored documents per query, teacher order
     raw = read_jsonl(flag / "llara_toy_finetune_data.jsonl")
     b = GlobalBatchLoader(r, "kd").batch(0)
     rows = [raw[i] for i in b.row_ids.tolist()]
-    ref = collator([{"query": x["query"], "documents": (x["pos"] + x["neg"])[:6],
-                     "scores": (x["pos_scores"] + x["neg_scores"])[:6]} for x in rows])
+    ref = collator(
+        [
+            {
+                "query": x["query"],
+                "documents": (x["pos"] + x["neg"])[:6],
+                "scores": (x["pos_scores"] + x["neg_scores"])[:6],
+            }
+            for x in rows
+        ]
+    )
     _assert_same(b.queries, ref["query_input_ids"], ref["query_attention_mask"], pad, "kd queries")
     _assert_same(b.documents, ref["documents_input_ids"], ref["documents_attention_mask"], pad, "kd documents")
     assert torch.equal(b.scores, ref["label"])
@@ -168,11 +230,19 @@ def _corpus_recipe(corpus_sources, tmp_path, minilm, weights=(None, None, None),
         if w is not None:
             s["weight"] = w
     gbs = data.pop("global_batch_size", 32)
-    return make_recipe({"p": {
-        "kind": "unsupervised", "init": minilm, "global_batch_size": gbs, "query_length": 16, "document_length": 48,
-        "prompts": {"enabled": False},
-        "data": {"shards_dir": str(tmp_path / "shards"), "rows_per_shard": 500, "sources": srcs, **data},
-    }})
+    return make_recipe(
+        {
+            "p": {
+                "kind": "unsupervised",
+                "init": minilm,
+                "global_batch_size": gbs,
+                "query_length": 16,
+                "document_length": 48,
+                "prompts": {"enabled": False},
+                "data": {"shards_dir": str(tmp_path / "shards"), "rows_per_shard": 500, "sources": srcs, **data},
+            }
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +285,8 @@ def test_single_source_global_batches_on_two_ranks(corpus_sources, corpus_prepar
     switches = 0
     for step, (b0, b1, bw) in enumerate(zip(ranks[0], ranks[1], whole)):
         assert b0.step == b1.step == step and b0.source == b1.source == bw.source  # ONE source, same on every rank
-        switches += step > 0 and bw.source != prev
-        prev = bw.source
+        switches += step > 0 and bw.source != prev  # noqa: F821 - prev is set from step 1 on
+        prev = bw.source  # noqa: F841
         per_source[b0.source] += 1
         rows = torch.cat([b0.row_ids, b1.row_ids])
         assert len(set(rows.tolist())) == G and len(b0.row_ids) == G // 2
@@ -266,8 +336,15 @@ def test_plan_counts_the_steps_the_loader_takes(corpus_sources, corpus_prepared,
 
 
 def _digest(b) -> str:
-    parts = [b.source, b.queries["input_ids"], b.queries["attention_mask"], b.documents["input_ids"],
-             b.documents["attention_mask"], b.scores, b.row_ids]
+    parts = [
+        b.source,
+        b.queries["input_ids"],
+        b.queries["attention_mask"],
+        b.documents["input_ids"],
+        b.documents["attention_mask"],
+        b.scores,
+        b.row_ids,
+    ]
     return repr([p.tolist() if isinstance(p, torch.Tensor) else p for p in parts])
 
 
@@ -286,7 +363,7 @@ def test_exact_resume_at_random_steps(corpus_sources, corpus_prepared, minilm, b
         fresh = GlobalBatchLoader(r, "p", rank=1, world_size=2)  # a restarted process
         fresh.load_state_dict(json.loads(json.dumps(states[k])))  # through a JSON checkpoint
         assert fresh.step == k + 1
-        assert [_digest(b) for b in fresh] == full[k + 1:]
+        assert [_digest(b) for b in fresh] == full[k + 1 :]
     if bucketing:  # sorted windows: a batch's documents are of similar length
         b = GlobalBatchLoader(r, "p").batch(3)
         lens = b.documents["attention_mask"].sum(1).float()
@@ -297,12 +374,31 @@ def test_exact_resume_at_random_steps(corpus_sources, corpus_prepared, minilm, b
 
 
 def test_resume_distillation(shared_data, tmp_path, minilm):
-    r = make_recipe({"kd": {
-        "kind": "distillation", "init": minilm, "global_batch_size": 4, "query_length": 16, "document_length": 40,
-        "data": {"shards_dir": str(tmp_path), "docs_per_query": 20, "epochs": 3, "length_bucketing": True,
-                 "sources": [{"name": n, "path": str(shared_data / FLAG / f"{n}.jsonl"),
-                              "columns": {"documents": "pos,neg", "scores": "pos_scores,neg_scores"}}
-                             for n in ("msmarco", "nq")]}}})
+    r = make_recipe(
+        {
+            "kd": {
+                "kind": "distillation",
+                "init": minilm,
+                "global_batch_size": 4,
+                "query_length": 16,
+                "document_length": 40,
+                "data": {
+                    "shards_dir": str(tmp_path),
+                    "docs_per_query": 20,
+                    "epochs": 3,
+                    "length_bucketing": True,
+                    "sources": [
+                        {
+                            "name": n,
+                            "path": str(shared_data / FLAG / f"{n}.jsonl"),
+                            "columns": {"documents": "pos,neg", "scores": "pos_scores,neg_scores"},
+                        }
+                        for n in ("msmarco", "nq")
+                    ],
+                },
+            }
+        }
+    )
     prepare_recipe(r, progress=False)
     loader = GlobalBatchLoader(r, "kd", rank=0, world_size=2)
     full = [_digest(b) for b in loader]
@@ -326,15 +422,48 @@ def _shas(folder: Path) -> dict[str, str]:
 
 
 def _prep_recipe(shared_data, corpus_sources, out: Path, minilm):
-    return make_recipe({
-        "u": {"kind": "unsupervised", "init": minilm, "global_batch_size": 8, "query_length": 16, "document_length": 48,
-              "data": {"shards_dir": str(out / "u"), "rows_per_shard": 400,
-                       "sources": [{"name": "a", "path": str(corpus_sources["a"]), "columns": {"query": "q", "document": "p"}, "max_rows": 1600}]}},
-        "k": {"kind": "distillation", "init": {"from": "u"}, "global_batch_size": 4, "query_length": 16, "document_length": 48,
-              "data": {"shards_dir": str(out / "k"), "docs_per_query": 8, "rows_per_shard": 4,
-                       "sources": [{"name": "nq", "path": str(shared_data / FLAG / "nq.jsonl"),
-                                    "columns": {"documents": "pos,neg", "scores": "pos_scores,neg_scores"}}]}},
-    })
+    return make_recipe(
+        {
+            "u": {
+                "kind": "unsupervised",
+                "init": minilm,
+                "global_batch_size": 8,
+                "query_length": 16,
+                "document_length": 48,
+                "data": {
+                    "shards_dir": str(out / "u"),
+                    "rows_per_shard": 400,
+                    "sources": [
+                        {
+                            "name": "a",
+                            "path": str(corpus_sources["a"]),
+                            "columns": {"query": "q", "document": "p"},
+                            "max_rows": 1600,
+                        }
+                    ],
+                },
+            },
+            "k": {
+                "kind": "distillation",
+                "init": {"from": "u"},
+                "global_batch_size": 4,
+                "query_length": 16,
+                "document_length": 48,
+                "data": {
+                    "shards_dir": str(out / "k"),
+                    "docs_per_query": 8,
+                    "rows_per_shard": 4,
+                    "sources": [
+                        {
+                            "name": "nq",
+                            "path": str(shared_data / FLAG / "nq.jsonl"),
+                            "columns": {"documents": "pos,neg", "scores": "pos_scores,neg_scores"},
+                        }
+                    ],
+                },
+            },
+        }
+    )
 
 
 def test_prepare_restart_parallel_and_array(shared_data, corpus_sources, tmp_path, minilm):

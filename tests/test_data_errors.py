@@ -47,7 +47,9 @@ def expect_refused(r, match: str):
 # ---------------------------------------------------------------- columns
 def test_missing_mapped_column(shared_data, tmp_path, minilm):
     path = shared_data / FLAG / "msmarco.jsonl"
-    r = recipe("unsupervised", minilm, tmp_path, {"path": str(path), "columns": {"query": "question", "document": "pos"}})
+    r = recipe(
+        "unsupervised", minilm, tmp_path, {"path": str(path), "columns": {"query": "question", "document": "pos"}}
+    )
     msg = expect_refused(r, r"no column 'question' for role 'query'")
     assert str(path) in msg and "row 0 (line 1)" in msg and "columns" in msg
 
@@ -63,10 +65,14 @@ def test_parquet_missing_column_and_unknown_role(tmp_path, minilm):
 
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"q": ["a b"], "p": ["c d"]}), path)
-    expect_refused(recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}),
-                   rf"{path} has no column 'query' for role 'query'; its columns are \['q', 'p'\]")
-    expect_refused(recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path), "columns": {"passage": "p"}}),
-                   r"unknown role 'passage' for a unsupervised source; roles: query, document")
+    expect_refused(
+        recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}),
+        rf"{path} has no column 'query' for role 'query'; its columns are \['q', 'p'\]",
+    )
+    expect_refused(
+        recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path), "columns": {"passage": "p"}}),
+        r"unknown role 'passage' for a unsupervised source; roles: query, document",
+    )
 
 
 # ---------------------------------------------------------------- text values
@@ -93,11 +99,15 @@ def test_invalid_utf8_and_json(shared_data, tmp_path, minilm):
     raw = json.dumps(rows[2], ensure_ascii=False).encode()
     lines = rows[:2] + [b"", raw.replace(b"the", b"th\xff\xfe", 1)] + rows[3:]  # a blank line before: line 4
     path = write_jsonl(tmp_path / "utf8.jsonl", lines)
-    expect_refused(recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}),
-                   r"utf8.jsonl: row 2 \(line 4\): invalid UTF-8")
+    expect_refused(
+        recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}),
+        r"utf8.jsonl: row 2 \(line 4\): invalid UTF-8",
+    )
     path = write_jsonl(tmp_path / "json.jsonl", rows[:5] + [b'{"query": "a", "document": '] + rows[5:])
-    expect_refused(recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}),
-                   r"json.jsonl: row 5 \(line 6\): not valid JSON")
+    expect_refused(
+        recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}),
+        r"json.jsonl: row 5 \(line 6\): not valid JSON",
+    )
 
 
 # ---------------------------------------------------------------- distillation rows
@@ -106,23 +116,42 @@ def kd_tables(shared_data):
     beir = shared_data / "beir/msmarco-5k"
     qids = [json.loads(x)["_id"] for x in (beir / "queries.jsonl").read_text().split("\n")[:4] if x.strip()]
     dids = [json.loads(x)["_id"] for x in (beir / "corpus.jsonl").read_text().split("\n")[:40] if x.strip()]
-    rows = [{"qid": q, "dids": dids[i * 8:(i + 1) * 8], "s": [float(8 - k) for k in range(8)]} for i, q in enumerate(qids)]
-    src = {"queries_path": str(beir / "queries.jsonl"), "documents_path": str(beir / "corpus.jsonl"),
-           "columns": {"query_id": "qid", "document_ids": "dids", "scores": "s"}}
+    rows = [
+        {"qid": q, "dids": dids[i * 8 : (i + 1) * 8], "s": [float(8 - k) for k in range(8)]} for i, q in enumerate(qids)
+    ]
+    src = {
+        "queries_path": str(beir / "queries.jsonl"),
+        "documents_path": str(beir / "corpus.jsonl"),
+        "columns": {"query_id": "qid", "document_ids": "dids", "scores": "s"},
+    }
     return rows, src
 
 
 KD_BAD = [
-    (lambda r: r[1]["dids"].__setitem__(2, "no-such-doc"), r"row 1 \(line 2\): document id 'no-such-doc' is not in .*corpus.jsonl"),
-    (lambda r: r[2].__setitem__("qid", "no-such-query"), r"row 2 \(line 3\): query id 'no-such-query' is not in .*queries.jsonl"),
+    (
+        lambda r: r[1]["dids"].__setitem__(2, "no-such-doc"),
+        r"row 1 \(line 2\): document id 'no-such-doc' is not in "
+        r".*corpus.jsonl",
+    ),
+    (
+        lambda r: r[2].__setitem__("qid", "no-such-query"),
+        r"row 2 \(line 3\): query id 'no-such-query' is not in "
+        r".*queries.jsonl",
+    ),
     (lambda r: r[0]["s"].pop(), r"row 0 \(line 1\): 8 document_ids but 7 scores; they must pair up"),
-    (lambda r: r[3]["s"].__setitem__(5, float("nan")), r"row 3 \(line 4\): column 's' \(scores\[5\]\) is nan; teacher scores must be finite"),
+    (
+        lambda r: r[3]["s"].__setitem__(5, float("nan")),
+        r"row 3 \(line 4\): column 's' \(scores\[5\]\) is nan; teacher "
+        r"scores must be finite",
+    ),
     (lambda r: r[3]["s"].__setitem__(0, float("inf")), r"row 3 \(line 4\): column 's' \(scores\[0\]\) is inf"),
     (lambda r: (r[1]["dids"].pop(), r[1]["s"].pop()), r"row 1 \(line 2\): 7 scored documents, docs_per_query is 8"),
 ]
 
 
-@pytest.mark.parametrize("spoil,match", KD_BAD, ids=["unknown-doc", "unknown-query", "lengths", "nan", "inf", "too-few"])
+@pytest.mark.parametrize(
+    "spoil,match", KD_BAD, ids=["unknown-doc", "unknown-query", "lengths", "nan", "inf", "too-few"]
+)
 def test_bad_distillation_rows(kd_tables, tmp_path, minilm, spoil, match):
     rows, src = kd_tables
     path = write_jsonl(tmp_path / "good.jsonl", rows)
@@ -131,7 +160,13 @@ def test_bad_distillation_rows(kd_tables, tmp_path, minilm, spoil, match):
     assert GlobalBatchLoader(r, "p").batch(0).scores.shape == (2, 8)
     spoil(rows)
     write_jsonl(tmp_path / "bad.jsonl", rows)
-    r = recipe("distillation", minilm, tmp_path / "s2", {"path": str(tmp_path / "bad.jsonl"), **src}, data={"docs_per_query": 8})
+    r = recipe(
+        "distillation",
+        minilm,
+        tmp_path / "s2",
+        {"path": str(tmp_path / "bad.jsonl"), **src},
+        data={"docs_per_query": 8},
+    )
     expect_refused(r, match)
 
 
@@ -143,9 +178,19 @@ def test_too_few_negatives_refused_unless_padding(shared_data, tmp_path, minilm)
     rows[5]["neg"] = rows[5]["neg"][:1]
     path = write_jsonl(tmp_path / "few.jsonl", rows)
     src = {"path": str(path), "columns": {"positive": "pos", "negatives": "neg"}}
-    expect_refused(recipe("supervised", minilm, tmp_path / "s", src, data={"max_negatives": 5}),
-                   r"few.jsonl: row 5 \(line 6\): 1 row\(s\) have fewer than 3 hard negatives \(min\(max_negatives=5, most in a row=3\)")
-    r = recipe("supervised", minilm, tmp_path / "s", src, data={"max_negatives": 5, "pad_negatives": True}, global_batch_size=10)
+    expect_refused(
+        recipe("supervised", minilm, tmp_path / "s", src, data={"max_negatives": 5}),
+        r"few.jsonl: row 5 \(line 6\): 1 row\(s\) have fewer than 3 hard negatives \(min\(max_negatives=5, "
+        r"most in a row=3\)",
+    )
+    r = recipe(
+        "supervised",
+        minilm,
+        tmp_path / "s",
+        src,
+        data={"max_negatives": 5, "pad_negatives": True},
+        global_batch_size=10,
+    )
     s = prepare_recipe(r, progress=False)["p"]["src"]
     assert s["n_docs"] == 4 and s["written"] == 0  # only the index step re-ran: the shards were fine
     b = GlobalBatchLoader(r, "p").batch(0)
@@ -170,7 +215,11 @@ def test_prepared_source_whose_input_turns_bad_is_unmarked(shared_data, tmp_path
 # ---------------------------------------------------------------- loader checks
 @pytest.fixture()
 def prepared(shared_data, tmp_path, minilm):
-    rows = [{"query": r["query"], "document": r["pos"][0]} for n in ("msmarco", "nq", "nli") for r in flag_rows(shared_data, n)]
+    rows = [
+        {"query": r["query"], "document": r["pos"][0]}
+        for n in ("msmarco", "nq", "nli")
+        for r in flag_rows(shared_data, n)
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     r = recipe("unsupervised", minilm, tmp_path / "s", {"path": str(path)}, data={"rows_per_shard": 10})
     prepare_recipe(r, progress=False)
@@ -188,7 +237,11 @@ def test_truncated_shard(prepared):
     shard = folder / "shard-00001.arrow"
     data = shard.read_bytes()
     shard.write_bytes(data[:-100])
-    with pytest.raises(DataError, match=r"shard-00001.arrow: \d+ bytes, the index says \d+: the shard is truncated or altered"):
+    with pytest.raises(
+        DataError,
+        match=r"shard-00001.arrow: \d+ bytes, the index says \d+: the shard is truncated or "
+        r"altered",
+    ):
         GlobalBatchLoader(r, "p")
     # prepare notices and rewrites only that shard
     s = prepare_recipe(r, progress=False)["p"]["src"]  # its size check sees it, no --verify needed
@@ -215,9 +268,20 @@ def test_altered_shard(prepared):
 def test_settings_differ(prepared, minilm):
     r, folder = prepared
     data = r.phase("p").data.model_dump()
-    other = recipe("unsupervised", minilm, Path(data["shards_dir"]), data["sources"][0], data={"rows_per_shard": 10},
-                   query_length=20, prompts={"query": "query: "})
-    with pytest.raises(DataError, match=r"other settings — query_length: shards 23, recipe 27; query_prompt: shards 'search_query: ', recipe 'query: '"):
+    other = recipe(
+        "unsupervised",
+        minilm,
+        Path(data["shards_dir"]),
+        data["sources"][0],
+        data={"rows_per_shard": 10},
+        query_length=20,
+        prompts={"query": "query: "},
+    )
+    with pytest.raises(
+        DataError,
+        match=r"other settings — query_length: shards 23, recipe 27; query_prompt: shards "
+        r"'search_query: ', recipe 'query: '",
+    ):
         GlobalBatchLoader(other, "p")
 
 
@@ -233,5 +297,9 @@ def test_index_from_another_tokenizer(prepared, tiny_modernbert, tmp_path):
     tok.add_tokens(["[extra]"])
     tok.save_pretrained(model)
     other = recipe_from_dict({**r.resolved(), "phases": {"p": {**r.resolved()["phases"]["p"], "init": str(model)}}})
-    with pytest.raises(DataError, match=r"was tokenized with another tokenizer .* than the phase's .*other-model.*vocab_size: 30524 vs 30525"):
+    with pytest.raises(
+        DataError,
+        match=r"was tokenized with another tokenizer .* than the phase's "
+        r".*other-model.*vocab_size: 30524 vs 30525",
+    ):
         GlobalBatchLoader(other, "p")

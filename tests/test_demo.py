@@ -88,7 +88,10 @@ def test_demo_report(demo_run):
     results = _results_section(md)
     assert re.search(r"^\| Phase \| pydocs \| Average \|", results, flags=re.M), results
     for phase in PHASES:
-        assert re.search(rf"^\| {phase}( \(final\))? \| \d+\.\d\d \| \d+\.\d\d \|", results, flags=re.M), (phase, results)
+        assert re.search(rf"^\| {phase}( \(final\))? \| \d+\.\d\d \| \d+\.\d\d \|", results, flags=re.M), (
+            phase,
+            results,
+        )
     # every figure the report shows is a PNG beside it, the loss and nDCG@10 ones among them
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
     assert {"loss.png", "ndcg10.png"} <= set(figures), figures

@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from colbertzero.demo_data import (
-    BM25,
-    MAX_DOC_WORDS,
-    SOURCES,
-    DemoDataError,
-    build_demo_data,
-    norm_query,
-    read_jsonl,
-)
+from colbertzero.demo.data import BM25, SOURCES, build_demo_data, read_jsonl
+from colbertzero.demo.pydocs import MAX_DOC_WORDS, DemoDataError, norm_query
 
 DATA_FILES = [f"train/pairs/{s}.jsonl" for s in SOURCES] + [
     "train/triples.jsonl",

@@ -1,4 +1,4 @@
-"""colbertzero.evaluate / colbertzero.metrics: hand-checked metrics, BEIR and NanoBEIR loading, prompt handling,
+"""colbertzero.evaluate (and its metrics): hand-checked metrics, BEIR and NanoBEIR loading, prompt handling,
 the embedding cache, and parity with PyLate's own evaluator on real MS MARCO data with a real model."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from colbertzero.evaluate import (
     load_beir,
     subsample_corpus,
 )
-from colbertzero.metrics import compute_metrics, query_metrics, rank
+from colbertzero.evaluate.metrics import compute_metrics, query_metrics, rank
 
 QUERY_PROMPT, DOC_PROMPT = "search_query: ", "search_document: "
 
@@ -213,7 +213,8 @@ def test_prompts_come_from_the_model_config_and_can_be_switched_off(prompted, tm
 
     seen = _record_tokenized(monkeypatch, model)
     on = evaluate(path, [str(data)], model=model, cache_dir=str(cache), show_progress=False)
-    texts = {True: [t for q, batch in seen if q for t in batch], False: [t for q, batch in seen if not q for t in batch]}
+    texts = {True: [t for q, batch in seen if q for t in batch],
+             False: [t for q, batch in seen if not q for t in batch]}
     query_texts = [t for t in texts[True] if t != QUERY_PROMPT and t != DOC_PROMPT]  # PyLate also tokenizes the prompt
     assert sorted(query_texts) == sorted(QUERY_PROMPT + TINY_QUERIES[q] for q in TINY_QRELS)
     assert sorted(texts[False]) == sorted(DOC_PROMPT + t for t in TINY_CORPUS.values())
@@ -259,8 +260,9 @@ def msmarco_subset(shared_data, tmp_path_factory) -> Path:
     judged = {d for q in chosen for d in qrels[q]}
     sub_corpus = subsample_corpus(corpus, sub_qrels, len(judged) + MSMARCO_OTHERS)
     assert all(len(j) <= 100 for j in sub_qrels.values())  # so MAP@100 has one definition on both sides
-    return _write_beir(tmp_path_factory.mktemp("data") / "msmarco-sub", sub_corpus, {q: queries[q] for q in chosen},
-                       sub_qrels)
+    return _write_beir(
+        tmp_path_factory.mktemp("data") / "msmarco-sub", sub_corpus, {q: queries[q] for q in chosen}, sub_qrels
+    )
 
 
 def test_parity_with_pylate_evaluator_and_cache_hit(prompted, msmarco_subset, tmp_path, monkeypatch):
@@ -281,13 +283,19 @@ def test_parity_with_pylate_evaluator_and_cache_hit(prompted, msmarco_subset, tm
         score_functions={"MaxSim": colbert_scores},
         query_prompt_name="query",
         corpus_prompt_name="document",
-        mrr_at_k=[10], ndcg_at_k=[10], precision_recall_at_k=[100], map_at_k=[100], accuracy_at_k=[1],
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        precision_recall_at_k=[100],
+        map_at_k=[100],
+        accuracy_at_k=[1],
         corpus_chunk_size=128,
         batch_size=32,
         write_csv=False,
     )(model)
-    theirs = {m: next(v for key, v in reference.items() if key.endswith(f"MaxSim_{m}"))
-              for m in ("ndcg@10", "mrr@10", "recall@100", "map@100")}
+    theirs = {
+        m: next(v for key, v in reference.items() if key.endswith(f"MaxSim_{m}"))
+        for m in ("ndcg@10", "mrr@10", "recall@100", "map@100")
+    }
     print("parity ours:", {m: round(row[m], 6) for m in theirs}, "pylate:", {m: round(v, 6) for m, v in theirs.items()})
     for m, v in theirs.items():
         assert row[m] == pytest.approx(v, abs=1e-4), m
@@ -321,15 +329,15 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
 def test_index_backend_needs_its_package():
     from importlib.util import find_spec
 
-    from colbertzero.evaluate import EXACT_MAX_DOCS, _choose_backend
+    from colbertzero.evaluate import EXACT_MAX_DOCS, choose_backend
 
-    assert _choose_backend("auto", 10) == "exact" and _choose_backend("exact", 10**7) == "exact"
+    assert choose_backend("auto", 10) == "exact" and choose_backend("exact", 10**7) == "exact"
     if find_spec("voyager") is None:
         with pytest.raises(ImportError, match="pip install voyager"):
-            _choose_backend("voyager", 10)
+            choose_backend("voyager", 10)
     if find_spec("voyager") is None and find_spec("fast_plaid") is None:
         with pytest.raises(ImportError, match="index='exact'"):
-            _choose_backend("auto", EXACT_MAX_DOCS + 1)
+            choose_backend("auto", EXACT_MAX_DOCS + 1)
 
 
 @pytest.mark.parametrize("backend,package", [("voyager", "voyager"), ("plaid", "fast_plaid")])

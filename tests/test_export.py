@@ -17,7 +17,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import DOCUMENTS, EXPORT_STAGES, PHASE, QUERIES, STEPS, WORLD, recipe_dict, zero_runs  # noqa: E402
 
-from colbertzero.manifest import Manifest, sha256_tree  # noqa: E402
+from colbertzero.files import sha256_tree  # noqa: E402
+from colbertzero.manifest import Manifest  # noqa: E402
 from colbertzero.recipe import recipe_from_dict  # noqa: E402
 from colbertzero.train.export import ExportError, export_model, read_card_info, update_model_card  # noqa: E402
 
@@ -107,7 +108,9 @@ def test_update_model_card_adds_results_keeps_lineage_and_weights(runs, tmp_path
     before, weights = read_card_info(out), sha256_tree(out)
     update_model_card(out, {"scifact": {"ndcg@10": 0.71}, "nfcorpus": {"ndcg@10": 0.33, "mrr@10": np.float32(0.5)}})
     meta = _front_matter(out / "README.md")
-    results = {r["dataset"]["name"]: {x["type"]: x["value"] for x in r["metrics"]} for r in meta["model-index"][0]["results"]}
+    results = {
+        r["dataset"]["name"]: {x["type"]: x["value"] for x in r["metrics"]} for r in meta["model-index"][0]["results"]
+    }
     assert results == {"scifact": {"MaxSim_ndcg@10": 0.71}, "nfcorpus": {"MaxSim_ndcg@10": 0.33, "MaxSim_mrr@10": 0.5}}
     after = read_card_info(out)
     assert {k: v for k, v in after.items() if k != "eval"} == {k: v for k, v in before.items() if k != "eval"}
@@ -130,8 +133,16 @@ def test_export_of_a_plain_module_without_prompts(tmp_path, tiny_modernbert):
     with torch.no_grad():
         model[1].linear.weight.mul_(2.0)  # differs from what the path would build
     m = Manifest.create(tmp_path / "run", recipe)
-    out = export_model(model, model, tmp_path / "run" / "exported", recipe=recipe, phase_name=PHASE, manifest=m,
-                       lineage={"init": tiny_modernbert}, step=0)
+    out = export_model(
+        model,
+        model,
+        tmp_path / "run" / "exported",
+        recipe=recipe,
+        phase_name=PHASE,
+        manifest=m,
+        lineage={"init": tiny_modernbert},
+        step=0,
+    )
     cfg = json.loads((out / "config_sentence_transformers.json").read_text())
     assert cfg["prompts"] == {} and cfg["query_length"] == 8 and cfg["do_query_expansion"] is False
     loaded = ColBERT(str(out), device="cpu")

@@ -259,6 +259,20 @@ def drive_byhand(recipe: Path):
     return go
 
 
+def drive_python(recipe: Path):
+    """The Python API a login-node script or notebook uses: the same objects as the CLI."""
+    def go(run: Path) -> dict:
+        import colbertzero
+
+        handle = colbertzero.launch(str(recipe), run_dir=str(run), executor="slurm")
+        out = {"jobs": dict(handle.jobs), "returncode_at_submit": handle.returncode}
+        out["wait"] = handle.wait(poll=1)
+        out["status"], out["exports"], out["report"] = handle.status(), handle.exports, handle.report()
+        out["resumed"] = colbertzero.resume(str(run))  # every phase is done: nothing to submit
+        return out
+    return go
+
+
 @pytest.fixture(scope="module")
 def runs(local_slurm, tmp_path_factory):
     """Launch the chain (it prepares the shards everyone uses), then every other scenario once the shards exist."""
@@ -279,6 +293,7 @@ def runs(local_slurm, tmp_path_factory):
         "byhand": write_recipe(root, "lt-byhand", shards, {"unsupervised": {**NO_EVAL, "max_steps": 2},
                                                            "supervised": {**NO_EVAL, "max_steps": 2},
                                                            "distillation": None}),
+        "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {**NO_EVAL, "max_steps": 2}}),
     }
     dirs = {name: root / f"run-{name}" for name in recipes}
     _launch(recipes["chain"], dirs["chain"])
@@ -286,7 +301,8 @@ def runs(local_slurm, tmp_path_factory):
     wait(lambda: (s := sacct_runs(index_job)) and s[-1] not in ("PENDING", "RUNNING") and s[-1], "the prepare jobs")
     assert sacct_runs(index_job) == ["COMPLETED"], logs(dirs["chain"])
     drivers = {"chain": drive_chain, "interrupt": drive_interrupt(recipes["interrupt"]),
-               "budget": drive_budget(recipes["budget"]), "byhand": drive_byhand(recipes["byhand"])}
+               "budget": drive_budget(recipes["budget"]), "byhand": drive_byhand(recipes["byhand"]),
+               "python": drive_python(recipes["python"])}
     scenarios = {name: Scenario(name, fn, dirs[name]) for name, fn in drivers.items()}
     for s in scenarios.values():
         s.start()
@@ -295,7 +311,7 @@ def runs(local_slurm, tmp_path_factory):
         s.join(1)
     # Whatever a failed (or deselected) scenario left queued must not run into the next tests: the run's jobs are
     # the ones whose name ends with its tag, however they were submitted.
-    from colbertzero.launch.sbatch import run_tag
+    from colbertzero.launcher.sbatch import run_tag
 
     tags = {run_tag(run) for run in dirs.values()}
     leftover = [line.split()[0] for line in run_cmd("squeue", "-h", "-o", "%i %j").splitlines()
@@ -486,3 +502,15 @@ def test_sbatch_scripts_quote_every_recipe_value(tmp_path):
     for path in (odd / "sbatch").iterdir():
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
     assert not (tmp_path / "pwned").exists()
+
+
+def test_python_api_launches_waits_and_reports(runs):
+    from pylate.models import ColBERT
+
+    out = runs["scenarios"]["python"].outcome()
+    assert out["returncode_at_submit"] is None and set(out["jobs"]) == {"unsupervised"}, out["jobs"]
+    assert out["wait"] == 0
+    assert [(p["name"], p["state"], p["step"]) for p in out["status"]["phases"]] == [("unsupervised", "done", 2)]
+    assert ColBERT(out["exports"]["unsupervised"], device="cpu").query_prefix == "[Q] "
+    assert out["report"].is_file() and "unsupervised" in out["report"].read_text()
+    assert out["resumed"].returncode == 0 and out["resumed"].jobs == {}

@@ -1,4 +1,4 @@
-"""tools/local-slurm and colbertzero.launch.slurm_env on a real two-node Slurm cluster (no mocks).
+"""tools/local-slurm and colbertzero.runtime on a real two-node Slurm cluster (no mocks).
 
 The session fixture `local_slurm` (conftest.py) starts the cluster, installing Slurm on a fresh machine as root.
 """
@@ -12,10 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import local_slurm as cluster  # tools/local_slurm.py (conftest puts tools/ on sys.path)
 import pytest
 
-from colbertzero.launch import local_slurm as cluster
-from colbertzero.launch import slurm_env
+from colbertzero import runtime as slurm_env
+from colbertzero.recipe import parse_time_limit
 
 TOOL = str(cluster.TOOL)
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
@@ -99,7 +100,7 @@ def test_submitit_gloo_all_reduce_across_two_nodes(local_slurm, tmp_path):
         import torch
         import torch.distributed as dist
 
-        from colbertzero.launch import slurm_env as env_
+        from colbertzero import runtime as env_
 
         info = env_.set_torch_env()
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # env:// from set_torch_env
@@ -177,13 +178,13 @@ def test_node_address_falls_back_to_node_addr(local_slurm):
                                           ("1-02:03:04", 93784), ("2-00", 172800), ("1-02:03", 93780), ("90", 5400),
                                           ("00:01:02.345", 62)])
 def test_parse_slurm_time(text, seconds):
-    assert slurm_env.parse_slurm_time(text) == seconds
+    assert parse_time_limit(text) == seconds
 
 
 def test_parse_slurm_time_rejects_non_durations():
     for text in ("INVALID", "UNLIMITED", "", "1:2:3:4"):
         with pytest.raises(ValueError):
-            slurm_env.parse_slurm_time(text)
+            parse_time_limit(text)
 
 
 def test_master_port_is_deterministic_and_in_range():

@@ -34,7 +34,8 @@ from colbertzero.data.loader import GlobalBatchLoader
 from colbertzero.data.prepare import prepare_recipe
 from colbertzero.manifest import Manifest
 from colbertzero.recipe import load_recipe
-from colbertzero.train.runner import EXIT_REQUEUE, FlopCounter, peak_flops
+from colbertzero.runtime import Exit
+from colbertzero.train.metering import FlopCounter, peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
@@ -96,7 +97,7 @@ def _torchrun(run: Path, phase: str, tag: str) -> subprocess.Popen:
 
 def _srun_style(run: Path, phase: str, tag: str) -> list[subprocess.Popen]:
     """Both ranks as srun starts them: no torch variables, only Slurm's. The job id decides the rendezvous port
-    (slurm_env.master_port_for_job: 20000 + id mod 40000), so pick an id whose port is free here."""
+    (runtime.master_port_for_job: 20000 + id mod 40000), so pick an id whose port is free here."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -252,7 +253,7 @@ def interrupted(setup, jobs) -> dict:
 
 def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(interrupted):
     run, ph = interrupted["run"], interrupted["after_usr1"]
-    assert interrupted["usr1_codes"] == [EXIT_REQUEUE] * WORLD, _tail(run, "usr1")
+    assert interrupted["usr1_codes"] == [Exit.REQUEUE] * WORLD, _tail(run, "usr1")
     logged = [r["step"] for r in _records(run, "supervised") if r["attempt"] == ph["attempts"][0]["id"]]
     # the checkpoint is at the step where the ranks stopped (the signal was seen after step k1 or the next)
     assert ph["checkpoints"][-1]["step"] == logged[-1] >= interrupted["k"][0]

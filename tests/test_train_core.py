@@ -1,4 +1,4 @@
-"""Training core (colbertzero.train: dist, module, losses, gradcache, engine) on real processes and a real engine.
+"""Training core (colbertzero.train: dist, module, losses, step, engine) on real processes and a real engine.
 
 Two launches of tests/train_core_worker.py, each looping over ZeRO stages 0-3 (engine construction is cheap; a
 process start is not): one process started with no torch launcher variables (the single-process default), and two
@@ -79,6 +79,23 @@ def test_gradients_equal_the_global_mean_gradient_on_every_zero_stage(launch, re
         assert {s for name, s in covered if name == case} == STAGES, case
     assert {s for name, s in covered if name == "supervised-gradcache-accumulation"} == {0, 3}
     assert {s for name, s in covered if name == "supervised-gradcache-offload"} == {2, 3}
+    for case in ("unsupervised-gradcache-scale-global_batch", "supervised-direct-scale-world_size"):
+        assert {s for name, s in covered if name == case} == {0, 2}, case
+
+
+@pytest.mark.parametrize("launch", ["one_process", "two_ranks"])
+def test_loss_scale_multiplies_the_gradient_not_the_loss(launch, request):
+    """The scripts' gradient scales, analytically: global batch (10 queries) and world size (1 or 2) times the
+    global-mean gradient (checked against the scaled reference above), while the reported loss stays the mean."""
+    run = request.getfixturevalue(launch)
+    world = run["results"]["world_size"]
+    by = {(c["case"], c["stage"]): c for c in _steps(run)}
+    for stage in (0, 2):
+        cached, plain = by[("unsupervised-gradcache-scale-global_batch", stage)], by[("unsupervised-gradcache", stage)]
+        assert _rel(cached["grad_norm"], 10 * plain["grad_norm"]) < RTOL and _rel(cached["loss"], plain["loss"]) < 1e-9
+        gathered, mean = by[("supervised-direct-scale-world_size", stage)], by[("supervised-direct", stage)]
+        assert _rel(gathered["grad_norm"], world * mean["grad_norm"]) < RTOL
+        assert _rel(gathered["loss"], mean["loss"]) < 1e-9
 
 
 @pytest.mark.parametrize("launch", ["one_process", "two_ranks"])

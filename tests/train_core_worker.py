@@ -23,8 +23,8 @@ import torch
 from colbertzero.recipe import Phase
 from colbertzero.train import dist, losses
 from colbertzero.train.engine import build_engine
-from colbertzero.train.gradcache import accumulate_gradients, optimizer_step, train_step
 from colbertzero.train.module import ColBERTForTraining
+from colbertzero.train.step import accumulate_gradients, optimizer_step, train_step
 
 # Ten queries, each with its positive then two hard negatives. The second half has longer documents, so on two
 # ranks the local document lengths differ and the cross-rank padding is exercised.
@@ -199,6 +199,9 @@ def max_rel(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
 def run_case(name: str, colbert, runtime, phase: Phase, n_docs: int) -> dict:
     """One step, gradients read at the accumulation boundary, then a second step through train_step."""
     ref_loss, ref = reference(colbert, phase, n_docs, runtime.world_size)
+    # loss_scale: the optimizer sees the global-mean gradient times the scripts' factor (world size, global batch)
+    scale = phase.gradient_scale(runtime.world_size)
+    ref = {k: v * scale for k, v in ref.items()}
     t0 = time.perf_counter()
     model = ColBERTForTraining.for_phase(copy.deepcopy(colbert), phase)
     engine, _, _ = build_engine(model, phase, total_steps=10, runtime=runtime)
@@ -282,6 +285,12 @@ def cases(stage: int, world: int) -> list[tuple[str, Phase, int]]:
         phase = make_phase("supervised", stage, world, global_batch_size=8, gradient_accumulation=2,
                            gradcache_mini_batch=3, **supervised)  # fmt: skip
         out.append(("supervised-gradcache-accumulation", phase, 3))
+    if stage in (0, 2):
+        # the scripts' gradient scales: CachedContrastive's (global batch) and gathered Contrastive's (world size)
+        out.append(("unsupervised-gradcache-scale-global_batch", make_phase(
+            "unsupervised", stage, world, temperature=0.02, gradcache_mini_batch=3, loss_scale="global_batch"), 1))
+        out.append(("supervised-direct-scale-world_size",
+                    make_phase("supervised", stage, world, loss_scale="world_size", **supervised), 3))
     if stage in (2, 3):
         offload = {"zero_stage": stage, "offload_optimizer": True, "offload_params": stage == 3}
         phase = make_phase("supervised", stage, world, gradcache_mini_batch=4, deepspeed=offload, **supervised)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,8 +45,15 @@ import numpy as np
 import torch
 
 from colbertzero.data import shards as S
+from colbertzero.data.schedule import BlockOrder, batches_per_source, name_salt, seeded_rng
 from colbertzero.data.shards import DataError
-from colbertzero.data.tokenize import PhaseTokenizer, load_phase_tokenizer, pad_ragged, ragged_positions, settings_for_phase
+from colbertzero.data.tokenize import (
+    PhaseTokenizer,
+    load_phase_tokenizer,
+    pad_ragged,
+    ragged_positions,
+    settings_for_phase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,82 +236,6 @@ class _Source:
         return self.rows_store.take("max_doc_len", rows).astype(np.int64)
 
 
-# ---------------------------------------------------------------- order
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([k & 0xFFFFFFFF for k in key])
-
-
-def _salt(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-
-
-class _BlockOrder:
-    """Epoch e's order of a source's rows: blocks shuffled, rows shuffled within each block (all from the seed)."""
-
-    def __init__(self, shard_rows: list[int], block_rows: int, seed: int, salt: int):
-        starts, sizes = [], []
-        base = 0
-        for n in shard_rows:  # blocks never straddle shards
-            for s in range(0, n, block_rows):
-                starts.append(base + s)
-                sizes.append(min(block_rows, n - s))
-            base += n
-        self.starts = np.asarray(starts, dtype=np.int64)
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.seed, self.salt = seed, salt
-        self._epoch: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._within: dict[tuple[int, int], np.ndarray] = {}
-
-    def _blocks(self, epoch: int):
-        if self._epoch is None or self._epoch[0] != epoch:
-            perm = _rng(self.seed, self.salt, epoch, 1).permutation(len(self.sizes))
-            sizes = self.sizes[perm]
-            ends = np.cumsum(sizes)
-            self._epoch = (epoch, perm, ends, ends - sizes)
-            self._within.clear()
-        return self._epoch[1:]
-
-    def _perm(self, epoch: int, b: int) -> np.ndarray:
-        p = self._within.get((epoch, b))
-        if p is None:
-            if len(self._within) > 4096:
-                self._within.clear()
-            p = self._within[(epoch, b)] = _rng(self.seed, self.salt, epoch, 2, b).permutation(int(self.sizes[b]))
-        return p
-
-    def rows(self, epoch: int, pos: np.ndarray) -> np.ndarray:
-        perm, ends, firsts = self._blocks(epoch)
-        j = np.searchsorted(ends, pos, side="right")
-        off = pos - firsts[j]
-        out = np.empty(len(pos), dtype=np.int64)
-        for u in np.unique(j):
-            sel = np.flatnonzero(j == u)
-            b = int(perm[u])
-            out[sel] = self.starts[b] + self._perm(epoch, b)[off[sel]]
-        return out
-
-
-def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
-    quota = total * weights / weights.sum()
-    n = np.floor(quota).astype(np.int64)
-    rest = total - int(n.sum())
-    if rest > 0:
-        n[np.argsort(-(quota - n), kind="stable")[:rest]] += 1
-    return n
-
-
-# ---------------------------------------------------------------- loader
-def batches_per_source(data, rows: list[int], global_batch_size: int) -> np.ndarray:
-    """Global batches each source contributes to the schedule (see the module docstring); the phase's step count is
-    their sum, capped by ``max_steps``. Shared with `plan`, so a projection counts the steps the loader will take."""
-    eps = 1e-9
-    bpe = np.array([r // global_batch_size for r in rows], dtype=np.int64)
-    if data.sampling == "proportional":
-        return np.floor(bpe * data.epochs + eps).astype(np.int64)
-    w = np.array([s.weight if data.sampling == "weights" else 1.0 for s in data.sources], dtype=np.float64)
-    return _largest_remainder(int(math.floor(bpe.sum() * data.epochs + eps)), w)
-
-
 class GlobalBatchLoader:
     """Single-source global batches for one rank; see the module docstring."""
 
@@ -320,7 +250,8 @@ class GlobalBatchLoader:
         if not (0 <= self.rank < self.world_size):
             raise DataError(f"rank {rank} is outside world size {world_size}")
         if G % self.world_size:
-            raise DataError(f"phases.{phase_name}.global_batch_size {G} is not divisible by the world size {world_size}")
+            raise DataError(f"phases.{phase_name}.global_batch_size {G} is not divisible by the world size "
+                            f"{world_size}")
         self.local_batch_size = G // self.world_size
         self.seed = phase.seed if seed is None else int(seed)
         self.block_rows = int(block_rows)
@@ -348,7 +279,7 @@ class GlobalBatchLoader:
                     "drop the source or lower global_batch_size"
                 )
         self._orders = [
-            _BlockOrder([e["rows"] for e in ix["shards"]], self.block_rows, self.seed, _salt(s.name))
+            BlockOrder([e["rows"] for e in ix["shards"]], self.block_rows, self.seed, name_salt(s.name))
             for s, ix in zip(self.sources, self._indexes)
         ]
         self._bpe = np.array([s.rows // G for s in self.sources], dtype=np.int64)
@@ -382,7 +313,8 @@ class GlobalBatchLoader:
             raise DataError(f"{what}: {folder} was prepared with other settings — " + "; ".join(diffs) + f"; {fix}")
         have = index.get("tokenizer", {})
         if have.get("sha256") != tok["sha256"]:
-            detail = [f"{k}: {have.get(k)!r} vs {tok[k]!r}" for k in tok if k not in ("sha256", "source") and have.get(k) != tok[k]]
+            detail = [f"{k}: {have.get(k)!r} vs {tok[k]!r}" for k in tok
+                      if k not in ("sha256", "source") and have.get(k) != tok[k]]
             raise DataError(
                 f"{what}: {folder} was tokenized with another tokenizer ({have.get('source')!r}, sha256 "
                 f"{str(have.get('sha256'))[:12]}…) than the phase's ({tok['source']!r}, {tok['sha256'][:12]}…)"
@@ -398,7 +330,7 @@ class GlobalBatchLoader:
     # ---------------------------------------------------------------- schedule
     def _make_schedule(self, data, phase) -> None:
         n = batches_per_source(data, [s.rows for s in self.sources], self.global_batch_size)
-        sched = _rng(self.seed, 0x5C4E).permutation(np.repeat(np.arange(len(self.sources), dtype=np.int32), n))
+        sched = seeded_rng(self.seed, 0x5C4E).permutation(np.repeat(np.arange(len(self.sources), dtype=np.int32), n))
         if phase.max_steps is not None:
             sched = sched[: phase.max_steps]
         if len(sched) == 0:
@@ -456,7 +388,7 @@ class GlobalBatchLoader:
             nb = min(BUCKET_BATCHES, bpe - first)
             rows = order.rows(epoch, first * G + np.arange(nb * G))
             rows = rows[np.argsort(self.sources[s].max_doc_len(rows), kind="stable")].reshape(nb, G)
-            self._window = (key, rows, _rng(self.seed, self._orders[s].salt, epoch, 3, w).permutation(nb))
+            self._window = (key, rows, seeded_rng(self.seed, self._orders[s].salt, epoch, 3, w).permutation(nb))
         _, rows, perm = self._window
         return s, rows[perm[slot]]
 

@@ -23,17 +23,13 @@ temporary name, hashed, its sidecar written, then renamed), so a half-written sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
-from ..manifest import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401 - atomic_write_* re-exported
+from ..files import atomic_write_json, fsync_dir, sha256_file, temp_beside
 
 FORMAT = "colbertzero-shards/1"
 INDEX = "index.json"
@@ -45,24 +41,12 @@ class DataError(ValueError):
     """Bad input or prepared data that cannot be used; the message names the file, the row or setting, and the fix."""
 
 
-# ---------------------------------------------------------------- atomic files
-def tmp_path(final: Path) -> Path:
-    """A unique temporary name beside ``final`` (same filesystem, so the rename is atomic)."""
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
-    os.close(fd)
-    return Path(name)
-
-
+# ---------------------------------------------------------------- files
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); delete it and re-run `colbertzero prepare`") from None
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------- shards
@@ -81,7 +65,7 @@ def write_shard(path: Path, table: pa.Table, meta: dict) -> dict:
     or a shard whose sidecar is missing, and both read as "not finished".
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
+    tmp = temp_beside(path)
     try:
         batch = table.combine_chunks().to_batches()
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
@@ -89,7 +73,7 @@ def write_shard(path: Path, table: pa.Table, meta: dict) -> dict:
                 writer.write_batch(b)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        meta = dict(meta, file=path.name, rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
+        meta = dict(meta, file=path.name, rows=table.num_rows, bytes=tmp.stat().st_size, sha256=sha256_file(tmp))
         atomic_write_json(meta_path(path), meta)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -109,7 +93,7 @@ def finished_meta(path: Path, key: str, full_hash: bool = False) -> dict | None:
         return None
     if meta.get("key") != key or meta.get("bytes") != path.stat().st_size:
         return None
-    if full_hash and file_sha256(path) != meta.get("sha256"):
+    if full_hash and sha256_file(path) != meta.get("sha256"):
         return None
     return meta
 
@@ -165,7 +149,8 @@ def verify_shards(folder: Path, index: dict, full: bool = False) -> dict[str, in
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise DataError(f"{path}: shard listed in {index_path(folder)} is missing; re-run `colbertzero prepare`") from None
+            raise DataError(f"{path}: shard listed in {index_path(folder)} is missing; re-run "
+                            "`colbertzero prepare`") from None
         if st.st_size != e["bytes"]:
             raise DataError(
                 f"{path}: {st.st_size} bytes, the index says {e['bytes']}: the shard is truncated or altered; "
@@ -173,13 +158,9 @@ def verify_shards(folder: Path, index: dict, full: bool = False) -> dict[str, in
             )
         if full or st.st_mtime_ns != e.get("mtime_ns"):
             hashed += 1
-            if file_sha256(path) != e["sha256"]:
+            if sha256_file(path) != e["sha256"]:
                 raise DataError(
                     f"{path}: sha256 differs from {index_path(folder)}: the shard was altered; "
                     "re-run `colbertzero prepare --verify` to rebuild it"
                 )
     return {"checked": len(entries), "hashed": hashed}
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

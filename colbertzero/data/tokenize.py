@@ -25,49 +25,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from colbertzero.data.shards import DataError
+from colbertzero.models import ModelSettings, TokenSettings, build_colbert, resolve_model_ref, settings_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from colbertzero.recipe import Recipe
 
 
-@dataclass(frozen=True)
-class TokenSettings:
-    """What, besides the tokenizer, decides the tokens (PyLate's names; lengths include the prefix token)."""
-
-    query_length: int
-    document_length: int
-    query_prefix: str
-    document_prefix: str
-    query_prompt: str  # "" when the phase has prompts off
-    document_prompt: str
-    do_query_expansion: bool
-    attend_to_expansion_tokens: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def settings_for_phase(recipe: "Recipe", phase_name: str) -> TokenSettings:
-    phase = recipe.phase(phase_name)
-    m = recipe.model
-    on = phase.prompts.enabled
-    return TokenSettings(
-        query_length=phase.effective_query_length,
-        document_length=phase.effective_document_length,
-        query_prefix=m.query_prefix,
-        document_prefix=m.document_prefix,
-        query_prompt=phase.prompts.query if on else "",
-        document_prompt=phase.prompts.document if on else "",
-        do_query_expansion=m.do_query_expansion,
-        # PyLate turns attention to expansion tokens off when it does not expand
-        attend_to_expansion_tokens=m.attend_to_expansion_tokens and m.do_query_expansion,
-    )
+def settings_for_phase(recipe: "Recipe", phase_name: str) -> ModelSettings:
+    """The phase's model settings (``models.settings_for``); their ``tokens()`` part decides the ids."""
+    return settings_for(recipe, phase_name)
 
 
 def tokenizer_source(recipe: "Recipe", phase_name: str) -> str:
@@ -78,8 +50,6 @@ def tokenizer_source(recipe: "Recipe", phase_name: str) -> str:
         seen.append(phase.init_from)
         phase = recipe.phase(phase.init_from)
     assert isinstance(phase.init, str)
-    from colbertzero.models import resolve_model_ref
-
     return resolve_model_ref(phase.init)  # builtin:* names (tests, demo) → their local folders
 
 
@@ -110,7 +80,8 @@ class PhaseTokenizer:
         """From a loaded ``pylate.models.ColBERT`` (the trainer has one; prepare loads one)."""
         have = {k: getattr(model, k) for k in ("query_length", "document_length", "query_prefix", "document_prefix",
                                                 "do_query_expansion", "attend_to_expansion_tokens")}
-        diffs = [f"{k}: model {v!r}, phase {getattr(settings, k)!r}" for k, v in have.items() if v != getattr(settings, k)]
+        diffs = [f"{k}: model {v!r}, phase {getattr(settings, k)!r}" for k, v in have.items()
+                 if v != getattr(settings, k)]
         if diffs:
             raise DataError("the model tokenizes differently from the phase's settings: " + "; ".join(diffs))
         return cls(
@@ -207,33 +178,20 @@ def pad_ragged(lens: np.ndarray, flat: np.ndarray, width: int, pad_id: int) -> t
 
 
 @functools.lru_cache(maxsize=8)
-def _load(source: str, settings: TokenSettings) -> PhaseTokenizer:
-    import logging
-
-    import pylate.models
-
+def _load(source: str, settings: ModelSettings) -> PhaseTokenizer:
     # PyLate/transformers report resized embeddings and unused weights while loading; none of it matters here.
     quiet = [logging.getLogger(n) for n in ("pylate", "sentence_transformers", "transformers")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
     try:
-        model = pylate.models.ColBERT(
-            source,
-            device="cpu",
-            query_prefix=settings.query_prefix,
-            document_prefix=settings.document_prefix,
-            query_length=settings.query_length,
-            document_length=settings.document_length,
-            do_query_expansion=settings.do_query_expansion,
-            attend_to_expansion_tokens=settings.attend_to_expansion_tokens,
-        )
+        model = build_colbert(source, settings, "cpu")
     except OSError as e:
         raise DataError(f"cannot load the tokenizer of {source}: {e}") from None
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)
-    return PhaseTokenizer.from_model(model, settings, source=source)
+    return PhaseTokenizer.from_model(model, settings.tokens(), source=source)
 
 
 def load_phase_tokenizer(recipe: "Recipe", phase_name: str) -> PhaseTokenizer:

@@ -1,6 +1,7 @@
-"""Training core: process group (`dist`), the module DeepSpeed wraps (`module`), the loss by phase kind (`losses`),
-one optimizer step with or without GradCache (`gradcache`), the DeepSpeed engine from a phase (`engine`); the phase
-runner (`runner`), checkpoints and export build on them.
+"""Training core, in PyLate's split: scores and losses by phase kind (`losses`), the module DeepSpeed wraps
+(`module`), one optimizer step of every kind, GradCache included (`step`), the DeepSpeed engine (`engine`); the
+process group and cross-rank agreement (`dist`); the components the loop calls, each owning its cadence
+(`checkpoint.Checkpointer`, `metering.Metrics`, `evaluation.Evaluator`); export; and the phase runner (`runner`).
 
 Per rank::
 
@@ -8,6 +9,8 @@ Per rank::
     model = module.ColBERTForTraining.for_phase(colbert, phase)       # PyLate ColBERT + temperature
     eng, optimizer, scheduler = engine.build_engine(model, phase, total_steps, runtime=rt)
     for batch in loader:
-        res = gradcache.train_step(eng, batch, phase)  # loss, grad_norm, temperature, lr, n_queries, n_tokens
+        res = step.train_step(eng, batch, phase)  # loss, grad_norm, temperature, lr, n_queries, n_tokens
     dist.teardown()
+
+Nothing here imports the launcher: the runner's exit code (`runtime.Exit`) and the manifest are all they share.
 """

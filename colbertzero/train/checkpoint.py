@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ..manifest import Manifest, atomic_write_json, fsync_dir, now_iso, sha256_tree
+from ..files import atomic_write_json, fsync_dir, fsync_tree, now_iso, sha256_tree
+from ..manifest import Manifest
+from . import dist
 
 log = logging.getLogger(__name__)
 
@@ -80,66 +81,9 @@ def clean_stale(ckpt_root: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     if removed:
-        log.warning("removed %d stale partial checkpoint folder(s): %s", len(removed), ", ".join(p.name for p in removed))
+        log.warning("removed %d stale partial checkpoint folder(s): %s", len(removed),
+                    ", ".join(p.name for p in removed))
     return removed
-
-
-# ---------------------------------------------------------------- distributed helpers
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist() else 1
-
-
-def _barrier() -> None:
-    if _dist():
-        dist.barrier()
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not _dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not _dist():
-        return [obj]
-    out: list[Any] = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _raise_everywhere(outcome: dict, error: type[Exception] | None = None) -> Any:
-    """Rank 0's outcome, broadcast: its value, or the same error raised on every rank."""
-    outcome = _broadcast(outcome)
-    if outcome.get("error"):
-        raise (error or CheckpointError)(outcome["error"])
-    return outcome.get("value")
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under ``root`` to stable storage before the folder is renamed into place.
-
-    DeepSpeed's torch.save does not fsync; without this a node crash right after the rename could leave a folder
-    marked complete with truncated files. Each rank flushes what its own client wrote (for others it is cheap)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
 
 
 # ---------------------------------------------------------------- RNG
@@ -210,7 +154,7 @@ def save_checkpoint(
     clash = sorted(set(extra_state) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra_state may not set {clash}: the trainer state writes those itself")
-    rank, world = _rank(), _world()
+    rank, world = dist.rank(), dist.world()
     loader_json = _to_json(loader_state, "loader_state")
     _to_json(extra_state, "extra_state")
 
@@ -223,14 +167,14 @@ def save_checkpoint(
         clean_stale(root)  # no other writer can be active: a phase runs as one job
         tmp.mkdir()
 
-    _raise_everywhere(_on_rank0(prepare, f"preparing {tmp}"))
+    dist.rank0_outcome(prepare, f"preparing {tmp}", CheckpointError)
 
     # DeepSpeed writes its own files: rank 0 the module/scheduler states, every rank its ZeRO partition.
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=True)
     rng_file = _rng_path(tmp, rank)
     rng_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rng, rng_file)
-    loaders = _all_gather(loader_json)
+    loaders = dist.all_gather_objects(loader_json)
     if rank == 0:
         state = {
             "format": TRAINER_STATE_FORMAT,
@@ -247,9 +191,9 @@ def save_checkpoint(
         else:
             state["loader_per_rank"] = [json.loads(s) for s in loaders]
         atomic_write_json(tmp / TRAINER_STATE, state)
-    _barrier()  # everything is written; now flush it
-    _fsync_tree(tmp)
-    _barrier()
+    dist.barrier()  # everything is written; now flush it
+    fsync_tree(tmp)
+    dist.barrier()
 
     def commit():
         if not any((tmp / DS_TAG).glob("*model_states.pt")):
@@ -273,18 +217,7 @@ def save_checkpoint(
                 shutil.rmtree(p, ignore_errors=True)
         return str(final)
 
-    return Path(_raise_everywhere(_on_rank0(commit, f"committing checkpoint {final}")))
-
-
-def _on_rank0(fn, what: str) -> dict:
-    """Run ``fn`` on rank 0 and wrap its result or error for :func:`_raise_everywhere`."""
-    if _rank() != 0:
-        return {}
-    try:
-        return {"value": fn()}
-    except Exception as e:  # broadcast so that the other ranks raise instead of waiting forever
-        log.exception("%s failed", what)
-        return {"error": f"{what}: {type(e).__name__}: {e}"}
+    return Path(dist.rank0_outcome(commit, f"committing checkpoint {final}", CheckpointError))
 
 
 def _to_json(obj: Any, what: str) -> str:
@@ -340,11 +273,11 @@ def load_latest_checkpoint(engine, run_dir: str | os.PathLike, phase_name: str, 
         return find_latest_checkpoint(manifest, phase_name)
 
     # Rank 0 decides and tells the others: every rank loads the same checkpoint even if the manifest moves.
-    chosen = _raise_everywhere(_on_rank0(choose, f"finding the latest checkpoint of phase {phase_name!r}"))
+    chosen = dist.rank0_outcome(choose, f"finding the latest checkpoint of phase {phase_name!r}", CheckpointError)
     if chosen is None:
         return None
     path = Path(chosen["abspath"])
-    rank, world = _rank(), _world()
+    rank, world = dist.rank(), dist.world()
     if chosen["world_size"] != world or chosen["zero_stage"] != _zero_stage(engine):
         # DeepSpeed refuses what it cannot re-partition; what it accepts resumes, but not bit-identically.
         log.warning("checkpoint %s was written by %s ranks at ZeRO-%s; resuming with %d ranks at ZeRO-%d",
@@ -363,7 +296,8 @@ def load_latest_checkpoint(engine, run_dir: str | os.PathLike, phase_name: str, 
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / TRAINER_STATE}: cannot read the trainer state ({e})") from None
     if state.get("format") != TRAINER_STATE_FORMAT:
-        raise CheckpointError(f"{path / TRAINER_STATE}: format {state.get('format')!r}, expected {TRAINER_STATE_FORMAT!r}")
+        raise CheckpointError(f"{path / TRAINER_STATE}: format {state.get('format')!r}, expected "
+                              f"{TRAINER_STATE_FORMAT!r}")
     per_rank = state.pop("loader_per_rank", None)
     if per_rank is not None:
         if len(per_rank) != world:
@@ -376,7 +310,26 @@ def load_latest_checkpoint(engine, run_dir: str | os.PathLike, phase_name: str, 
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     else:
-        log.warning("%s: no RNG state for rank %d (saved with %s ranks); RNG not restored", path, rank, chosen["world_size"])
-    _barrier()
+        log.warning("%s: no RNG state for rank %d (saved with %s ranks); RNG not restored", path, rank,
+                    chosen["world_size"])
+    dist.barrier()
     state["checkpoint"] = str(path)
     return state
+
+
+class Checkpointer:
+    """A phase run's checkpoints: when to save (every ``cadence.save_every`` steps; the runner also saves at the end
+    and on a stop), and saving/loading against the run's manifest. Every rank holds one and calls it alike."""
+
+    def __init__(self, engine, manifest: Manifest, phase_name: str, cadence) -> None:
+        self.engine, self.manifest, self.phase_name, self.cadence = engine, manifest, phase_name, cadence
+
+    def load(self) -> dict | None:
+        return load_latest_checkpoint(self.engine, self.manifest.run_dir, self.phase_name, self.manifest)
+
+    def should_save(self, step: int, total: int) -> bool:
+        return step % self.cadence.save_every == 0 and step < total  # the last step is saved by the end of phase
+
+    def save(self, step: int, *, loader_state: dict, temperature: float | None) -> Path:
+        return save_checkpoint(self.engine, self.manifest.run_dir, self.phase_name, step, loader_state=loader_state,
+                               temperature=temperature, manifest=self.manifest, keep_last=self.cadence.keep_last)

@@ -27,21 +27,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import yaml
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import safe_get_full_fp32_param
+from huggingface_hub import EvalResult, ModelCardData
+from pylate.models import ColBERT
 from torch import nn
 
-from ..manifest import Manifest, atomic_write_bytes, now_iso, sha256_tree
-from .checkpoint import (
-    _barrier,
-    _fsync_tree,
-    _on_rank0,
-    _raise_everywhere,
-    _rank,
-    _world,
-    capture_rng_state,
-    restore_rng_state,
-)
+from .. import ledger
+from ..files import atomic_write_bytes, fsync_tree, now_iso, sha256_tree
+from ..manifest import Manifest
+from ..models import colbert_for, settings_for
+from . import dist
+from .checkpoint import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,16 @@ class ExportError(RuntimeError):
 
 # ---------------------------------------------------------------- gathering the weights
 def _unwrap(engine_or_module) -> nn.Module:
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
     return engine_or_module.module if isinstance(engine_or_module, DeepSpeedEngine) else engine_or_module
 
 
 def _full_param(p: nn.Parameter) -> torch.Tensor:
     """The whole parameter, fp32 master where DeepSpeed keeps one. Collective under ZeRO: every rank calls it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         full = safe_get_full_fp32_param(p)  # None for a ZeRO-3 parameter that is not trained
         if full is not None:
             return full
     if hasattr(p, "ds_id"):
-        import deepspeed
-
         with deepspeed.zero.GatheredParameters([p]):
             return p.detach().clone()
     return p.detach()
@@ -84,7 +78,7 @@ def consolidated_state_dict(engine_or_module, *, all_ranks: bool = False) -> dic
     ``all_ranks``. Keys are the module's ``state_dict`` keys (parameters shared under two names appear under both).
     """
     module = _unwrap(engine_or_module)
-    keep = all_ranks or _rank() == 0
+    keep = all_ranks or dist.rank() == 0
     out: dict[str, torch.Tensor] = {}
     done: dict[int, torch.Tensor] = {}
     for key, t in module.state_dict(keep_vars=True).items():  # same order on every rank
@@ -101,8 +95,6 @@ def consolidated_state_dict(engine_or_module, *, all_ranks: bool = False) -> dic
 
 def _colbert_prefix(module: nn.Module) -> str:
     """Where the PyLate model sits in the trained module ("" when the module is the ColBERT itself)."""
-    from pylate.models import ColBERT
-
     for name, m in module.named_modules():
         if isinstance(m, ColBERT):
             return f"{name}." if name else ""
@@ -110,61 +102,15 @@ def _colbert_prefix(module: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------- the PyLate folder
-def _phase_settings(recipe, phase_name: str) -> dict:
-    ph = recipe.phase(phase_name)
-    m = recipe.model
-    expand = m.do_query_expansion
-    return {
-        "prompts": {"query": ph.prompts.query, "document": ph.prompts.document} if ph.prompts.enabled else {},
-        "query_prefix": m.query_prefix,
-        "document_prefix": m.document_prefix,
-        "query_length": ph.effective_query_length,
-        "document_length": ph.effective_document_length,
-        "do_query_expansion": expand,
-        "attend_to_expansion_tokens": m.attend_to_expansion_tokens and expand,  # PyLate's rule
-    }
-
-
-def _build_container(template, recipe, phase_name: str):
-    """A plain CPU ColBERT of the trained architecture, configured as the recipe says, to receive the weights."""
-    import copy
-
-    from pylate.models import ColBERT
-
-    s = _phase_settings(recipe, phase_name)
-    if isinstance(template, ColBERT):
-        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in template.parameters()):
-            raise ExportError(
-                "the export template is a model managed by DeepSpeed (its parameters are ZeRO partitions or views); "
-                "pass the path the phase started from instead"
-            )
-        model = copy.deepcopy(template).to("cpu")
-        for k in ("query_prefix", "document_prefix"):
-            if getattr(model, k) != s[k]:
-                raise ExportError(f"the export template has {k}={getattr(model, k)!r}; the recipe says {s[k]!r}")
-    else:
-        model = ColBERT(
-            str(template),
-            device="cpu",
-            embedding_size=recipe.model.embedding_size,
-            query_prefix=s["query_prefix"],
-            document_prefix=s["document_prefix"],
-            skiplist_words=None if recipe.model.skiplist_punctuation else [],
-        )
-    model.prompts = dict(s["prompts"])
-    model.default_prompt_name = None
-    for k in ("query_length", "document_length", "do_query_expansion", "attend_to_expansion_tokens"):
-        setattr(model, k, s[k])
-    return model
-
-
 def trained_colbert(full: dict[str, torch.Tensor], prefix: str, model_template, recipe, phase_name: str):
     """A plain CPU ColBERT holding the consolidated weights ``full`` (keys under ``prefix``), configured as the
     recipe's phase says: what the export saves, and what in-training evaluation scores. Leaves the RNG untouched."""
     weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     rng = capture_rng_state()  # building the template may draw random numbers (new [Q]/[D] embedding rows)
     try:
-        container = _build_container(model_template, recipe, phase_name)
+        container = colbert_for(recipe, phase_name, model_template, "cpu")
+    except ValueError as e:
+        raise ExportError(f"cannot build the export from {model_template!r}: {e}") from None
     finally:
         restore_rng_state(rng)
     if all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point()):
@@ -216,7 +162,8 @@ def export_model(
         eval_results = _clean_eval_results(eval_results)
     module = _unwrap(engine_or_module)
     prefix = _colbert_prefix(module)
-    zero_stage = int(engine_or_module.zero_optimization_stage()) if hasattr(engine_or_module, "zero_optimization_stage") else 0
+    zero_stage = (int(engine_or_module.zero_optimization_stage())
+                  if hasattr(engine_or_module, "zero_optimization_stage") else 0)
     full = consolidated_state_dict(engine_or_module)
     out = Path(out_dir).resolve()
 
@@ -244,17 +191,18 @@ def export_model(
                 "gpu_hours_run": None,
                 "weights_dtype": ",".join(dtypes),
                 "zero_stage": zero_stage,
-                "world_size": _world(),
+                "world_size": dist.world(),
                 "time": now_iso(),
-                "settings": {**_phase_settings(recipe, phase_name), "embedding_size": container[-1].out_features},
+                "settings": _card_settings(recipe, phase_name, container),
                 "other_parameters": others,
             }
             if manifest is not None:
-                info["total_steps"] = manifest.phase(phase_name).get("total_steps")
-                info["gpu_hours_phase"] = round(manifest.gpu_hours(phase_name), 4)
-                info["gpu_hours_run"] = round(manifest.gpu_hours(), 4)
+                data = manifest.read()
+                info["total_steps"] = data["phases"][phase_name].get("total_steps")
+                info["gpu_hours_phase"] = round(ledger.phase_gpu_hours(data, phase_name), 4)
+                info["gpu_hours_run"] = round(ledger.run_gpu_hours(data), 4)
             atomic_write_bytes(tmp / "README.md", render_model_card(info, eval_results).encode())
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             sha = sha256_tree(tmp)
             if out.exists():  # re-export: swap the old folder out, the new one in, then drop the old
                 old = out.parent / f".tmp-{out.name}-replaced"
@@ -272,9 +220,19 @@ def export_model(
             manifest.update_phase(phase_name, lambda p: p.__setitem__("export", entry))
         return str(out)
 
-    result = _raise_everywhere(_on_rank0(write, f"exporting phase {phase_name!r} to {out}"), ExportError)
-    _barrier()
+    result = dist.rank0_outcome(write, f"exporting phase {phase_name!r} to {out}", ExportError)
+    dist.barrier()
     return Path(result)
+
+
+def _card_settings(recipe, phase_name: str, container) -> dict:
+    """The settings block of the card (how to use the model), from the same settings the model was built with."""
+    s = settings_for(recipe, phase_name)
+    prompts = {"query": s.query_prompt, "document": s.document_prompt} if s.query_prompt or s.document_prompt else {}
+    return {"prompts": prompts, "query_prefix": s.query_prefix, "document_prefix": s.document_prefix,
+            "query_length": s.query_length, "document_length": s.document_length,
+            "do_query_expansion": s.do_query_expansion, "attend_to_expansion_tokens": s.attend_to_expansion_tokens,
+            "skiplist_punctuation": s.skiplist_punctuation, "embedding_size": container[-1].out_features}
 
 
 # ---------------------------------------------------------------- the model card
@@ -301,8 +259,6 @@ def _metric(v: Any) -> float | None:
 
 def render_model_card(info: dict, eval_results: dict | None) -> str:
     """README.md: YAML metadata (PyLate's tags, the lineage block, model-index) and a short human-readable body."""
-    from huggingface_hub import EvalResult, ModelCardData
-
     name = f"{info['recipe']}-{info['phase']}"
     results = []
     for dataset, metrics in (eval_results or {}).items():
@@ -338,7 +294,8 @@ def render_model_card(info: dict, eval_results: dict | None) -> str:
         ("config hash", code(lin.get("config_hash"))),
         ("optimizer steps", steps),
         ("GPU-hours (phase / run so far)", f"{info['gpu_hours_phase']} / {info['gpu_hours_run']}"),
-        ("trained on", f"{info['world_size']} rank(s), ZeRO-{info['zero_stage']}; exported weights {info['weights_dtype']}"),
+        ("trained on", f"{info['world_size']} rank(s), ZeRO-{info['zero_stage']}; exported weights "
+                       f"{info['weights_dtype']}"),
     ]
     known = {"init", "init_sha256", "data_index", "data_index_sha256", "config_hash"}
     rows += [(k, v) for k, v in lin.items() if k not in known]

@@ -131,7 +131,7 @@ def _contrastive_chunk(
     d_mask_all: torch.Tensor,
     labels: torch.Tensor,
     temperature: torch.Tensor,
-    denominator: int,
+    denominator: float,
     d_grad: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`contrastive_ce_sum(...) / denominator` for one chunk of queries, with its gradients written by hand: returns
@@ -182,7 +182,7 @@ def contrastive_sum_and_grads(
     d_mask_all: torch.Tensor,
     labels: torch.Tensor,
     temperature: torch.Tensor,
-    denominator: int,
+    denominator: float,
     *,
     zero_masked_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,7 +235,7 @@ def contrastive_loss(
     *,
     n_docs: int,
     temperature: torch.Tensor | float,
-    denominator: int,
+    denominator: float,
     gather: bool,
     teacher_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -282,7 +282,7 @@ def distillation_loss(
     *,
     n_docs: int,
     teacher_scores: torch.Tensor | None,
-    denominator: int,
+    denominator: float,
     temperature: torch.Tensor | float | None = None,
     gather: bool = False,
 ) -> torch.Tensor:

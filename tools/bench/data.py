@@ -56,12 +56,26 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _recipe_dict(model: str, shards: Path, path: Path, batch: int, epochs: float = 1000.0, **data) -> dict:
-    return {"name": "bench", "phases": {"p": {
-        "kind": "unsupervised", "init": model, "lr": 1e-5, "global_batch_size": batch,
-        "query_length": Q_LEN, "document_length": D_LEN,
-        "resources": {"gpus_per_node": 0, "cpu_tasks_per_node": 1},
-        "data": {"shards_dir": str(shards), "epochs": epochs, "sources": [{"name": "msmarco", "path": str(path)}], **data},
-    }}}
+    return {
+        "name": "bench",
+        "phases": {
+            "p": {
+                "kind": "unsupervised",
+                "init": model,
+                "lr": 1e-5,
+                "global_batch_size": batch,
+                "query_length": Q_LEN,
+                "document_length": D_LEN,
+                "resources": {"gpus_per_node": 0, "cpu_tasks_per_node": 1},
+                "data": {
+                    "shards_dir": str(shards),
+                    "epochs": epochs,
+                    "sources": [{"name": "msmarco", "path": str(path)}],
+                    **data,
+                },
+            }
+        },
+    }
 
 
 def _rss() -> dict[str, float]:
@@ -70,8 +84,12 @@ def _rss() -> dict[str, float]:
         k, _, v = line.partition(":")
         if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
             out[k] = int(v.split()[0]) / 1024
-    return {"rss_mb": round(out["VmRSS"], 1), "rss_anon_mb": round(out["RssAnon"], 1),
-            "rss_file_mb": round(out["RssFile"], 1), "peak_rss_mb": round(out["VmHWM"], 1)}
+    return {
+        "rss_mb": round(out["VmRSS"], 1),
+        "rss_anon_mb": round(out["RssAnon"], 1),
+        "rss_file_mb": round(out["RssFile"], 1),
+        "peak_rss_mb": round(out["VmHWM"], 1),
+    }
 
 
 def child_rss(recipe_json: str, steps: int) -> None:
@@ -91,6 +109,7 @@ def child_rss(recipe_json: str, steps: int) -> None:
 def _synthetic_copy(src: Path, dst: Path, times: int) -> None:
     """A source ``times`` larger made of the prepared shards repeated, with a valid index (it passes the checks)."""
     from colbertzero.data import shards as S
+    from colbertzero.files import atomic_write_json
 
     index = S.read_index(src, "bench")
     dst.mkdir(parents=True)
@@ -100,7 +119,7 @@ def _synthetic_copy(src: Path, dst: Path, times: int) -> None:
             name = S.shard_name(len(entries))
             shutil.copyfile(src / e["file"], dst / name)
             entries.append({**e, "file": name, "mtime_ns": (dst / name).stat().st_mtime_ns})
-    S.atomic_write_json(S.index_path(dst), {**index, "rows": index["rows"] * times, "shards": entries})
+    atomic_write_json(S.index_path(dst), {**index, "rows": index["rows"] * times, "shards": entries})
 
 
 def _load_avg() -> float:
@@ -135,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     model_path = minilm_path()
     rows = _rows(data)
     tmp = Path(tempfile.mkdtemp(prefix="cz-bench-data-"))
-    res: dict = {"batch": a.batch, "rows": len(rows), "query_length": Q_LEN + 7, "document_length": D_LEN + 7,
-                 "model": "all-MiniLM-L6-v2", "load_avg_start": _load_avg()}
+    res: dict = {
+        "batch": a.batch,
+        "rows": len(rows),
+        "query_length": Q_LEN + 7,
+        "document_length": D_LEN + 7,
+        "model": "all-MiniLM-L6-v2",
+        "load_avg_start": _load_avg(),
+    }
     try:
         src = _write_jsonl(tmp / "pairs.jsonl", rows)
         recipe = recipe_from_dict(_recipe_dict(model_path, tmp / "shards", src, a.batch))
@@ -149,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         big_rows = (rows * (a.prepare_rows // len(rows) + 1))[: a.prepare_rows]
         big = _write_jsonl(tmp / "pairs-big.jsonl", big_rows)
         for w in (1, 2):
-            r = recipe_from_dict(_recipe_dict(model_path, tmp / f"prep{w}", big, a.batch,
-                                              rows_per_shard=max(1, a.prepare_rows // 8)))
+            r = recipe_from_dict(
+                _recipe_dict(model_path, tmp / f"prep{w}", big, a.batch, rows_per_shard=max(1, a.prepare_rows // 8))
+            )
             t0 = time.perf_counter()
             out = prepare_recipe(r, workers=w, progress=False)["p"]["msmarco"]
             wall = time.perf_counter() - t0
@@ -163,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         res["prepare_rows"] = a.prepare_rows
 
         # ---- PyLate's collator vs the loader, in alternating rounds so machine load hits both alike
-        model = pylate.models.ColBERT(model_path, device="cpu", query_length=ph.effective_query_length,
-                                      document_length=ph.effective_document_length)
+        model = pylate.models.ColBERT(
+            model_path,
+            device="cpu",
+            query_length=ph.effective_query_length,
+            document_length=ph.effective_document_length,
+        )
         collator = pylate.utils.ColBERTCollator(
-            tokenize_fn=model.tokenize, prompts={"query": ph.prompts.query, "positive": ph.prompts.document})
+            tokenize_fn=model.tokenize, prompts={"query": ph.prompts.query, "positive": ph.prompts.document}
+        )
         loader = GlobalBatchLoader(recipe, "p")
         batches = iter(loader)
         next(batches)  # warm the page cache, as any step after the first
@@ -197,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{name}_padded_tokens_per_s"] = round(padded / dt, 1)
             res[f"{name}_tokens_per_s"] = round(real / dt, 1)
         res["ratio_vs_pylate"] = round(res["loader_pairs_per_s"] / res["pylate_pairs_per_s"], 1)
-        res["ratio_padded_tokens_vs_pylate"] = round(res["loader_padded_tokens_per_s"] / res["pylate_padded_tokens_per_s"], 1)
+        res["ratio_padded_tokens_vs_pylate"] = round(
+            res["loader_padded_tokens_per_s"] / res["pylate_padded_tokens_per_s"], 1
+        )
 
         # ---- memory: 1× vs 10× source, fresh processes
         _synthetic_copy(tmp / "shards/msmarco", tmp / "shards10/msmarco", 10)
@@ -205,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         steps = len(rows) // a.batch
         for name, shards, s in (("1x", "shards", steps), ("10x", "shards10", steps), ("10x_full_epoch", "shards10", 0)):
             rj = json.dumps(_recipe_dict(model_path, tmp / shards, src, a.batch, epochs=1.0))
-            out = subprocess.run([sys.executable, __file__, "--child-rss", rj, str(s)], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child-rss", rj, str(s)], capture_output=True, text=True, check=True
+            )
             rss[name] = json.loads(out.stdout.strip().splitlines()[-1])
         res["rss"] = rss
-        res["rss_anon_growth_10x_vs_1x_mb"] = round(rss["10x_full_epoch"]["after"]["rss_anon_mb"] - rss["1x"]["after"]["rss_anon_mb"], 1)
+        res["rss_anon_growth_10x_vs_1x_mb"] = round(
+            rss["10x_full_epoch"]["after"]["rss_anon_mb"] - rss["1x"]["after"]["rss_anon_mb"], 1
+        )
         res["shard_mb_1x"] = round(sum(p.stat().st_size for p in (tmp / "shards/msmarco").glob("*.arrow")) / 2**20, 1)
         res["load_avg_end"] = _load_avg()
     finally:
@@ -218,21 +254,39 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(res))
         return 0
-    print(f"rows {res['rows']} real MS MARCO pairs, MiniLM, q {res['query_length']} / d {res['document_length']}, "
-          f"prompts, batch {a.batch}, 1 process each (load avg {res['load_avg_start']} → {res['load_avg_end']})")
-    print(f"  PyLate collator    {res['pylate_pairs_per_s']:>12,.0f} pairs/s  {res['pylate_padded_tokens_per_s']:>14,.0f} padded tok/s")
-    print(f"  colbertzero loader {res['loader_pairs_per_s']:>12,.0f} pairs/s  {res['loader_padded_tokens_per_s']:>14,.0f} padded tok/s"
-          f"  ({res['loader_tokens_per_s']:,.0f} real tok/s)")
-    print(f"  ratio              {res['ratio_vs_pylate']:>12}×  pairs/s, {res['ratio_padded_tokens_vs_pylate']}× padded tokens/s")
-    print(f"  prepare            {res['prepare_pairs_per_s_1w']:>12,.0f} pairs/s 1 worker, "
-          f"{res['prepare_pairs_per_s_2w']:,.0f} with 2 ({res['prepare_scaling_2_vs_1']}×; wall, process start included; "
-          f"{res['prepare_rows']} rows)")
-    print(f"  prepare per process{res['prepare_pairs_per_s_per_process_1w']:>12,.0f} pairs/s with 1 worker, "
-          f"{res['prepare_pairs_per_s_per_process_2w']:,.0f} each with 2 (inside the workers; per CPU-second: "
-          f"{res['prepare_pairs_per_cpu_s_1w']:,.0f} and {res['prepare_pairs_per_cpu_s_2w']:,.0f})")
+    print(
+        f"rows {res['rows']} real MS MARCO pairs, MiniLM, q {res['query_length']} / d {res['document_length']}, "
+        f"prompts, batch {a.batch}, 1 process each (load avg {res['load_avg_start']} → {res['load_avg_end']})"
+    )
+    print(
+        f"  PyLate collator    {res['pylate_pairs_per_s']:>12,.0f} pairs/s  "
+        f"{res['pylate_padded_tokens_per_s']:>14,.0f} padded tok/s"
+    )
+    print(
+        f"  colbertzero loader {res['loader_pairs_per_s']:>12,.0f} pairs/s  "
+        f"{res['loader_padded_tokens_per_s']:>14,.0f} padded tok/s"
+        f"  ({res['loader_tokens_per_s']:,.0f} real tok/s)"
+    )
+    print(
+        f"  ratio              {res['ratio_vs_pylate']:>12}×  pairs/s, {res['ratio_padded_tokens_vs_pylate']}× "
+        f"padded tokens/s"
+    )
+    print(
+        f"  prepare            {res['prepare_pairs_per_s_1w']:>12,.0f} pairs/s 1 worker, "
+        f"{res['prepare_pairs_per_s_2w']:,.0f} with 2 ({res['prepare_scaling_2_vs_1']}×; wall, process start "
+        f"included; "
+        f"{res['prepare_rows']} rows)"
+    )
+    print(
+        f"  prepare per process{res['prepare_pairs_per_s_per_process_1w']:>12,.0f} pairs/s with 1 worker, "
+        f"{res['prepare_pairs_per_s_per_process_2w']:,.0f} each with 2 (inside the workers; per CPU-second: "
+        f"{res['prepare_pairs_per_cpu_s_1w']:,.0f} and {res['prepare_pairs_per_cpu_s_2w']:,.0f})"
+    )
     for k, v in res["rss"].items():
-        print(f"  RSS {k:<15} rows {v['rows']:>7}, {v['steps']:>4} steps: anon {v['after']['rss_anon_mb']:>6} MB, "
-              f"total {v['after']['rss_mb']:>6} MB (opened: anon {v['opened']['rss_anon_mb']} MB)")
+        print(
+            f"  RSS {k:<15} rows {v['rows']:>7}, {v['steps']:>4} steps: anon {v['after']['rss_anon_mb']:>6} MB, "
+            f"total {v['after']['rss_mb']:>6} MB (opened: anon {v['opened']['rss_anon_mb']} MB)"
+        )
     return 0
 
 

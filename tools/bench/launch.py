@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from colbertzero.data.prepare import prepare_recipe
-    from colbertzero.launch import local_slurm
+    sys.path.insert(0, str(ROOT / "tools"))
+    import local_slurm  # tools/local_slurm.py: the local test cluster, not part of the package
+
     from colbertzero.models import resolve_model_ref
     from colbertzero.recipe import load_recipe
 

@@ -8,7 +8,7 @@ executor) on real training text that does not overlap the evaluation:
 
 - FlagEmbedding's example files in ../shared/data/train/flagembedding-examples (MS MARCO, NQ, LLaRA, NLI rows with
   mined negatives and reranker scores);
-- the demo data set built from Python's documentation (`colbertzero.demo_data`: pairs, BM25 triples, teacher-scored
+- the demo data set built from Python's documentation (`colbertzero.demo.data`: pairs, BM25 triples, teacher-scored
   lists).
 
 A training row whose query is an evaluation query (case, spacing and final punctuation ignored), or whose positive is
@@ -78,7 +78,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def eval_keys(beir: list[Path]) -> tuple[set[str], set[str]]:
     """Normalised eval queries and the texts of judged eval documents, over every dataset."""
-    from colbertzero.demo_data import norm_query
+    from colbertzero.demo.pydocs import norm_query
     from colbertzero.evaluate import load_beir
 
     queries, judged = set(), set()
@@ -97,7 +97,7 @@ def _positives(row: dict, column: str) -> list[str]:
 def filtered_copy(src: Path, dst: Path, query_col: str, pos_col: str, eval_queries: set[str],
                   judged: set[str]) -> dict:
     """Copy a JSONL training file without the rows that overlap the evaluation; returns what was dropped."""
-    from colbertzero.demo_data import norm_query
+    from colbertzero.demo.pydocs import norm_query
 
     rows = _read_jsonl(src)
     keep, by_query, by_doc = [], 0, 0
@@ -114,7 +114,7 @@ def filtered_copy(src: Path, dst: Path, query_col: str, pos_col: str, eval_queri
 
 def training_files(work: Path) -> list[dict]:
     """Every training file of the benchmark: phase, source name, original, filtered copy under WORK/train, columns."""
-    from colbertzero.demo_data import build_demo_data
+    from colbertzero.demo.data import build_demo_data
 
     if not FLAG.is_dir():
         raise SystemExit(f"quality: {FLAG} not found (this benchmark uses the shared test data in ../shared/data)")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("COLBERTZERO_EMBEDDINGS_CACHE", str(work / "cache" / "embeddings"))
 
     from colbertzero.demo import INIT_EVAL, evaluate_init, format_stages, ndcg_by_stage
-    from colbertzero.launch.chain import LaunchError, launch
+    from colbertzero.launcher.api import LaunchError, launch
     from colbertzero.manifest import Manifest, ManifestError
     from colbertzero.recipe import load_recipe
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quality] run dir {run_dir}; evaluating the starting model", flush=True)
         evaluate_init(run_dir)
         try:
-            code = launch(str(recipe_path), str(run_dir), executor="local")
+            code = launch(str(recipe_path), str(run_dir), executor="local").returncode
         except LaunchError as e:
             print(f"quality: {e}", file=sys.stderr)
             return 2
@@ -228,12 +228,25 @@ def main(argv: list[str] | None = None) -> int:
     gain = {ds: row[final] - row["init"] for ds, row in table.items()}
     mean_gain = sum(gain.values()) / len(gain)
     if args.json:
-        print(json.dumps({
-            "model": "builtin:minilm", "metric": "ndcg@10", "scale": "percent", "stages": stages,
-            "ndcg@10": table, "gain_vs_init": gain, "beats_init": mean_gain > 0, "steps": dict(zip(FLAG_SOURCES, steps)),
-            "overlap_removed": overlap, "run_dir": str(run_dir), "init_eval": str(run_dir / INIT_EVAL),
-            "wall_s": round(time.time() - t0, 1),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": "builtin:minilm",
+                    "metric": "ndcg@10",
+                    "scale": "percent",
+                    "stages": stages,
+                    "ndcg@10": table,
+                    "gain_vs_init": gain,
+                    "beats_init": mean_gain > 0,
+                    "steps": dict(zip(FLAG_SOURCES, steps)),
+                    "overlap_removed": overlap,
+                    "run_dir": str(run_dir),
+                    "init_eval": str(run_dir / INIT_EVAL),
+                    "wall_s": round(time.time() - t0, 1),
+                },
+                indent=2,
+            )
+        )
     else:
         print()
         print(format_stages(table))

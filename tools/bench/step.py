@@ -207,16 +207,34 @@ def worker_pylate(spec: dict) -> dict:
         clock = Clock()
         with tempfile.TemporaryDirectory() as tmp:
             args = SentenceTransformerTrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=spec["steps"] + spec["warmup"],
-                learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", batch_sampler=sequential, seed=0,
-                use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
-            trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                                 loss=loss, data_collator=utils.ColBERTCollator(model.tokenize),
-                                                 callbacks=[clock])
+                output_dir=tmp,
+                per_device_train_batch_size=BATCH,
+                max_steps=spec["steps"] + spec["warmup"],
+                learning_rate=1e-5,
+                logging_steps=1,
+                save_strategy="no",
+                report_to="none",
+                batch_sampler=sequential,
+                seed=0,
+                use_cpu=True,
+                dataloader_drop_last=True,
+                disable_tqdm=True,
+            )
+            trainer = SentenceTransformerTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                loss=loss,
+                data_collator=utils.ColBERTCollator(model.tokenize),
+                callbacks=[clock],
+            )
             trainer.train()
         w = spec["warmup"] - 1  # the timed steps end after the warm-up ones
-        out[loss_name] = {"steps_per_s": spec["steps"] / (clock.ends[-1] - clock.ends[w]), "first_loss": clock.losses[0],
-                          "cpu_s_per_step": (clock.cpu[-1] - clock.cpu[w]) / spec["steps"]}
+        out[loss_name] = {
+            "steps_per_s": spec["steps"] / (clock.ends[-1] - clock.ends[w]),
+            "first_loss": clock.losses[0],
+            "cpu_s_per_step": (clock.cpu[-1] - clock.cpu[w]) / spec["steps"],
+        }
         log(f"pylate {Path(spec['model']).name} {loss_name}: {out[loss_name]['steps_per_s']:.3f} steps/s")
     return out
 
@@ -226,13 +244,14 @@ def _engine_for(r, init_path: str, rt):
     import torch
 
     from colbertzero.data.loader import GlobalBatchLoader
+    from colbertzero.models import colbert_for
     from colbertzero.train.engine import build_engine
+    from colbertzero.train.metering import FlopCounter
     from colbertzero.train.module import ColBERTForTraining
-    from colbertzero.train.runner import FlopCounter, build_model
 
     phase = r.phase("bench")
     torch.manual_seed(phase.seed)
-    colbert = build_model(init_path, r, phase, rt.device)
+    colbert = colbert_for(r, "bench", init_path, rt.device)
     module = ColBERTForTraining.for_phase(colbert, phase)
     flops = FlopCounter(colbert, phase, rt.world_size)
     loader = GlobalBatchLoader(r, "bench", rt.rank, rt.world_size)
@@ -243,7 +262,7 @@ def _engine_for(r, init_path: str, rt):
 def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> dict:
     import torch
 
-    from colbertzero.train.gradcache import train_step
+    from colbertzero.train.step import train_step
 
     ends, cpu, first, total_flops, pairs = [], [], None, 0.0, 0
     it = iter(loader)
@@ -259,9 +278,14 @@ def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> d
             total_flops += flops.total(flops.local(batch))
             pairs += res.n_queries
     seconds = ends[-1] - ends[warmup - 1]
-    return {"steps_per_s": steps / seconds, "seconds_per_step": seconds / steps, "first_loss": first,
-            "cpu_s_per_step": (cpu[-1] - cpu[warmup - 1]) / steps, "pairs_per_s": pairs / seconds,
-            "tflops": total_flops / seconds / 1e12}
+    return {
+        "steps_per_s": steps / seconds,
+        "seconds_per_step": seconds / steps,
+        "first_loss": first,
+        "cpu_s_per_step": (cpu[-1] - cpu[warmup - 1]) / steps,
+        "pairs_per_s": pairs / seconds,
+        "tflops": total_flops / seconds / 1e12,
+    }
 
 
 def worker_colbertzero(spec: dict) -> dict:
@@ -288,7 +312,7 @@ def worker_memory(spec: dict) -> dict:
     engine, loader, flops = _engine_for(r, spec["model"], rt)
     base = _rss_mb()
     t0 = time.perf_counter()
-    from colbertzero.train.gradcache import train_step
+    from colbertzero.train.step import train_step
 
     train_step(engine, loader.batch(0), r.phase("bench"))
     return {"peak_rss_mb": _peak_rss_mb(), "rss_before_step_mb": base, "step_s": time.perf_counter() - t0}
@@ -299,17 +323,21 @@ def worker_gpu(spec: dict) -> dict:
 
     from colbertzero.recipe import recipe_from_dict
     from colbertzero.train.dist import init_distributed
-    from colbertzero.train.runner import peak_flops
+    from colbertzero.train.metering import peak_flops
 
     r = recipe_from_dict(spec["recipe"])
     rt = init_distributed(bf16=r.phase("bench").bf16, device="cuda:0" if spec["device"] == "cuda" else "cpu")
     engine, loader, flops = _engine_for(r, spec["model"], rt)
     res = _timed_steps(engine, loader, r.phase("bench"), flops, spec["steps"])
     peak = peak_flops(rt.device, rt.dtype)
-    res.update(device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
-               dtype=str(rt.dtype).replace("torch.", ""), peak_tflops=peak / 1e12 if peak else None,
-               mfu=res["tflops"] * 1e12 / peak if peak else None, paper_pairs_per_s_per_gpu=PAPER_PAIRS_PER_GPU,
-               vs_paper=res["pairs_per_s"] / PAPER_PAIRS_PER_GPU)
+    res.update(
+        device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
+        dtype=str(rt.dtype).replace("torch.", ""),
+        peak_tflops=peak / 1e12 if peak else None,
+        mfu=res["tflops"] * 1e12 / peak if peak else None,
+        paper_pairs_per_s_per_gpu=PAPER_PAIRS_PER_GPU,
+        vs_paper=res["pairs_per_s"] / PAPER_PAIRS_PER_GPU,
+    )
     if rt.device.type == "cuda":
         res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
     return res
@@ -323,8 +351,11 @@ def run_worker(kind: str, spec: dict, work: Path) -> dict:
     spec_path = work / f"spec-{kind}-{time.time_ns()}.json"
     out_path = spec_path.with_suffix(".out.json")
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -354,42 +385,73 @@ def bench_throughput(models: list[str], given: int | None, rounds: int, work: Pa
         n = BATCH * (steps + warmup)
         for kind, kind_rows in data.items():
             if len(kind_rows) < n:
-                raise SystemExit(f"--steps {steps} + --warmup {warmup} need {n} {kind} rows; the benchmark data has "
-                                 f"{len(kind_rows)} (at most {len(kind_rows) // BATCH - warmup} timed steps)")
+                raise SystemExit(
+                    f"--steps {steps} + --warmup {warmup} need {n} {kind} rows; the benchmark data has "
+                    f"{len(kind_rows)} (at most {len(kind_rows) // BATCH - warmup} timed steps)"
+                )
         path = resolve_model_ref(f"builtin:{name}")
         recipes, rows = {}, {}
         for loss in LOSSES:
             kind = KIND[loss]
-            r = prepared(kind, data[kind][:n], work, path, f"{name}-{kind}-{n}", batch=BATCH, q=Q_LEN, d=D_LEN,
-                         steps=steps + warmup, mini=MINI if loss == "cached_contrastive" else None)
+            r = prepared(
+                kind,
+                data[kind][:n],
+                work,
+                path,
+                f"{name}-{kind}-{n}",
+                batch=BATCH,
+                q=Q_LEN,
+                d=D_LEN,
+                steps=steps + warmup,
+                mini=MINI if loss == "cached_contrastive" else None,
+            )
             recipes[loss] = r.resolved()
             ordered = step_rows(r, data[kind][:n], steps + warmup)
             rows[loss] = str(_jsonl(work / f"{name}-{loss}-pylate.jsonl", ordered))
-        specs = {"pylate": {"model": path, "losses": list(LOSSES), "rows": rows, "steps": steps, "warmup": warmup},
-                 "colbertzero": {"model": path, "losses": list(LOSSES), "recipes": recipes, "steps": steps,
-                                 "warmup": warmup}}
+        specs = {
+            "pylate": {"model": path, "losses": list(LOSSES), "rows": rows, "steps": steps, "warmup": warmup},
+            "colbertzero": {
+                "model": path,
+                "losses": list(LOSSES),
+                "recipes": recipes,
+                "steps": steps,
+                "warmup": warmup,
+            },
+        }
         runs: dict[str, list[dict]] = {"pylate": [], "colbertzero": []}
         for k in range(rounds):
-            for side in (("pylate", "colbertzero") if k % 2 == 0 else ("colbertzero", "pylate")):
+            for side in ("pylate", "colbertzero") if k % 2 == 0 else ("colbertzero", "pylate"):
                 log(f"{name}: {side}, round {k + 1}/{rounds}, {steps} timed steps per loss")
                 # One fresh process per loss: a loss never runs in a process that earlier ones grew or fragmented.
-                runs[side].append({loss: run_worker(side, {**specs[side], "losses": [loss]}, work)[loss]
-                                   for loss in LOSSES})
-        best = {side: {loss: {"steps_per_s": max(r[loss]["steps_per_s"] for r in rs),
-                              "cpu_s_per_step": min(r[loss]["cpu_s_per_step"] for r in rs),
-                              "first_loss": rs[0][loss]["first_loss"]} for loss in LOSSES}
-                for side, rs in runs.items()}
+                runs[side].append(
+                    {loss: run_worker(side, {**specs[side], "losses": [loss]}, work)[loss] for loss in LOSSES}
+                )
+        best = {
+            side: {
+                loss: {
+                    "steps_per_s": max(r[loss]["steps_per_s"] for r in rs),
+                    "cpu_s_per_step": min(r[loss]["cpu_s_per_step"] for r in rs),
+                    "first_loss": rs[0][loss]["first_loss"],
+                }
+                for loss in LOSSES
+            }
+            for side, rs in runs.items()
+        }
         py, us = best["pylate"], best["colbertzero"]
-        out[name] = {loss: {"pylate_steps_per_s": py[loss]["steps_per_s"],
-                            "colbertzero_steps_per_s": us[loss]["steps_per_s"],
-                            "ratio": us[loss]["steps_per_s"] / py[loss]["steps_per_s"],
-                            "timed_steps": steps,
-                            "pylate_cpu_s_per_step": py[loss]["cpu_s_per_step"],
-                            "colbertzero_cpu_s_per_step": us[loss]["cpu_s_per_step"],
-                            "cpu_ratio": py[loss]["cpu_s_per_step"] / us[loss]["cpu_s_per_step"],
-                            "first_loss": {"pylate": py[loss]["first_loss"], "colbertzero": us[loss]["first_loss"]},
-                            "rounds": {side: [r[loss]["steps_per_s"] for r in rs] for side, rs in runs.items()}}
-                     for loss in LOSSES}
+        out[name] = {
+            loss: {
+                "pylate_steps_per_s": py[loss]["steps_per_s"],
+                "colbertzero_steps_per_s": us[loss]["steps_per_s"],
+                "ratio": us[loss]["steps_per_s"] / py[loss]["steps_per_s"],
+                "timed_steps": steps,
+                "pylate_cpu_s_per_step": py[loss]["cpu_s_per_step"],
+                "colbertzero_cpu_s_per_step": us[loss]["cpu_s_per_step"],
+                "cpu_ratio": py[loss]["cpu_s_per_step"] / us[loss]["cpu_s_per_step"],
+                "first_loss": {"pylate": py[loss]["first_loss"], "colbertzero": us[loss]["first_loss"]},
+                "rounds": {side: [r[loss]["steps_per_s"] for r in rs] for side, rs in runs.items()},
+            }
+            for loss in LOSSES
+        }
     return out
 
 
@@ -398,8 +460,18 @@ def bench_memory(sizes: list[int], work: Path, model: str = "tiny-modernbert") -
 
     path = resolve_model_ref(f"builtin:{model}")
     rows = pair_rows()
-    r0 = prepared("unsupervised", rows, work, path, f"memory-pairs-{model}", batch=max(sizes), q=Q_LEN, d=D_LEN,
-                  steps=1, mini=MEMORY_MINI)
+    r0 = prepared(
+        "unsupervised",
+        rows,
+        work,
+        path,
+        f"memory-pairs-{model}",
+        batch=max(sizes),
+        q=Q_LEN,
+        d=D_LEN,
+        steps=1,
+        mini=MEMORY_MINI,
+    )
     out = {}
     for b in sizes:
         spec = r0.resolved()
@@ -417,8 +489,20 @@ def bench_gpu(device: str, work: Path, batch: int, mini: int, steps: int) -> dic
         return {"measured": False, "reason": "no GPU"}
     path = modernbert_base(work / "modernbert-base-random")
     rows = pair_rows(batch * (steps + 1))
-    r = prepared("unsupervised", rows, work, path, f"gpu-pairs-{len(rows)}", batch=batch, q=GPU["q"], d=GPU["d"],
-                 steps=steps + 1, mini=mini, prompts=True, bf16=True)
+    r = prepared(
+        "unsupervised",
+        rows,
+        work,
+        path,
+        f"gpu-pairs-{len(rows)}",
+        batch=batch,
+        q=GPU["q"],
+        d=GPU["d"],
+        steps=steps + 1,
+        mini=mini,
+        prompts=True,
+        bf16=True,
+    )
     res = run_worker("gpu", {"model": path, "recipe": r.resolved(), "device": device, "steps": steps}, work)
     res.update(measured=True, global_batch=batch, mini_batch=mini)
     return res
@@ -435,8 +519,13 @@ def modernbert_base(out: Path) -> str:
     from colbertzero.models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    cfg = ModernBertConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                           cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id)
+    cfg = ModernBertConfig(
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        cls_token_id=tok.cls_token_id,
+        sep_token_id=tok.sep_token_id,
+    )
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix=".modernbert-", dir=out.parent))
     ModernBertModel(cfg).save_pretrained(tmp, safe_serialization=True)
@@ -451,46 +540,62 @@ def summary(result: dict) -> str:
     for model, per in result.get("throughput", {}).items():
         timed = next(iter(per.values()))["timed_steps"]
         lines.append(f"throughput, {model} (batch {BATCH}, q {Q_LEN} / d {D_LEN}, {timed} timed steps), steps/s:")
-        lines.append(f"  {'loss':<20}{'PyLate':>9}{'ours':>9}{'ratio':>8}{'CPU-s ratio':>13}   first loss PyLate / ours")
+        lines.append(
+            f"  {'loss':<20}{'PyLate':>9}{'ours':>9}{'ratio':>8}{'CPU-s ratio':>13}   first loss PyLate / ours"
+        )
         for loss, x in per.items():
             fl = x["first_loss"]
-            lines.append(f"  {loss:<20}{x['pylate_steps_per_s']:>9.3f}{x['colbertzero_steps_per_s']:>9.3f}"
-                         f"{x['ratio']:>7.2f}x{x['cpu_ratio']:>12.2f}x   {fl['pylate']:.6f} / {fl['colbertzero']:.6f}")
+            lines.append(
+                f"  {loss:<20}{x['pylate_steps_per_s']:>9.3f}{x['colbertzero_steps_per_s']:>9.3f}"
+                f"{x['ratio']:>7.2f}x{x['cpu_ratio']:>12.2f}x   {fl['pylate']:.6f} / {fl['colbertzero']:.6f}"
+            )
     if "memory" in result:
-        lines.append(f"GradCache memory ({result['memory_model']}, mini-batch {MEMORY_MINI}, q {Q_LEN} / d {D_LEN}), "
-                     f"peak RSS:")
+        lines.append(
+            f"GradCache memory ({result['memory_model']}, mini-batch {MEMORY_MINI}, q {Q_LEN} / d {D_LEN}), peak RSS:"
+        )
         for b, x in result["memory"].items():
             lines.append(f"  global batch {b:>5}: {x['peak_rss_mb']:8.0f} MB   (one step {x['step_s']:.1f} s)")
         lines.append(f"  ratio largest / smallest: {result['gradcache_memory_ratio']:.2f}x")
         if "memory_per_pair_kb" in result:
             m = result["memory_per_pair_kb"]
-            lines.append(f"  per extra pair: {m['measured']:.0f} KB (GradCache's own cache of embeddings and "
-                         f"gradients: {m['cached_embeddings_and_gradients']:.0f} KB)")
+            lines.append(
+                f"  per extra pair: {m['measured']:.0f} KB (GradCache's own cache of embeddings and "
+                f"gradients: {m['cached_embeddings_and_gradients']:.0f} KB)"
+            )
     g = result.get("gpu")
     if g is not None:
         if not g.get("measured"):
             lines.append(f"GPU: not measured: {g['reason']}")
         else:
             mfu = f"{g['mfu']:.1%}" if g["mfu"] is not None else "n/a"
-            lines.append(f"GPU ({g['device']}, {g['dtype']}): {g['pairs_per_s']:.1f} pairs/s/GPU "
-                         f"(paper ~{PAPER_PAIRS_PER_GPU:.0f}: {g['vs_paper']:.2f}x), {g['tflops']:.1f} TFLOP/s, MFU {mfu}")
+            lines.append(
+                f"GPU ({g['device']}, {g['dtype']}): {g['pairs_per_s']:.1f} pairs/s/GPU "
+                f"(paper ~{PAPER_PAIRS_PER_GPU:.0f}: {g['vs_paper']:.2f}x), {g['tflops']:.1f} TFLOP/s, MFU "
+                f"{mfu}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: the GPU measurement only (pairs/s/GPU, MFU)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"timed steps per loss (default per model: {TIMED_STEPS}, 4 for others)")
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU measurement only (pairs/s/GPU, MFU)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"timed steps per loss (default per model: {TIMED_STEPS}, 4 for others)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (throughput)")
     p.add_argument("--rounds", type=int, default=2, help="throughput: processes per side and model (best kept)")
     p.add_argument("--models", default="minilm,tiny-modernbert")
     p.add_argument("--parts", default=None, help="comma list of throughput,memory,gpu (default: by --device)")
     p.add_argument("--memory-sizes", default="128,512,2048")
-    p.add_argument("--memory-model", default="tiny-modernbert", choices=["tiny-modernbert", "minilm"],
-                   help="encoder of the memory part (minilm: a real one, ~10 min at 2048 on 2 cores)")
+    p.add_argument(
+        "--memory-model",
+        default="tiny-modernbert",
+        choices=["tiny-modernbert", "minilm"],
+        help="encoder of the memory part (minilm: a real one, ~10 min at 2048 on 2 cores)",
+    )
     p.add_argument("--gpu-batch", type=int, default=GPU["batch"])
     p.add_argument("--gpu-mini-batch", type=int, default=GPU["mini"])
     p.add_argument("--gpu-steps", type=int, default=2)
@@ -513,12 +618,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
-    result: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                                "torch_threads": torch.get_num_threads()}}
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    }
     if "throughput" in parts:
         result["throughput"] = bench_throughput(args.models.split(","), args.steps, args.rounds, work, args.warmup)
-        result["ratio_vs_pylate"] = {loss: min(m[loss]["ratio"] for m in result["throughput"].values())
-                                     for loss in LOSSES}
+        result["ratio_vs_pylate"] = {
+            loss: min(m[loss]["ratio"] for m in result["throughput"].values()) for loss in LOSSES
+        }
     if "memory" in parts:
         sizes = sorted(int(s) for s in args.memory_sizes.split(","))
         result["memory_model"] = args.memory_model
@@ -530,11 +637,14 @@ def main(argv: list[str] | None = None) -> int:
             # embeddings and their gradients (fp32, dim 128).
             result["memory_per_pair_kb"] = {
                 "measured": (hi["peak_rss_mb"] - lo["peak_rss_mb"]) * 1024 / (sizes[-1] - sizes[0]),
-                "cached_embeddings_and_gradients": 2 * (Q_LEN + D_LEN) * 128 * 4 / 1024}
+                "cached_embeddings_and_gradients": 2 * (Q_LEN + D_LEN) * 128 * 4 / 1024,
+            }
     if "gpu" in parts:
         if args.device == "cpu" and args.parts is None:
-            result["gpu"] = {"measured": False, "reason": "no GPU" if not torch.cuda.is_available()
-                             else "run with --device cuda"}
+            result["gpu"] = {
+                "measured": False,
+                "reason": "no GPU" if not torch.cuda.is_available() else "run with --device cuda",
+            }
         else:
             result["gpu"] = bench_gpu(args.device, work, args.gpu_batch, args.gpu_mini_batch, args.gpu_steps)
     print(json.dumps(result, indent=2) if args.json else summary(result))

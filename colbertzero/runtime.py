@@ -1,26 +1,100 @@
-"""Who am I in this job? Slurm task, torchrun worker or plain process -> rank, world and rendezvous for torch.
+"""Where a process sits and how it ends: the one place both the launcher and the trainer read it from.
 
-    from colbertzero.launch import slurm_env
-    dist = slurm_env.set_torch_env()          # RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT if missing
-    torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+- Rank, world and rendezvous from the environment: variables torchrun (or the user) already set win; then the Slurm
+  task that srun started; else one process. A Slurm batch script itself (no srun step) is one process, whatever
+  --ntasks says: only srun starts tasks. MASTER_ADDR is the first node of the step, MASTER_PORT is derived from the
+  job id, so every task computes the same pair without talking to the others (two concurrent steps of one job would
+  collide on that port: give them MASTER_PORT explicitly).
+- Exit codes of a phase process (``Exit``) and the stop signals it checkpoints on (``STOP_SIGNALS``).
+- The job clock (how long the Slurm job has run) and who runs an attempt (``job_identity``).
 
-Precedence: variables torchrun (or the user) already set win; then the Slurm task that srun started; else one
-process. A Slurm batch script itself (no srun step) is one process, whatever --ntasks says: only srun starts tasks.
-Rendezvous: MASTER_ADDR is the first node of the step (the job's nodes unless srun ran on fewer), MASTER_PORT is
-derived from the job id, so every task computes the same pair without talking to the others. Two concurrent steps of
-one job would collide on that port: give them MASTER_PORT explicitly.
+Nothing here imports torch: the login node, the launcher and the sbatch scripts use it too.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import threading
+import time
 import zlib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+
+from .recipe import parse_time_limit
+
+
+class Exit(enum.IntEnum):
+    """Exit codes of `colbertzero` commands and phase processes; the launcher acts on them."""
+
+    DONE = 0  # phase finished, exported (and evaluated); a command succeeded
+    FAILED = 1  # crash or non-finite loss (the phase is marked failed with step and source)
+    REFUSED = 2  # bad input or a refused command: nothing was written or submitted
+    REQUEUE = 3  # stopped at a checkpoint on a stop signal (time limit, preemption): run me again
+    OVER_BUDGET = 4  # stopped at a checkpoint: the next steps would cross the phase's GPU-hour budget
+
+
+# Slurm's warning before the time limit (--signal; submitit asks for USR2), preemption and scancel send one of these.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopFlag:
+    """Set by any of STOP_SIGNALS; read once per step. The handler only records: the loop checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> "StopFlag":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.signal = signum
+
+
+class HeldSignals:
+    """Holds the stop signals that arrive before the trainer installs its StopFlag, and sends them again once it has.
+
+    Without it such a signal would reach submitit's handler (rank 0 requeues at once, the other ranks ignore it) or,
+    for a time-limit warning, end the job without a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()
+        self.done = threading.Event()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._hold)
+        threading.Thread(target=self._forward, name="colbertzero-held-signals", daemon=True).start()
+
+    def _hold(self, signum, frame) -> None:
+        self.pending.add(signum)
+
+    def _forward(self) -> None:
+        while not self.done.wait(0.2):
+            replaced = [s for s in STOP_SIGNALS if signal.getsignal(s) != self._hold]
+            for sig in replaced:
+                if sig in self.pending:
+                    self.pending.discard(sig)
+                    os.kill(os.getpid(), sig)  # handled by the trainer's handler in the main thread
+            if len(replaced) == len(STOP_SIGNALS) and not self.pending:
+                return
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (single-process and local runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 PORT_LOW, PORT_HIGH = 20000, 60000
 
@@ -153,12 +227,6 @@ def master_port_for_job(job_id: str | int) -> int:
     return PORT_LOW + n % (PORT_HIGH - PORT_LOW)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     """SLURM_STEP_TASKS_PER_NODE '2(x3),1' -> tasks on node `node_id` (2 for nodes 0-2, 1 for node 3)."""
     counts: list[int] = []
@@ -193,7 +261,7 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     def port() -> int:
         if env.get("MASTER_PORT"):
             return int(env["MASTER_PORT"])
-        return master_port_for_job(job_id) if job_id else _free_port()
+        return master_port_for_job(job_id) if job_id else free_port()
 
     if env.get("RANK") and env.get("WORLD_SIZE"):
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -228,27 +296,6 @@ def set_torch_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
 
 
 # ---------------------------------------------------------------------------------------------------- job clock
-def parse_slurm_time(text: str) -> int:
-    """Seconds in a Slurm duration: 'MM:SS', 'HH:MM:SS', 'D-HH[:MM[:SS]]', or bare minutes 'MM' (as --time).
-
-    squeue %M prints '0:05' or '1-02:03:04', sacct Elapsed '00:00:05'; fractions of seconds are dropped.
-    """
-    s = text.strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?(?:\.\d+)?", s)
-    if not m:
-        raise ValueError(f"not a Slurm duration: {text!r}")
-    days, a, b, c = m.groups()
-    parts = [int(x) for x in (a, b, c) if x is not None]
-    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
-        h, mi, se = (parts + [0, 0])[:3]
-        return ((int(days) * 24 + h) * 60 + mi) * 60 + se
-    if len(parts) == 1:  # bare minutes
-        return parts[0] * 60
-    if len(parts) == 2:  # MM:SS
-        return parts[0] * 60 + parts[1]
-    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
-
-
 def job_elapsed_seconds(job_id: str | None = None) -> int | None:
     """How long the current (or given) job has been running, from squeue, else sacct; None when unknown.
 
@@ -268,7 +315,44 @@ def job_elapsed_seconds(job_id: str | None = None) -> int | None:
         lines = res.stdout.split()
         if res.returncode == 0 and lines:
             try:
-                return parse_slurm_time(lines[0])
+                return parse_time_limit(lines[0])
             except ValueError:
                 continue
     return None
+
+
+def job_identity(tasks: int, gpus_per_node: int) -> dict:
+    """Who runs this attempt: the Slurm job (its id and requeue count make the attempt id) or a local run.
+
+    ``tasks``: the world size; ``gpus_per_node``: GPUs per node the ledger counts (0 on CPU)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        aid = os.environ.get("COLBERTZERO_ATTEMPT_ID") or f"local-{os.getpid()}-{int(time.time())}"
+        return {"job_id": None, "executor": "local", "nodes": 1, "gpus_per_node": gpus_per_node, "tasks": tasks,
+                "attempt_id": aid}
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"job_id": job, "executor": "slurm", "nodes": int(os.environ.get("SLURM_NNODES") or 1),
+            "gpus_per_node": gpus_per_node, "tasks": tasks, "attempt_id": f"{job}-{restarts}"}
+
+
+def restart_count() -> int:
+    """How many times Slurm has requeued this job (0 outside Slurm)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+class AttemptClock:
+    """Seconds this attempt has run. Inside Slurm the job's own clock counts (the time before this process started
+    is allocated time too): asked once, at the attempt's start, on rank 0 only, then carried forward by the local
+    monotonic clock. Asking squeue every step would load the controller and stall the step when it is slow."""
+
+    def __init__(self, query_slurm: bool) -> None:
+        offset = 0.0
+        if query_slurm and os.environ.get("SLURM_JOB_ID"):
+            try:
+                offset = float(job_elapsed_seconds() or 0.0)
+            except Exception:  # an unreachable controller must not stop training; the local clock still counts
+                offset = 0.0
+        self.t0 = time.monotonic() - offset
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0

@@ -1,4 +1,9 @@
-"""One optimizer step on a DeepSpeed engine: GradCache for the contrastive loss, plain micro-batches otherwise.
+"""One optimizer step of every phase kind on a DeepSpeed engine: GradCache for the contrastive loss, plain
+micro-batches otherwise.
+
+Why GradCache is written here rather than taken from PyLate's `CachedContrastive` or the GradCache package: both
+drive the backward through a Trainer or DDP, never through a ZeRO-2/3 engine's partitioned gradients and
+accumulation boundary; the three phases below run on `engine.backward` (exact on ZeRO 0-3, ../shared/FACTS.md).
 
 API (what the phase runner calls)
     train_step(engine, batch, phase) -> StepResult       forward/backward of the whole step, then one engine.step()
@@ -14,11 +19,12 @@ the whole global batch); gradients are those of that global mean (see losses.py 
 How a step runs. The rank's queries are split into `phase.gradient_accumulation` groups (each group is its own
 contrastive problem, as gradient accumulation is elsewhere). Per group:
 - contrastive + `gradcache_mini_batch`: GradCache. (1) no-grad forward of chunks of `gradcache_mini_batch` queries and
-  their documents, saving the RNG state of each chunk; (2) the loss on the cached embeddings
-  (documents padded to one length across ranks and gathered with their masks) and its gradient with respect to the
-  embeddings and the temperature, written along MaxSim's argmax (no autograd graph); the gathered documents' gradient is summed over ranks with one all_reduce and each rank keeps its
-  own rows; (3) per chunk, re-forward with grad under the saved RNG state (dropout reproduces the first pass) and
-  backward of the surrogate Σ embeddings · cached gradient (+ temperature · its gradient once per group).
+  their documents, saving the RNG state of each chunk; (2) the loss on the cached embeddings (documents padded to one
+  length across ranks and gathered with their masks) and its gradient with respect to the embeddings and the
+  temperature, written along MaxSim's argmax (no autograd graph); the gathered documents' gradient is summed over
+  ranks with one all_reduce and each rank keeps its own rows; (3) per chunk, re-forward with grad under the saved RNG
+  state (dropout reproduces the first pass) and backward of the surrogate Σ embeddings · cached gradient
+  (+ temperature · its gradient once per group).
 - contrastive without GradCache: one forward of the group and the loss with documents gathered differentiably.
 - distillation: the loss is a sum over queries, so chunks of `gradcache_mini_batch` queries (if set) are exact plain
   micro-batches; nothing to cache.
@@ -110,13 +116,18 @@ def accumulate_gradients(engine, batch: BatchLike, phase: Phase) -> Accumulated:
         raise ValueError(f"{n} queries on this rank do not split into gradient_accumulation={groups} groups")
 
     engine.train()
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    # The loss each rank backpropagates is its share of the global mean, times the recipe's loss_scale (the scripts'
+    # gradient scale); the loss reported is the global mean whatever the scale.
+    scale = phase.gradient_scale(world)
     per_group = n // groups
     total = torch.zeros((), dtype=torch.float64, device=device)
     temperature = None
     for k in range(groups):
         q_feat = _rows(queries, slice(k * per_group, (k + 1) * per_group))
         d_feat = _rows(documents, slice(k * per_group * n_docs, (k + 1) * per_group * n_docs))
-        common = dict(engine=engine, model=model, n_docs=n_docs, phase=phase, denominator=n, last_group=k == groups - 1)
+        common = dict(engine=engine, model=model, n_docs=n_docs, phase=phase, denominator=n / scale,
+                      last_group=k == groups - 1)
         if loss_fn.in_batch_negatives and phase.gradcache_mini_batch is not None:
             loss, temperature = _gradcache_group(q_feat, d_feat, **common)
         else:
@@ -126,12 +137,10 @@ def accumulate_gradients(engine, batch: BatchLike, phase: Phase) -> Accumulated:
 
     n_tokens = queries["attention_mask"].sum() + documents["attention_mask"].sum()
     stats = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device), n_tokens.double()])
-    world = 1
     if tdist.is_initialized():
         tdist.all_reduce(stats)
-        world = tdist.get_world_size()
     return Accumulated(
-        loss=float(stats[0]) / world,
+        loss=float(stats[0]) / world / scale,
         temperature=float(temperature) if loss_fn.uses_temperature else None,
         n_queries=int(stats[1]),
         n_tokens=int(stats[2]),

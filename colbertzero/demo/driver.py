@@ -2,7 +2,7 @@
 
 prepare → unsupervised → supervised → distillation → evaluate (the starting model, then after every phase) → report,
 with the local executor, on `recipes/tiny-cpu.yaml` whose data sections are pointed at a data set built from Python's
-own documentation (`demo_data.py`). The recipe written into the output folder is that derivation (`extends:` the
+own documentation (`demo/data.py`). The recipe written into the output folder is that derivation (`extends:` the
 tiny recipe), so the run is reproducible with `colbertzero launch OUT/recipe-MODEL.yaml --run-dir …`.
 
 Layout of ``--out`` (one run per model, the data shared)::
@@ -28,6 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from ..files import atomic_write_json
+from ..manifest import Manifest, ManifestError
+from ..models import colbert_for, resolve_model_ref
+from ..recipe import load_recipe
+from ..report import INIT_EVAL, build_report, status_table
+
 MODELS = {"minilm": "builtin:minilm", "tiny-modernbert": "builtin:tiny-modernbert"}
 
 # Optimizer steps per phase: enough for MiniLM to learn its 384→128 projection (+5 nDCG@10 over the fresh one on
@@ -42,12 +48,11 @@ DEMO_CADENCE = {"save_every": 10, "keep_last": 1}
 # Evaluation: the 200 held-out queries against their 200 answers plus 300 other documents of the corpus (~950 in
 # all). Encoding the documents is most of an evaluation's cost, and the demo evaluates four models.
 EVAL_MAX_CORPUS: int | None = 500
-from .report import INIT_EVAL  # noqa: E402 - the report reads the same file
 
 
 def tiny_recipe_path() -> Path:
-    here = Path(__file__).resolve().parent
-    for p in (here.parent / "recipes" / "tiny-cpu.yaml", here / "recipes" / "tiny-cpu.yaml"):
+    package = Path(__file__).resolve().parents[1]
+    for p in (package.parent / "recipes" / "tiny-cpu.yaml", package / "recipes" / "tiny-cpu.yaml"):
         if p.exists():
             return p
     raise FileNotFoundError("recipes/tiny-cpu.yaml not found beside the package; run from a clone of the repository")
@@ -103,7 +108,7 @@ def _quiet_env(cache: Path) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # The demo's evaluations are of throw-away models: keep their embeddings inside --out, not in ~/.cache.
     os.environ.setdefault("COLBERTZERO_EMBEDDINGS_CACHE", str(cache / "embeddings"))
-    import torch
+    import torch  # after the settings above: libraries read them when imported
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed detects anyway, without its warning
@@ -117,12 +122,10 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
     fresh projection here is the one training starts from. The result is :func:`colbertzero.evaluate.evaluate`'s,
     plus ``phase``, ``init`` and ``recipe_hash`` (a cached file of another recipe is recomputed).
     """
+    # torch, transformers and huggingface_hub read their settings when imported: after run_demo's _quiet_env.
     import torch
 
-    from .evaluate import evaluate
-    from .manifest import Manifest, atomic_write_json
-    from .models import resolve_model_ref
-    from .train.runner import build_model
+    from ..evaluate import evaluate
 
     m = Manifest(run_dir)
     data = m.read()
@@ -144,7 +147,7 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
     # The built-in tiny model is created (with its own seed) before seeding, as it is already there for the runner.
     init_path = resolve_model_ref(phase.init)
     torch.manual_seed(phase.seed)
-    colbert = build_model(init_path, recipe, phase, "cpu")
+    colbert = colbert_for(recipe, first, init_path, "cpu")
     with tempfile.TemporaryDirectory(prefix="colbertzero-init-") as tmp:
         # The evaluator wants the model's folder (it keys its embedding cache by the files); both are thrown away.
         colbert.save(os.path.join(tmp, "model"))
@@ -161,8 +164,6 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
 
 def ndcg_by_stage(run_dir: str | os.PathLike) -> dict[str, dict[str, float | None]]:
     """``{dataset: {"init": x, phase: y, ...}}``, nDCG@10 in percent, from eval-init.json and the manifest."""
-    from .manifest import Manifest
-
     run_dir = Path(run_dir)
     stages: list[tuple[str, dict | None]] = []
     init = run_dir / INIT_EVAL
@@ -196,11 +197,9 @@ def run_demo(out_dir: str = "runs/demo", model: str = "minilm") -> int:
     paths = demo_paths(out, model)
     _quiet_env(paths["cache"])
 
-    from .demo_data import build_demo_data
-    from .launch.chain import launch
-    from .manifest import Manifest, ManifestError
-    from .recipe import load_recipe
-    from .report import build_report, status_table
+    # After _quiet_env: huggingface_hub and transformers read their offline/verbosity settings when imported.
+    from ..launcher.api import launch
+    from .data import build_demo_data
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -223,7 +222,7 @@ def run_demo(out_dir: str = "runs/demo", model: str = "minilm") -> int:
     init = evaluate_init(run_dir)
     print(f"[demo] init nDCG@10 {100 * init['average']['ndcg@10']:.2f} → {run_dir / INIT_EVAL}", flush=True)
 
-    code = launch(str(paths["recipe"]), str(run_dir), executor="local")
+    code = launch(str(paths["recipe"]), str(run_dir), executor="local").returncode
     if code != 0:
         print(f"[demo] the pipeline stopped (exit {code}); `colbertzero status {run_dir}` shows where; run the same "
               f"command again to continue from the newest checkpoint", file=sys.stderr)

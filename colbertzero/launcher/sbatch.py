@@ -9,8 +9,8 @@ resolved `recipe.yaml`, what every job reads) and writes into `RUN_DIR/sbatch/`:
 
     prepare.sbatch        array job: each task tokenizes its share of the shards (`colbertzero prepare --array-task`)
     prepare-index.sbatch  after the array: checks every shard and writes the indexes
-    <phase>.sbatch        one per phase: `srun` one `colbertzero train RUN_DIR --phase P` per GPU; requeues itself
-                          when the runner stopped at a checkpoint (time limit, preemption), up to max_requeues
+    <phase>.sbatch        one per phase: `srun` one `colbertzero train RUN_DIR --phase P` per GPU, then
+                          `colbertzero after-phase` applies the requeue policy (launcher/requeue.py)
     submit.sh             submits all of them chained with `--dependency=afterok:` (what slurm/README.md shows)
 """
 
@@ -23,6 +23,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..files import atomic_write_bytes
+from ..manifest import Manifest
+from ..preflight import refuse_invalid
 from ..recipe import PrepareResources, Recipe, RecipeError, Resources, parse_time_limit
 
 # Options colbertzero sets itself, with the recipe field that says them; `extra_sbatch` may not repeat them (one of
@@ -179,26 +182,8 @@ set -uo pipefail
 # One task per GPU, each on its own block of cpus-per-task cores (GH200: the Grace CPU next to its GPU).
 srun {" ".join(SRUN_ARGS)} "{_python()}" -m colbertzero train {run} --phase {phase}
 rc=$?
-case $rc in
-  0) exit 0 ;;
-  3)  # stopped at a checkpoint on the time-limit warning or a preemption: run again from that checkpoint
-    if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {r.max_requeues} ]; then
-      echo "colbertzero: phase {name} stopped {r.max_requeues} time(s) already (max_requeues); not requeued." \\
-           "Continue with: colbertzero resume {run}" >&2
-      exit 3
-    fi
-    if [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" != RUNNING ]; then  # scancel or the limit itself: Slurm ends it
-      echo "colbertzero: job $SLURM_JOB_ID is ending; not requeued. Continue with: colbertzero resume {run}" >&2
-      exit 3
-    fi
-    scontrol requeue "$SLURM_JOB_ID" || exit 3
-    sleep 300  # Slurm ends this script as it requeues the job
-    exit 3 ;;
-  4) echo "colbertzero: phase {name} stopped over its GPU-hour budget; raise it with:" \\
-          "colbertzero resume {run} --phase-budget {name}=HOURS" >&2
-     exit 4 ;;
-  *) exit "$rc" ;;
-esac
+# Done, requeue (time-limit warning, preemption), stop or fail: the requeue policy decides, as for `launch` jobs.
+exec "{_python()}" -m colbertzero after-phase {run} --phase {phase} --exit-code "$rc"
 """
 
 
@@ -223,9 +208,6 @@ def write_sbatch_scripts(recipe: Recipe, run_dir: str | os.PathLike, out_dir: st
 
     A recipe that fails validation (or whose extra_sbatch is malformed) raises before anything is written.
     """
-    from ..manifest import Manifest, atomic_write_bytes
-    from .chain import refuse_invalid
-
     refuse_invalid(recipe, "nothing was written")
     for n in recipe.phases:
         phase_options(recipe.phase(n).resources, f"phases.{n}.resources")

@@ -1,4 +1,4 @@
-"""Demo data built from text that ships with Python itself: no hub, no download, no ``../shared/data``.
+"""The demo data set, built from text that ships with Python itself: no hub, no download, no ``../shared/data``.
 
 Two kinds of real technical English, present in every CPython install:
 
@@ -31,15 +31,12 @@ recorded in ``demo_data.json``.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import math
 import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -47,236 +44,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-try:
-    import numpy as np
-except ImportError:  # the stdlib-only interpreter that reads the documentation text (see read_python_docs)
-    np = None
+import numpy as np
+from filelock import FileLock
+
+from .pydocs import (
+    STDLIB_MODULES,
+    DemoDataError,
+    norm_query,
+    read_python_docs,
+    retrievable_apis,
+)
 
 FORMAT = "colbertzero-demo-data/1"
 INFO = "demo_data.json"
 SOURCES = ("docstrings", "titles", "topics")
 EVAL_NAME = "pydocs"
-
-# A fixed list, not "everything importable": the content must not depend on what else is installed, and some
-# stdlib modules act on import (this, antigravity, turtle's Tk). Modules missing from a minimal Python are skipped.
-STDLIB_MODULES = (
-    "abc argparse array ast asyncio base64 binascii bisect bz2 calendar cmath codecs codeop collections colorsys "
-    "concurrent.futures configparser contextlib contextvars copy csv dataclasses datetime decimal difflib "
-    "email.message email.utils enum filecmp fnmatch fractions ftplib functools getopt gettext glob graphlib gzip "
-    "hashlib heapq hmac html html.parser http.client http.cookies imaplib inspect io ipaddress itertools json "
-    "logging logging.handlers lzma mailbox math mimetypes multiprocessing numbers operator optparse os os.path "
-    "pathlib pickle pkgutil platform plistlib poplib pprint queue quopri random re reprlib sched secrets selectors "
-    "shelve shlex shutil smtplib socket sqlite3 ssl stat statistics string struct subprocess sys tarfile tempfile "
-    "textwrap threading time timeit tokenize traceback tracemalloc types typing unicodedata unittest urllib.parse "
-    "urllib.request uuid warnings wave weakref xml.dom.minidom xml.etree.ElementTree zipfile zlib zoneinfo"
-).split()
-
-MAX_DOC_WORDS = 120  # about the 180 tokens a ColBERT document keeps; longer text would only be truncated
-QUERY_WORDS = (3, 40)  # a summary line outside this range is no query (a fragment, or a paragraph)
-MIN_DOC_WORDS = 12
-TITLE_DOC_WORDS = 6  # a one-line docstring still answers "what does X do?"
 TITLE_TEMPLATES = ("What does {} do?", "What is {} for?", "{}", "How do I use {}?", "{} documentation")
-
-
-class DemoDataError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------- text
-_SPACE = re.compile(r"\s+")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(`*])")
-_SIGNATURE = re.compile(r"^[\w.]+\(.*\)\s*(-+>.*)?$")  # C builtins may open their docstring with their signature
-_UNDERLINE = re.compile(r"^(\*+|=+|-+|~+)$")
-
-
-def _clean(text: str) -> str:
-    return _SPACE.sub(" ", text).strip()
-
-
-def _words(text: str) -> int:
-    return len(text.split())
-
-
-def _trim(text: str, n: int = MAX_DOC_WORDS) -> str:
-    w = text.split()
-    return " ".join(w[:n])
-
-
-def norm_query(text: str) -> str:
-    """The form in which two queries count as the same (case, spacing and final punctuation ignored)."""
-    return _SPACE.sub(" ", text.lower()).strip().rstrip("?.!: ")
-
-
-def _first_sentence(paragraph: str) -> tuple[str, str]:
-    parts = _SENTENCE.split(paragraph, maxsplit=1)
-    return parts[0], (parts[1] if len(parts) > 1 else "")
-
-
-@dataclass(frozen=True)
-class Api:
-    name: str  # module.qualname
-    summary: str  # the docstring's first sentence
-    body: str  # the rest, trimmed
-
-    @property
-    def text(self) -> str:
-        return _trim(f"{self.summary} {self.body}".strip())
-
-    @property
-    def retrievable(self) -> bool:
-        """Its summary reads as a query and its body can answer it (the docstrings source and the eval set)."""
-        lo, hi = QUERY_WORDS
-        s = self.summary
-        return lo <= _words(s) <= hi and not s.endswith(":") and _words(self.body) >= MIN_DOC_WORDS
-
-
-def _doc_of(obj) -> str | None:
-    # obj.__doc__, not inspect.getdoc: getdoc inherits a parent class's docstring, which would duplicate documents.
-    doc = getattr(obj, "__doc__", None)
-    return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else None
-
-
-def _split_docstring(doc: str) -> tuple[str, str] | None:
-    paras = [p.strip() for p in re.split(r"\n\s*\n", doc) if p.strip()]
-    while paras:
-        lines = paras[0].splitlines()
-        if not _SIGNATURE.match(lines[0].strip()):
-            break
-        rest = "\n".join(lines[1:]).strip().lstrip("-").strip()
-        paras = ([rest] if rest else []) + paras[1:]
-    if not paras:
-        return None
-    summary, tail = _first_sentence(_clean(paras[0]))
-    return summary, _trim(_clean(" ".join([tail] + paras[1:])))
-
-
-def _members(mod, modname: str) -> Iterable[tuple[str, object]]:
-    """Public functions and classes defined by the module (not re-exported), then their public methods."""
-    homes = {modname, mod.__name__, "_" + modname.rsplit(".", 1)[-1]}  # json / posixpath for os.path / _heapq
-    for attr, obj in sorted(vars(mod).items()):
-        if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
-            continue
-        # defined here, and under its own name (ArrayType is array.array again, SocketType is socket's base class)
-        if getattr(obj, "__module__", None) not in homes or getattr(obj, "__name__", attr) != attr:
-            continue
-        yield f"{modname}.{attr}", obj
-        if inspect.isclass(obj):
-            for mname, m in sorted(vars(obj).items()):
-                if mname.startswith("_"):
-                    continue
-                if isinstance(m, (classmethod, staticmethod)):
-                    m = m.__func__
-                elif isinstance(m, property):
-                    m = m.fget
-                elif not (inspect.isfunction(m) or inspect.ismethoddescriptor(m)):
-                    continue
-                yield f"{modname}.{attr}.{mname}", m
-
-
-def stdlib_apis() -> list[Api]:
-    """Documented stdlib APIs with distinct docstrings, in module-list then name order (as this process sees them;
-    ``read_python_docs`` reads them in a clean interpreter)."""
-    out, seen = [], set()
-    for modname in STDLIB_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        for name, obj in _members(mod, modname):
-            doc = _doc_of(obj)
-            parts = _split_docstring(doc) if doc else None
-            if parts is None:
-                continue
-            api = Api(name, *parts)
-            key = api.text.lower()
-            if _words(api.text) < TITLE_DOC_WORDS or key in seen:
-                continue
-            seen.add(key)
-            out.append(api)
-    return out
-
-
-def retrievable_apis(apis: list[Api]) -> list[Api]:
-    """APIs whose summary can serve as a query with exactly one answer: "Return self==value." documents many
-    names, so a summary (or a body) shared by two APIs drops both."""
-    pool = [a for a in apis if a.retrievable]
-    qn = Counter(norm_query(a.summary) for a in pool)
-    dn = Counter(a.body.lower() for a in pool)
-    return [a for a in pool if qn[norm_query(a.summary)] == 1 and dn[a.body.lower()] == 1]
-
-
-def reference_pairs() -> list[tuple[str, str]]:
-    """(query, document) from the Language Reference: heading → section text, first sentence → rest of paragraph."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise DemoDataError(
-            "this Python lacks pydoc_data (the Language Reference text); some distributions ship it in a separate "
-            "python3-doc / libpython3-stdlib package"
-        ) from None
-    pairs = []
-    for key in sorted(topics):
-        lines = topics[key].split("\n")
-        sections: list[tuple[str, list[str]]] = []
-        i = 0
-        while i < len(lines):
-            line = lines[i]
-            nxt = lines[i + 1] if i + 1 < len(lines) else ""
-            if line.strip() and _UNDERLINE.match(nxt) and len(nxt) == len(line):
-                sections.append((_clean(line), []))
-                i += 2
-                continue
-            if sections:
-                sections[-1][1].append(line)
-            i += 1
-        for heading, body_lines in sections:
-            paras = re.split(r"\n\s*\n", "\n".join(body_lines))
-            # prose only: indented blocks are grammar rules and code, and a paragraph opening in lower case
-            # continues a sentence cut by such a block
-            prose = [
-                _clean(p)
-                for p in paras
-                if p.strip() and not p[0].isspace() and not p[0].islower() and _words(p) >= MIN_DOC_WORDS
-            ]
-            if prose:
-                pairs.append((heading, _trim(" ".join(prose))))
-            for p in prose:
-                first, rest = _first_sentence(p)
-                if QUERY_WORDS[0] <= _words(first) <= QUERY_WORDS[1] and _words(rest) >= MIN_DOC_WORDS:
-                    pairs.append((first, _trim(rest)))
-    return pairs
-
-
-def read_python_docs() -> tuple[list[Api], list[tuple[str, str]]]:
-    """``stdlib_apis()`` and ``reference_pairs()`` as a fresh interpreter without site-packages sees them.
-
-    Libraries imported into this process patch the standard library (torch replaces ``inspect.getfile``,
-    transformers adds ``logging.Logger.warning_once``), so reading it here would make the data depend on what was
-    imported before. ``-I -S``: no environment variables, no user or site packages.
-    """
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--python-docs"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DemoDataError(f"could not run {sys.executable} to read the stdlib documentation: {e}") from None
-    if proc.returncode != 0:
-        raise DemoDataError(
-            f"reading the standard library's documentation failed ({sys.executable} -I -S, exit {proc.returncode}):\n"
-            + proc.stderr.strip()[-2000:]
-        )
-    data = json.loads(proc.stdout)
-    return [Api(*a) for a in data["apis"]], [tuple(p) for p in data["reference"]]
-
-
-def _print_python_docs() -> None:
-    if sys.flags.optimize >= 2:
-        raise DemoDataError("Python runs with -OO, which strips docstrings; run the demo data build without -OO")
-    out = {"apis": [[a.name, a.summary, a.body] for a in stdlib_apis()], "reference": reference_pairs()}
-    sys.stdout.write(json.dumps(out, ensure_ascii=True))  # ASCII: whatever this interpreter's locale is
 
 
 # ---------------------------------------------------------------- BM25
@@ -332,11 +115,11 @@ class BM25:
 # ---------------------------------------------------------------- teacher
 def _minilm_scores(queries: list[str], docs: list[list[str]]) -> list[list[float]]:
     """Cosine similarity of all-MiniLM-L6-v2 embeddings (the demo extra's model) for each query's documents."""
+    # The teacher's libraries load only for this teacher (the BM25 teacher needs none of them).
     from sentence_transformers import SentenceTransformer
-
-    from .models import minilm_path
-
     from transformers.utils import logging as hf_logging
+
+    from ..models import minilm_path
 
     # The packaged checkpoint carries a stale `position_ids` buffer; transformers reports it at length on every load.
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -532,9 +315,26 @@ def _write_notices(root: Path, params: Params, counts: dict) -> None:
         if params.teacher == "minilm"
         else "BM25 (k1 0.9, b 0.4) over the row's own documents, rounded to 4 decimals"
     )
+    rows = [
+        ("train/pairs/docstrings.jsonl", counts["pairs/docstrings"], "query, document",
+         "an API's docstring: first sentence → the rest"),
+        ("train/pairs/titles.jsonl", counts["pairs/titles"], "query, document",
+         'a question naming the API (e.g. "What does json.dumps do?") → its docstring'),
+        ("train/pairs/topics.jsonl", counts["pairs/topics"], "query, document",
+         "the Language Reference: a heading → its section; a paragraph's first sentence → the rest"),
+        ("train/triples.jsonl", counts["triples"], f"query, pos [1], neg [{params.negatives}]",
+         "docstrings + topics pairs; negatives: top BM25 documents of the same source other than the positive"),
+        ("train/distill.jsonl", counts["distill"], "query, pos, neg, pos_scores, neg_scores",
+         f"{params.docs_per_query} documents per query from the triples; teacher: {teacher}; it ranks the positive "
+         f"first for {counts['distill/teacher_pos_first']:.0%} of queries"),
+        (f"beir/{EVAL_NAME}/", f"{counts['eval/queries']} queries, {counts['eval/corpus']} documents", "BEIR layout",
+         "held-out APIs' first sentences → their docstring bodies; the corpus holds the body of every API whose first "
+         "sentence could be a query, held out or not"),
+    ]
+    table = "\n".join(f"| {f} | {n} | {shape} | {where} |" for f, n, shape, where in rows)
     readme = f"""# colbertzero demo data
 
-Built by `colbertzero.demo_data.build_demo_data` (format `{FORMAT}`) from text that ships with Python
+Built by `colbertzero.demo.data.build_demo_data` (format `{FORMAT}`) from text that ships with Python
 {sys.version.split()[0]}; no download. Licence: Python Software Foundation License Version 2 (see LICENSE).
 
 Sources: the Python Language Reference as CPython ships it in the module `pydoc_data.topics` (what `help("assert")`
@@ -543,12 +343,7 @@ modules: {", ".join(f"`{m}`" for m in STDLIB_MODULES)} (a module this Python lac
 
 | file | rows | shape | where the text comes from |
 |---|---|---|---|
-| train/pairs/docstrings.jsonl | {counts['pairs/docstrings']} | query, document | an API's docstring: first sentence → the rest |
-| train/pairs/titles.jsonl | {counts['pairs/titles']} | query, document | a question naming the API (e.g. "What does json.dumps do?") → its docstring |
-| train/pairs/topics.jsonl | {counts['pairs/topics']} | query, document | the Language Reference: a heading → its section; a paragraph's first sentence → the rest |
-| train/triples.jsonl | {counts['triples']} | query, pos [1], neg [{params.negatives}] | docstrings + topics pairs; negatives: top BM25 documents of the same source other than the positive |
-| train/distill.jsonl | {counts['distill']} | query, pos, neg, pos_scores, neg_scores | {params.docs_per_query} documents per query from the triples; teacher: {teacher}; it ranks the positive first for {counts['distill/teacher_pos_first']:.0%} of queries |
-| beir/{EVAL_NAME}/ | {counts['eval/queries']} queries, {counts['eval/corpus']} documents | BEIR layout | held-out APIs' first sentences → their docstring bodies; the corpus holds the body of every API whose first sentence could be a query, held out or not |
+{table}
 
 The {params.eval_queries} held-out APIs appear in no training file, none of their documents serves as a negative,
 and no eval query equals a training query. Seed {params.seed}; two builds on the same Python are identical.
@@ -607,8 +402,6 @@ def build_demo_data(
     The build goes to a temp folder beside ``out_dir`` and is renamed into place, so a killed build leaves nothing
     that looks complete. A non-empty ``out_dir`` that is not demo data is refused, never overwritten.
     """
-    from filelock import FileLock
-
     params = Params(seed, eval_queries, negatives, distill_queries, docs_per_query, teacher)
     if teacher not in ("minilm", "bm25"):
         raise DemoDataError(f"teacher {teacher!r}: one of 'minilm', 'bm25'")
@@ -650,23 +443,3 @@ def build_demo_data(
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-__all__ = [
-    "build_demo_data",
-    "BM25",
-    "DemoDataError",
-    "read_python_docs",
-    "stdlib_apis",
-    "reference_pairs",
-    "norm_query",
-    "read_jsonl",
-]
-
-
-if __name__ == "__main__":
-    # `python -I -S demo_data.py --python-docs`: the clean interpreter of read_python_docs
-    if sys.argv[1:] == ["--python-docs"]:
-        _print_python_docs()
-    else:
-        print(json.dumps(build_demo_data(sys.argv[1]), indent=2) if len(sys.argv) == 2 else "usage: OUT_DIR")

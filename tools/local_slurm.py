@@ -1,4 +1,6 @@
-"""Python handle on `tools/local-slurm`, the real two-node Slurm cluster on one machine (tests, CI, demos).
+"""Python handle on `tools/local-slurm`, the real two-node Slurm cluster on one machine (tests, CI, benchmarks).
+
+Not part of the package: production code never calls it. Tests and benchmarks put tools/ on sys.path.
 
     env = local_slurm.start()        # {"SLURM_CONF": ".../etc/slurm.conf"}; installs and starts as needed
     subprocess.run(["sbatch", ...], env={**os.environ, **env})
@@ -16,7 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "local-slurm"
+TOOL = Path(__file__).resolve().parent / "local-slurm"
 CANNOT_RUN_HERE = 3  # the tool's exit status when the machine cannot host the cluster (not root, no apt, ...)
 
 
@@ -31,8 +33,7 @@ class LocalSlurmUnavailable(LocalSlurmError):
 def _run(command: str, state_dir: str | os.PathLike | None, timeout: float,
          port_base: int | None = None) -> subprocess.CompletedProcess:
     if not TOOL.is_file():
-        raise LocalSlurmUnavailable(f"{TOOL} not found: local_slurm needs a source checkout of colbertzero "
-                                    "(pip install -e .), since the tool lives in tools/, not in the package")
+        raise LocalSlurmUnavailable(f"{TOOL} not found beside {__file__}")
     env = dict(os.environ)
     if state_dir is not None:
         env["LOCAL_SLURM_DIR"] = str(Path(state_dir).absolute())

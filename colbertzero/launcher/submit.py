@@ -1,0 +1,96 @@
+"""Submitting a run's jobs to Slurm through submitit: the prepare array, its index job, and the phase chain.
+
+Each step starts only after the previous one succeeded (`afterok`; Slurm cancels the rest of the chain when one fails:
+`kill-on-invalid-dep`). Jobs are named `cz-<recipe>-<step>-<run tag>` (`sbatch.job_name`), so `resume` finds a run's
+jobs in the queue however they were submitted. Every option comes from `sbatch.phase_options` /
+`sbatch.prepare_options`, as for the plain scripts and the `--test-only` preflight.
+"""
+
+from __future__ import annotations
+
+import submitit
+
+from ..data.prepare import index_recipe, prepare_recipe
+from ..files import now_iso
+from ..manifest import Manifest
+from ..recipe import Recipe
+from . import sbatch as sb
+from . import slurm
+from .slurm import LaunchError
+from .task import PhaseTask
+
+
+def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
+    """Slurm's own verdict on every job's options before anything is submitted."""
+    if not slurm.available():
+        raise LaunchError("--executor slurm: sbatch not found on this machine; run from a Slurm login node, or use "
+                          "--executor local")
+    for n in phases:
+        slurm.test_only(f"phase {n!r} (phases.{n}.resources)",
+                        sb.phase_options(recipe.phase(n).resources, f"phases.{n}.resources"))
+    if prepare:
+        slurm.test_only("the prepare job (prepare)", sb.prepare_options(recipe))
+
+
+def _executor(m: Manifest, step: str) -> submitit.SlurmExecutor:
+    return submitit.SlurmExecutor(folder=str(m.run_dir / "slurm" / step), max_num_timeout=0)
+
+
+def _params(name: str, opts: dict, dependency: str | None, setup: list[str], **extra) -> dict:
+    """submitit parameters from sbatch options: submitit needs nodes and tasks to collect results; the rest passes
+    through as-is (time exactly as written in the recipe)."""
+    add = {"kill-on-invalid-dep": "yes", **{k: v for k, v in opts.items()
+                                            if k not in ("nodes", "ntasks-per-node", "time")}}
+    add["time"] = opts["time"]
+    if dependency:
+        add["dependency"] = dependency
+    return dict(job_name=name, nodes=int(opts["nodes"]), ntasks_per_node=int(opts["ntasks-per-node"]),
+                time=sb.time_minutes(opts["time"]), setup=list(setup), additional_parameters=add, **extra)
+
+
+def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards: list[str]) -> dict[str, str]:
+    """Submit prepare (when shards are missing) and the phases; {step: job id}. All or nothing: a failure cancels
+    what was already submitted."""
+    jobs: dict[str, str] = {}
+    try:
+        dependency = None
+        if missing_shards:
+            dependency = f"afterok:{_submit_prepare(m, recipe, missing_shards, jobs)}"
+        for n in phases:
+            r = recipe.phase(n).resources
+            ex = _executor(m, n)
+            params = _params(sb.job_name(recipe, n, m.run_dir), sb.phase_options(r, f"phases.{n}.resources"),
+                             dependency, [*sb.TASK_ENV, *r.setup], signal_delay_s=r.signal_seconds,
+                             srun_args=list(sb.SRUN_ARGS))
+            params["additional_parameters"]["requeue"] = True
+            ex.update_parameters(**params)
+            jobs[n] = ex.submit(PhaseTask(str(m.run_dir), n)).job_id
+            dependency = f"afterok:{jobs[n]}"
+    except Exception as e:
+        if jobs:  # half a chain would run phases out of order later: take it back
+            slurm.cancel(list(jobs.values()))
+        raise LaunchError(f"submission failed: {e}\n  "
+                          + (f"the jobs already submitted ({', '.join(jobs.values())}) were cancelled; "
+                             if jobs else "") + "nothing is queued") from None
+    with m.update() as d:
+        d.setdefault("submissions", []).append({"time": now_iso(), "executor": "slurm", "jobs": jobs})
+        d["inflight"] = jobs
+    print("submitted: " + ", ".join(f"{k}={v}" for k, v in jobs.items()))
+    return jobs
+
+
+def _submit_prepare(m: Manifest, recipe: Recipe, phases: list[str], jobs: dict) -> str:
+    """Tokenize the missing shards as an array job (each task its share), then one task writes the indexes."""
+    pr = recipe.prepare
+    opts = sb.prepare_options(recipe)
+    setup = list(pr.setup)
+    ex = _executor(m, "prepare")
+    ex.update_parameters(**_params(sb.job_name(recipe, "prepare", m.run_dir), opts, None, setup))
+    n = pr.array_tasks
+    with ex.batch():
+        shares = [ex.submit(prepare_recipe, recipe, phases, pr.workers, False, (i, n), False) for i in range(n)]
+    jobs["prepare"] = shares[0].job_id.split("_")[0]
+    ex.update_parameters(**_params(sb.job_name(recipe, "prepare-index", m.run_dir), opts,
+                                   f"afterok:{jobs['prepare']}", setup))
+    jobs["prepare-index"] = ex.submit(index_recipe, recipe, phases, False).job_id
+    return jobs["prepare-index"]

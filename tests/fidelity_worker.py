@@ -1,0 +1,127 @@
+"""Worker for tests/test_fidelity.py: N optimizer steps from the same weights on the same batches, one side per process.
+
+    python tests/fidelity_worker.py ours   MODEL_DIR WORK_DIR   # colbertzero: shards, loader, DeepSpeed engine, step
+    python tests/fidelity_worker.py pylate MODEL_DIR WORK_DIR   # PyLate 1.6.0's SentenceTransformerTrainer
+
+`ours` prepares shards of WORK_DIR/<loss>/rows.jsonl, trains N steps with the loss_scale that reproduces PyLate's
+loss (`SCALE`), and writes WORK_DIR/<loss>/ordered.jsonl (the rows in the order its loader took them: PyLate reads them
+sequentially) and ours.pt (final weights, per-step loss and pre-clip gradient norm). `pylate` writes pylate.pt.
+Both: AdamW (torch's fused kernel, the Trainer's default), lr 1e-4 linear decay without warm-up, clipping at 1.0,
+weight decay 0, no prompts, the tiny ModernBERT (no dropout: both sides compute the same forward).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+N_STEPS, BATCH, MINI, Q_LEN, D_LEN, N_DOCS, LR = 3, 8, 4, 16, 32, 4, 1e-4
+LOSSES = ("cached_contrastive", "contrastive", "distillation")
+KIND = {"cached_contrastive": "unsupervised", "contrastive": "supervised", "distillation": "distillation"}
+SCALE = {"cached_contrastive": "global_batch", "contrastive": "world_size", "distillation": 1}
+TEMPERATURE = 0.05
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ours(model: str, work: Path) -> None:
+    from colbertzero.data.loader import GlobalBatchLoader
+    from colbertzero.data.prepare import prepare_recipe
+    from colbertzero.models import colbert_for
+    from colbertzero.recipe import recipe_from_dict
+    from colbertzero.train.dist import init_distributed, teardown
+    from colbertzero.train.engine import build_engine
+    from colbertzero.train.export import consolidated_state_dict
+    from colbertzero.train.module import ColBERTForTraining
+    from colbertzero.train.step import train_step
+
+    rt = init_distributed(bf16=False)
+    for name in LOSSES:
+        folder = work / name
+        kind = KIND[name]
+        data = {"shards_dir": str(folder / "shards"), "sources": [{"name": "rows", "path": str(folder / "rows.jsonl")}]}
+        if kind == "supervised":
+            data["max_negatives"] = 1
+        if kind == "distillation":
+            data["docs_per_query"] = N_DOCS
+        phase = {"kind": kind, "init": model, "data": data, "lr": LR, "global_batch_size": BATCH, "max_steps": N_STEPS,
+                 "gradcache_mini_batch": MINI if name == "cached_contrastive" else None, "loss_scale": SCALE[name],
+                 "temperature": TEMPERATURE, "query_length": Q_LEN, "document_length": D_LEN, "seed": 0,
+                 "prompts": {"enabled": False}, "bf16": False, "deepspeed": {"zero_stage": 0},
+                 "resources": {"nodes": 1, "gpus_per_node": 0, "cpu_tasks_per_node": 1}}
+        r = recipe_from_dict({"name": "fidelity", "phases": {"p": phase}})
+        prepare_recipe(r, workers=1, progress=False)
+        torch.manual_seed(0)
+        colbert = colbert_for(r, "p", model, "cpu")
+        loader = GlobalBatchLoader(r, "p", 0, 1)
+        rows = _read(folder / "rows.jsonl")
+        with open(folder / "ordered.jsonl", "w") as f:
+            for t in range(N_STEPS):
+                for i in loader.global_rows(t)[1]:
+                    f.write(json.dumps(rows[i]) + "\n")
+        engine, _, _ = build_engine(ColBERTForTraining.for_phase(colbert, r.phase("p")), r.phase("p"), N_STEPS,
+                                    runtime=rt)
+        losses, norms = [], []
+        for _, batch in zip(range(N_STEPS), loader):
+            res = train_step(engine, batch, r.phase("p"))
+            losses.append(res.loss)
+            norms.append(res.grad_norm)
+        state = {k.removeprefix("colbert."): v for k, v in consolidated_state_dict(engine).items()}
+        torch.save({"state": state, "losses": losses, "grad_norms": norms}, folder / "ours.pt")
+    teardown()
+
+
+def pylate(model: str, work: Path) -> None:
+    from datasets import Dataset
+    from pylate import losses, models, utils
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from torch.utils.data import BatchSampler, SequentialSampler
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.losses, self.norms = [], []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+                self.norms.append(float(logs["grad_norm"]))
+
+    def sequential(dataset, batch_size, drop_last, **kw):  # the rows in the order our loader took them
+        return BatchSampler(SequentialSampler(dataset), batch_size, drop_last)
+
+    for name in LOSSES:
+        folder = work / name
+        rows = _read(folder / "ordered.jsonl")
+        if KIND[name] == "supervised":
+            rows = [{"query": r["query"], "positive": r["positive"], "negative": r["negatives"][0]} for r in rows]
+        torch.manual_seed(0)  # the same new layers as our side draws from the same seed
+        model_ = models.ColBERT(model, device="cpu", embedding_size=128, query_length=Q_LEN, document_length=D_LEN)
+        loss = {"cached_contrastive": lambda: losses.CachedContrastive(model_, mini_batch_size=MINI,
+                                                                       temperature=TEMPERATURE),
+                "contrastive": lambda: losses.Contrastive(model_, temperature=TEMPERATURE),
+                "distillation": lambda: losses.Distillation(model_)}[name]()
+        record = Record()
+        with tempfile.TemporaryDirectory() as tmp:
+            args = SentenceTransformerTrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=N_STEPS, learning_rate=LR,
+                logging_steps=1, save_strategy="no", report_to="none", batch_sampler=sequential, seed=0,
+                use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
+            trainer = SentenceTransformerTrainer(model=model_, args=args, train_dataset=Dataset.from_list(rows),
+                                                 loss=loss, data_collator=utils.ColBERTCollator(model_.tokenize),
+                                                 callbacks=[record])
+            trainer.train()
+        state = {k: v.detach().clone() for k, v in model_.state_dict().items()}
+        torch.save({"state": state, "losses": record.losses, "grad_norms": record.norms}, folder / "pylate.pt")
+
+
+if __name__ == "__main__":
+    side, model_dir, work_dir = sys.argv[1:4]
+    {"ours": ours, "pylate": pylate}[side](model_dir, Path(work_dir))
