@@ -153,6 +153,7 @@ def cmd_evaluate(args) -> int:
         max_corpus=args.max_corpus,
         cache_dir=args.cache_dir,
         index=args.index,
+        runs_dir=args.runs_dir,
     )
     print(json.dumps(res, indent=2) if args.json else format_table(res))
     return 0
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-corpus", type=int, default=None, help="subsample the corpus (keeps judged documents)")
     sp.add_argument("--cache-dir", default=None)
     sp.add_argument("--index", default="auto", choices=["auto", "exact", "plaid", "voyager"])
+    sp.add_argument("--runs-dir", default=None, help="write each dataset's run as DIR/<dataset>.trec (TREC format)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_evaluate)
 

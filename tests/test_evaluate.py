@@ -122,7 +122,8 @@ def test_load_beir_warns_on_unknown_ids_and_fails_clearly_on_bad_input(tmp_path)
         _, _, qrels = load_beir(root)
     messages = " ".join(str(w.message) for w in record)
     assert "ghost" in messages and "q-missing" in messages
-    assert qrels["q1"] == {"d1": 1} and "q-missing" not in qrels
+    # BEIR keeps a judged document the corpus lacks: relevant, never retrieved
+    assert qrels["q1"] == {"d1": 1, "ghost": 1} and "q-missing" not in qrels
 
     (root / "qrels" / "test.tsv").write_text("q1\td1\t1\nq1\td3\thigh\n")
     with pytest.raises(DatasetError, match=r"test\.tsv:2: score 'high'"):
@@ -351,3 +352,58 @@ def test_index_backends_find_what_exact_search_finds(prompted, tmp_path, backend
     assert indexed["retrieval"] == backend
     for m in ("ndcg@10", "mrr@10", "recall@100", "map@100"):  # six documents: any index sees them all
         assert indexed[m] == pytest.approx(exact[m], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ BEIR-exact figures
+def _pytrec_from_files(run_file: Path, qrels_file: Path) -> dict[str, float]:
+    """The figures BEIR's EvaluateRetrieval reports, computed straight from the files with pytrec_eval: its run
+    (identical ids already dropped by the run's writer and checked below), its qrels, MRR@10 on the top 10."""
+    import pytrec_eval
+
+    run: dict[str, dict[str, float]] = {}
+    for line in run_file.read_text().splitlines():
+        q, _, d, _rank, score, _tag = line.split()
+        run.setdefault(q, {})[d] = float(score)
+    qrels: dict[str, dict[str, int]] = {}
+    for line in qrels_file.read_text().splitlines():
+        q, d, g = line.split("\t")
+        if g.strip().isdigit():  # else BEIR's "query-id corpus-id score" header
+            qrels.setdefault(q, {})[d] = int(g)
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map_cut.100"}).evaluate(run)
+    top10 = {q: dict(sorted(docs.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, docs in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    mean = lambda key, table: sum(v[key] for v in table.values()) / len(table)  # noqa: E731
+    return {"ndcg@10": mean("ndcg_cut_10", ev), "recall@100": mean("recall_100", ev),
+            "map@100": mean("map_cut_100", ev), "mrr@10": mean("recip_rank", rr), "queries": len(ev)}
+
+
+def test_figures_equal_pytrec_eval_on_the_saved_runs(prompted, msmarco_subset, tmp_path):
+    path, model = prompted
+    ours = evaluate(path, [str(msmarco_subset)], model=model, cache_dir=str(tmp_path / "cache"),
+                    show_progress=False, runs_dir=tmp_path / "runs")
+    row = ours["datasets"]["msmarco-sub"]
+    run_file = tmp_path / "runs" / "msmarco-sub.trec"
+    ref = _pytrec_from_files(run_file, msmarco_subset / "qrels" / "test.tsv")
+    assert ref["queries"] == row["queries"] == MSMARCO_QUERIES
+    for m in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+        assert row[m] == pytest.approx(ref[m], abs=1e-12), m
+    assert len(run_file.read_text().splitlines()) == MSMARCO_QUERIES * 100  # every query's top 100, TREC format
+
+
+def test_beir_conventions_identical_ids_and_unjudged_documents(prompted, tmp_path):
+    """A query listed as a document of its own id (ArguAna, Quora) is not its own hit; a judged document missing from
+    the corpus counts as relevant and never retrieved; unjudged documents count as not relevant."""
+    path, model = prompted
+    corpus = {**TINY_CORPUS, "q1": TINY_QUERIES["q1"]}  # the query itself, under its own id: the perfect match
+    qrels = {"q1": {"d1": 1, "gone": 1}, "q2": {"d2": 1}, "q3": {"d4": 1}}
+    root = _write_beir(tmp_path / "beirish", corpus, TINY_QUERIES, qrels, header=True)
+    with pytest.warns(DatasetWarning, match="gone"):
+        ours = evaluate(path, [str(root)], model=model, cache_dir=str(tmp_path / "cache"), show_progress=False,
+                        runs_dir=tmp_path / "runs")
+    row = ours["datasets"]["beirish"]
+    run_lines = (tmp_path / "runs" / "beirish.trec").read_text().splitlines()
+    assert not any(line.split()[0] == line.split()[2] for line in run_lines)  # q1 never retrieves q1
+    ref = _pytrec_from_files(tmp_path / "runs" / "beirish.trec", root / "qrels" / "test.tsv")
+    for m in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+        assert row[m] == pytest.approx(ref[m], abs=1e-12), m
+    assert row["recall@100"] < 1.0  # "gone" can never be found: q1's recall is at most 1/2

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from pylate import models
 
+from ..files import atomic_write_bytes
 from .beir import DatasetError, DatasetWarning, load_beir, subsample_corpus
 from .embeddings import (
     CACHE_ENV,
@@ -34,7 +35,7 @@ from .embeddings import (
     model_hash_or_none,
     resolve_prompts,
 )
-from .metrics import METRICS, compute_metrics, max_cutoff
+from .metrics import METRICS, compute_metrics, max_cutoff, rank, without_identical_ids
 from .search import EXACT_MAX_DOCS, choose_backend, exact_search, index_search
 
 __all__ = [
@@ -69,6 +70,7 @@ def evaluate(
     index: str = "auto",
     show_progress: bool = True,
     model=None,
+    runs_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate a PyLate ColBERT model on dataset folders; see the module docstring.
 
@@ -77,6 +79,8 @@ def evaluate(
     in-memory weights that differ (mid-training) need their own ``cache_dir`` or a save first.
     ``index``: ``"auto"`` (exact up to EXACT_MAX_DOCS documents, then PLAID if fast-plaid is installed, else
     Voyager), ``"exact"``, ``"plaid"`` or ``"voyager"``.
+    ``runs_dir``: write each dataset's run there as ``<dataset>.trec`` (TREC format, after BEIR's identical-id rule),
+    so any other tool can score it again.
     Returns ``{"model", "prompts", "query_prompt", "document_prompt", "datasets": {name: {metric: value, ...,
     "queries", "documents", "retrieval"}}, "average": {metric: value}}``.
     """
@@ -113,6 +117,7 @@ def evaluate(
                 model, path, name, query_prompt=query_prompt, document_prompt=document_prompt,
                 batch_size=batch_size, max_corpus=max_corpus, cache_root=cache_root if digest else None,
                 digest=digest, workdir=workdir, index=index, k=k, show_progress=show_progress,
+                runs_dir=Path(runs_dir) if runs_dir is not None else None,
             )
     average = {m: float(np.mean([r[m] for r in per_dataset.values()])) for m in METRICS}
     return {
@@ -126,7 +131,7 @@ def evaluate(
 
 
 def _evaluate_dataset(model, path, name, *, query_prompt, document_prompt, batch_size, max_corpus, cache_root,
-                      digest, workdir, index, k, show_progress) -> dict:
+                      digest, workdir, index, k, show_progress, runs_dir) -> dict:
     corpus, queries, qrels = load_beir(path)
     corpus = subsample_corpus(corpus, qrels, max_corpus)
     backend = choose_backend(index, len(corpus))  # before encoding: a missing package fails in seconds, not hours
@@ -151,10 +156,20 @@ def _evaluate_dataset(model, path, name, *, query_prompt, document_prompt, batch
     else:
         hits = index_search(backend, query_embs, docs, k, docs.folder / "index", model.device, show_progress)
         run = dict(zip(query_ids, hits))
+    run = without_identical_ids(run)  # BEIR's ignore_identical_ids
+    if runs_dir is not None:
+        write_trec_run(run, runs_dir / f"{name}.trec", tag=name)
     scores = compute_metrics(run, qrels, METRICS)
     logger.info("%s: %s", name, {m: round(scores[m], 4) for m in METRICS})
     return {**{m: float(scores[m]) for m in METRICS}, "queries": int(scores["queries"]), "documents": len(docs),
             "retrieval": backend}
+
+
+def write_trec_run(run: Mapping[str, Mapping[str, float]], path: Path, tag: str) -> Path:
+    """``qid Q0 docid rank score tag`` lines, each query's documents in trec_eval's order; written atomically."""
+    lines = [f"{q} Q0 {d} {i + 1} {run[q][d]!r} {tag}" for q in run for i, d in enumerate(rank(run[q]))]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
 
 
 _HEADERS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100", "map@100": "MAP@100"}

@@ -8,8 +8,9 @@ Layouts, each table looked up in this order:
   accepted), ``qrels/*.parquet`` (files named ``<split>-*`` preferred, else all of them), ``qrels.parquet``.
 
 A document's text is ``f"{title} {text}".strip()``, PyLate's BEIR convention. Duplicate ids keep their first
-occurrence (warned). Qrels naming a query the dataset does not have, or a document absent from the corpus, are
-dropped with a :class:`DatasetWarning` (such a judgement can never be retrieved).
+occurrence (warned). Qrels naming a query the dataset does not have are dropped, and a query none of whose judged
+documents is in the corpus is dropped; a judged document absent from the corpus stays, relevant and never retrieved,
+as BEIR scores it (each with a :class:`DatasetWarning`).
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def _clean_qrels(qrels, corpus, queries, source: Path) -> dict[str, dict[str, in
     if unknown_docs:
         warnings.warn(
             f"{source}: {len(unknown_docs)} judged document ids are not in the corpus (e.g. {unknown_docs[:3]}); "
-            f"those judgements are ignored - check that corpus and qrels come from the same dataset",
+            f"they count as relevant and never retrieved, as BEIR counts them - check that corpus and qrels come "
+            f"from the same dataset",
             DatasetWarning,
             3,
         )
@@ -237,9 +239,8 @@ def _clean_qrels(qrels, corpus, queries, source: Path) -> dict[str, dict[str, in
     for qid, judged in qrels.items():
         if qid not in queries:
             continue
-        kept = {d: g for d, g in judged.items() if d in corpus}
-        if kept:
-            cleaned[qid] = kept
+        if any(d in corpus for d in judged):
+            cleaned[qid] = dict(judged)
     if not cleaned:
         raise DatasetError(f"{source}: no judgement refers to a known query and document; nothing to evaluate")
     return cleaned

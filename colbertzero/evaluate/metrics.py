@@ -1,24 +1,26 @@
-"""Retrieval metrics with trec_eval semantics (what BEIR reports through pytrec_eval, and PyLate through ranx).
+"""Retrieval metrics: pytrec_eval (the trec_eval bindings BEIR reports through) with BEIR's conventions.
 
-- Ranking: a query's documents sorted by score, highest first; equal scores are ordered by document id, highest
-  first (trec_eval's rule), so a run scores the same whatever order its dict was built in.
-- nDCG@k: graded gains (the judgement itself, linear as in trec_eval's ndcg_cut; negative judgements gain 0),
-  discount log2(rank + 1); the ideal ranking is built from every judged document, retrieved or not.
-- MRR@k, recall@k, MAP@k: binary, a document is relevant when its judgement is > 0. MAP@k divides by all relevant
-  documents of the query (trec_eval's map_cut), not by min(k, relevant) as sentence-transformers does.
-- Which queries count: every query with at least one judgement (any value, 0 included). One whose judgements are all
-  0 scores 0 on every metric, as in trec_eval. Queries without judgements are skipped; a judged query missing from the
-  run counts as an empty ranking (0), so dropping queries can never raise a score.
+- nDCG@k = trec_eval's ndcg_cut.k (graded, linear gains; the ideal ranking from every judged document, retrieved or
+  not), recall@k = recall.k, MAP@k = map_cut.k (divided by all relevant documents of the query).
+- MRR@k = trec_eval's recip_rank on the run cut to its first k documents, which is how BEIR computes it. The cut uses
+  trec_eval's own order: score descending, ties by document id descending (`rank`).
+- BEIR's `ignore_identical_ids` (its default): a retrieved document whose id equals the query's is dropped before
+  scoring (ArguAna, Quora list each query as a document too).
+- Which queries count: every query with a judgement (all-zero judgements score 0, as in trec_eval). pytrec_eval
+  skips a judged query missing from the run; here it counts as 0, so dropping queries can never raise a score (runs
+  of `evaluate` hold every judged query, so this never changes a figure there).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping
 
+import pytrec_eval
+
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 _NAME = re.compile(r"(ndcg|mrr|recall|map)@([1-9][0-9]*)")
+_TREC = {"ndcg": "ndcg_cut", "recall": "recall", "map": "map_cut"}
 
 
 def parse_metric(name: str) -> tuple[str, int]:
@@ -39,37 +41,17 @@ def rank(scores: Mapping[str, float]) -> list[str]:
     return [d for d, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
 
 
-def query_metrics(ranking: list[str], judged: Mapping[str, int], metrics: Iterable[str] = METRICS) -> dict[str, float]:
-    """Every metric for one query: ``ranking`` as returned by :func:`rank`, ``judged`` its qrels (doc id -> grade)."""
-    n_relevant = sum(1 for g in judged.values() if g > 0)
-    out: dict[str, float] = {}
-    for name in metrics:
-        kind, k = parse_metric(name)
-        top = ranking[:k]
-        if kind == "ndcg":
-            dcg = sum(max(judged.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(top))
-            ideal = sorted((g for g in judged.values() if g > 0), reverse=True)[:k]
-            idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-            out[name] = dcg / idcg if idcg > 0 else 0.0
-        elif kind == "mrr":
-            out[name] = next((1.0 / (i + 1) for i, d in enumerate(top) if judged.get(d, 0) > 0), 0.0)
-        elif kind == "recall":
-            hits = sum(1 for d in top if judged.get(d, 0) > 0)
-            out[name] = hits / n_relevant if n_relevant else 0.0
-        else:  # map
-            hits, total = 0, 0.0
-            for i, d in enumerate(top):
-                if judged.get(d, 0) > 0:
-                    hits += 1
-                    total += hits / (i + 1)
-            out[name] = total / n_relevant if n_relevant else 0.0
-    return out
+def without_identical_ids(run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """BEIR's ignore_identical_ids: drop each query's own id from its retrieved documents."""
+    return {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
 
 
 def compute_metrics(
     run: Mapping[str, Mapping[str, float]],
     qrels: Mapping[str, Mapping[str, int]],
     metrics: Iterable[str] = METRICS,
+    *,
+    ignore_identical_ids: bool = True,
 ) -> dict[str, float | int]:
     """Mean of each metric over the judged queries, plus ``"queries"``: how many were averaged.
 
@@ -77,17 +59,33 @@ def compute_metrics(
     judgements are ignored. With no judged query at all every metric is 0.0 and ``queries`` is 0.
     """
     metrics = tuple(metrics)
-    for name in metrics:
-        parse_metric(name)
-    totals = dict.fromkeys(metrics, 0.0)
-    n = 0
-    for qid, judged in qrels.items():
-        if not judged:
-            continue
-        per_query = query_metrics(rank(run.get(qid, {})), judged, metrics)
-        for name, value in per_query.items():
-            totals[name] += value
-        n += 1
-    result: dict[str, float | int] = {name: (total / n if n else 0.0) for name, total in totals.items()}
+    parsed = {m: parse_metric(m) for m in metrics}
+    judged = {q: {d: int(g) for d, g in j.items()} for q, j in qrels.items() if j}
+    if ignore_identical_ids:
+        run = without_identical_ids(run)
+    run = {q: {d: float(s) for d, s in run.get(q, {}).items()} for q in judged}
+    per_query = {q: dict.fromkeys(metrics, 0.0) for q in judged}
+    full = {_TREC[kind] + f".{k}" for kind, k in parsed.values() if kind != "mrr"}
+    if full:
+        scored = pytrec_eval.RelevanceEvaluator(judged, full).evaluate(run)
+        for q, values in scored.items():
+            for m, (kind, k) in parsed.items():
+                if kind != "mrr":
+                    per_query[q][m] = values[f"{_TREC[kind]}_{k}"]
+    for m, (kind, k) in parsed.items():
+        if kind == "mrr":
+            cut = {q: {d: docs[d] for d in rank(docs)[:k]} for q, docs in run.items()}
+            for q, values in pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(cut).items():
+                per_query[q][m] = values["recip_rank"]
+    n = len(per_query)
+    result: dict[str, float | int] = {m: (sum(v[m] for v in per_query.values()) / n if n else 0.0) for m in metrics}
     result["queries"] = n
     return result
+
+
+def query_metrics(ranking: list[str], judged: Mapping[str, int], metrics: Iterable[str] = METRICS) -> dict[str, float]:
+    """Every metric for one query, ``ranking`` best first (as :func:`rank` orders a run)."""
+    metrics = tuple(metrics)
+    scores = {d: float(len(ranking) - i) for i, d in enumerate(ranking)}
+    out = compute_metrics({"q": scores}, {"q": dict(judged)}, metrics, ignore_identical_ids=False)
+    return {m: out[m] for m in metrics}

