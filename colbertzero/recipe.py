@@ -259,6 +259,19 @@ class Model(_Strict):
     do_query_expansion: bool = True
     attend_to_expansion_tokens: bool = False
     skiplist_punctuation: bool = True
+    # The encoder's attention kernel (transformers' attn_implementation); None = transformers' choice for the model.
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+
+    @model_validator(mode="after")
+    def _flash_unpadding(self) -> "Model":
+        if self.attn_implementation == "flash_attention_2" and self.do_query_expansion \
+                and not self.attend_to_expansion_tokens:
+            raise ValueError(
+                "attn_implementation flash_attention_2 with query expansion and attend_to_expansion_tokens false: "
+                "ModernBERT unpads its inputs under flash attention, and the [MASK] expansion tokens (attention mask "
+                "0) come out as zeros (PyLate issues #109, #125), so the model trains on empty query tokens. Use "
+                "sdpa, or set model.attend_to_expansion_tokens: true")
+        return self
 
 
 class Recipe(_Strict):

@@ -44,6 +44,14 @@ def tiny_modernbert(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def modernbert_base(tmp_path_factory) -> str:
+    """ModernBERT-base's architecture (random weights) and a byte-level BPE tokenizer of ModernBERT's kind."""
+    from colbertzero.models import make_modernbert_base
+
+    return make_modernbert_base(tmp_path_factory.mktemp("models") / "modernbert-base")
+
+
+@pytest.fixture(scope="session")
 def local_slurm() -> dict[str, str]:
     """The real two-node Slurm cluster of tools/local-slurm, SLURM_CONF exported for the whole session.
 

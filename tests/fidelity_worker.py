@@ -1,6 +1,6 @@
 """Worker for tests/test_fidelity.py: N optimizer steps from the same weights on the same batches, one side per process.
 
-    python tests/fidelity_worker.py ours   MODEL_DIR WORK_DIR   # colbertzero: shards, loader, DeepSpeed engine, step
+    python tests/fidelity_worker.py ours   MODEL_DIR WORK_DIR [STEPS]   # colbertzero: shards, loader, engine, step
     python tests/fidelity_worker.py pylate MODEL_DIR WORK_DIR   # PyLate 1.6.0's SentenceTransformerTrainer
 
 `ours` prepares shards of WORK_DIR/<loss>/rows.jsonl, trains N steps with the loss_scale that reproduces PyLate's
@@ -31,7 +31,7 @@ def _read(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def ours(model: str, work: Path) -> None:
+def ours(model: str, work: Path, steps: int = N_STEPS) -> None:
     from colbertzero.data.loader import GlobalBatchLoader
     from colbertzero.data.prepare import prepare_recipe
     from colbertzero.models import colbert_for
@@ -51,7 +51,7 @@ def ours(model: str, work: Path) -> None:
             data["max_negatives"] = 1
         if kind == "distillation":
             data["docs_per_query"] = N_DOCS
-        phase = {"kind": kind, "init": model, "data": data, "lr": LR, "global_batch_size": BATCH, "max_steps": N_STEPS,
+        phase = {"kind": kind, "init": model, "data": data, "lr": LR, "global_batch_size": BATCH, "max_steps": steps,
                  "gradcache_mini_batch": MINI if name == "cached_contrastive" else None, "loss_scale": SCALE[name],
                  "temperature": TEMPERATURE, "query_length": Q_LEN, "document_length": D_LEN, "seed": 0,
                  "prompts": {"enabled": False}, "bf16": False, "deepspeed": {"zero_stage": 0},
@@ -63,13 +63,13 @@ def ours(model: str, work: Path) -> None:
         loader = GlobalBatchLoader(r, "p", 0, 1)
         rows = _read(folder / "rows.jsonl")
         with open(folder / "ordered.jsonl", "w") as f:
-            for t in range(N_STEPS):
+            for t in range(steps):
                 for i in loader.global_rows(t)[1]:
                     f.write(json.dumps(rows[i]) + "\n")
-        engine, _, _ = build_engine(ColBERTForTraining.for_phase(colbert, r.phase("p")), r.phase("p"), N_STEPS,
+        engine, _, _ = build_engine(ColBERTForTraining.for_phase(colbert, r.phase("p")), r.phase("p"), steps,
                                     runtime=rt)
         losses, norms = [], []
-        for _, batch in zip(range(N_STEPS), loader):
+        for _, batch in zip(range(steps), loader):
             res = train_step(engine, batch, r.phase("p"))
             losses.append(res.loss)
             norms.append(res.grad_norm)
@@ -124,4 +124,7 @@ def pylate(model: str, work: Path) -> None:
 
 if __name__ == "__main__":
     side, model_dir, work_dir = sys.argv[1:4]
-    {"ours": ours, "pylate": pylate}[side](model_dir, Path(work_dir))
+    if side == "ours":
+        ours(model_dir, Path(work_dir), int(sys.argv[4]) if len(sys.argv) > 4 else N_STEPS)
+    else:
+        pylate(model_dir, Path(work_dir))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
 
@@ -150,3 +152,21 @@ def test_a_reader_that_leaves_early_is_not_an_error():
     proc.stdout.close()  # long before the interpreter has even imported the package
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0 and "BrokenPipe" not in err, err
+
+
+def test_plan_projects_from_a_gpu_bench_json(tmp_path):
+    bench = tmp_path / "gpu.json"
+    bench.write_text(json.dumps({"device": "NVIDIA H200", "kinds": {
+        "unsupervised": {"pairs_per_s": 1024.0}, "supervised": {"pairs_per_s": 64.0},
+        "distillation": {"pairs_per_s": 16.0}}}))
+    res = run("plan", "recipes/colbert-zero.yaml", "--gpu-bench", bench, "--json")
+    assert res.returncode == 0, res.stderr
+    phases = json.loads(res.stdout)["phases"]
+    u = phases["unsupervised"]
+    # 16,384 pairs a step over 16 GPUs at 1,024 pairs/s each: 1 s a step
+    assert u["seconds_per_step"] == pytest.approx(1.0) and u["seconds_per_step_from"] == "GPU bench on NVIDIA H200"
+    assert phases["supervised"]["seconds_per_step"] == pytest.approx(64 / (64 * 4))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    res = run("plan", "recipes/colbert-zero.yaml", "--gpu-bench", bad)
+    assert res.returncode == 2 and "not the JSON of tools/bench/gpu.sh" in res.stderr

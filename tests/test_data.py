@@ -87,6 +87,7 @@ PARITY = [
     ("minilm", False, {}),
     ("tiny_modernbert", True, {}),
     ("tiny_modernbert", False, {}),
+    ("modernbert_base", True, {}),  # ModernBERT-base's architecture with a byte-level BPE tokenizer of its kind
     ("minilm", True, {"do_query_expansion": False}),
     ("minilm", False, {"attend_to_expansion_tokens": True}),
 ]

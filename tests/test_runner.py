@@ -424,10 +424,15 @@ def test_flop_counter_counts_encoder_passes_attention_window_and_maxsim(tiny_mod
     batch = SimpleNamespace(queries={"attention_mask": q_mask}, documents={"attention_mask": d_mask})
     cfg = colbert[0].auto_model.config
     n = sum(p.numel() for p in colbert.parameters()) - colbert[0].auto_model.embeddings.tok_embeddings.weight.numel()
-    window = 2 * cfg.sliding_window + 1  # 65: the 40-token document is attended in full on the local layer too
-    assert cfg.layer_types == ["full_attention", "sliding_attention"] and window > 40
+    half = cfg.sliding_window  # 32: on the local layer, position i sees keys j with |i - j| <= 32
+    assert cfg.layer_types == ["full_attention", "sliding_attention"] and half == 32
+
+    def local_pairs(length: int) -> int:  # counted position by position
+        return sum(1 for i in range(length) for j in range(length) if abs(i - j) <= half)
+
+    assert local_pairs(40) == 40 * 40 - 2 * sum(range(1, 40 - half))  # the corners the window cuts off
     q = 2 * n * 16 + 4 * cfg.hidden_size * 2 * 8 * (5 + 3)  # expanded: 8 outputs per query, over real keys
-    d = 2 * n * 47 + 4 * cfg.hidden_size * 2 * (40**2 + 2**2 + 1 + 4**2)
+    d = 2 * n * 47 + 4 * cfg.hidden_size * ((40**2 + 2**2 + 1 + 4**2) + (local_pairs(40) + 2**2 + 1 + 4**2))
 
     kd = FlopCounter(colbert, phase("distillation", 2), world_size=2)
     local = kd.local(batch)

@@ -92,10 +92,10 @@ def test_loss_scale_multiplies_the_gradient_not_the_loss(launch, request):
     by = {(c["case"], c["stage"]): c for c in _steps(run)}
     for stage in (0, 2):
         cached, plain = by[("unsupervised-gradcache-scale-global_batch", stage)], by[("unsupervised-gradcache", stage)]
-        assert _rel(cached["grad_norm"], 10 * plain["grad_norm"]) < RTOL and _rel(cached["loss"], plain["loss"]) < 1e-9
+        assert _rel(cached["grad_norm"], 10 * plain["grad_norm"]) < RTOL and _rel(cached["loss"], plain["loss"]) < 1e-7
         gathered, mean = by[("supervised-direct-scale-world_size", stage)], by[("supervised-direct", stage)]
         assert _rel(gathered["grad_norm"], world * mean["grad_norm"]) < RTOL
-        assert _rel(gathered["loss"], mean["loss"]) < 1e-9
+        assert _rel(gathered["loss"], mean["loss"]) < 1e-7
 
 
 @pytest.mark.parametrize("launch", ["one_process", "two_ranks"])
@@ -114,7 +114,7 @@ def test_steps_follow_the_schedule_and_train_the_temperature(two_ranks):
             assert math.isclose(c["temperature"], 0.05, rel_tol=1e-6), c
             assert abs(c["second_temperature"] - 0.05) > 1e-4, c  # learnable: AdamW moved it
             assert c["second_loss"] < c["loss"], c
-        elif c["case"] == "unsupervised-gradcache":
+        elif c["case"].startswith("unsupervised-gradcache"):
             assert c["second_temperature"] == c["temperature"] == pytest.approx(0.02), c
         else:
             assert c["temperature"] is None and c["second_temperature"] is None, c
@@ -286,3 +286,27 @@ def test_hand_written_cached_loss_gradients_equal_autograd(query_mask, chunked, 
     torch.testing.assert_close(direct.detach(), ref.detach(), rtol=1e-12, atol=0)
     for got, want in ((qn.grad, ql.grad), (dn.grad, dl.grad), (tn.grad, tl.grad)):
         torch.testing.assert_close(got, 3 * want, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_step_matches_fp32_and_accumulates_in_fp32(tiny_modernbert, tmp_path):
+    """bf16 compute on the CPU accelerator (DeepSpeed's bf16 config, as on a GPU), ZeRO 1-3, one step of 2
+    accumulation groups in GradCache chunks: gradients within bf16's tolerance of the fp32 step's, accumulated and
+    kept (master weights) in fp32."""
+    out = tmp_path / "bf16.json"
+    run = _launch([sys.executable, str(ROOT / "tests" / "bf16_worker.py"), tiny_modernbert, str(out)], out)
+    stages = run["results"]
+    assert [c["stage"] for c in stages] == [1, 2, 3]
+    for c in stages:
+        assert c["compute_dtype"] == "torch.bfloat16", c
+        assert (c["accumulation_dtype"], c["master_dtype"]) == ("torch.float32", "torch.float32"), c
+        assert c["max_rel"] < 0.05, c  # bf16 keeps 8 bits of mantissa: ~2% after a forward, a loss and a backward
+        assert _rel(c["loss_bf16"], c["loss_fp32"]) < 0.01, c
+
+
+def test_bf16_on_zero_stage_0_is_refused():
+    from colbertzero.train.engine import deepspeed_config
+
+    with pytest.raises(ValueError, match="ZeRO stage 0 would accumulate"):
+        deepspeed_config(_phase(deepspeed={"zero_stage": 0}), _runtime(device="cuda", dtype=torch.bfloat16))
+    assert deepspeed_config(_phase(deepspeed={"zero_stage": 2}), _runtime(device="cuda", dtype=torch.bfloat16))[
+        "data_types"] == {"grad_accum_dtype": "fp32"}

@@ -55,6 +55,10 @@ MEANINGS: dict[str, str] = {
     "Model.do_query_expansion": "Pad queries to their full length with [MASK] tokens that are scored (ColBERT's "
                                 "query augmentation).",
     "Model.attend_to_expansion_tokens": "Whether the encoder attends to those [MASK] expansion tokens.",
+    "Model.attn_implementation": "The encoder's attention kernel: `eager`, `sdpa`, `flash_attention_2` (installed "
+                                  "flash-attn, GPU); null = transformers' choice. flash_attention_2 with query "
+                                  "expansion needs `attend_to_expansion_tokens: true` (unpadding zeroes the [MASK] "
+                                  "tokens otherwise; refused).",
     "Model.skiplist_punctuation": "Punctuation tokens of documents are not scored (PyLate's skiplist).",
     # Phase
     "Phase.kind": "`unsupervised` (pairs, in-batch negatives), `supervised` (+ hard negatives) or `distillation` "

@@ -15,7 +15,8 @@
 - Config: `train_micro_batch_size_per_gpu` = queries per rank per optimizer step and `gradient_accumulation_steps` = 1:
   accumulation (GradCache chunks, `phase.gradient_accumulation` groups) is driven by gradcache.py with
   `set_gradient_accumulation_boundary`, because the number of backwards per step varies. ZeRO stage and offload from
-  `phase.deepspeed`; bf16 when the runtime computes in bf16 (GPU + phase.bf16), fp32 otherwise; gradient clipping from
+  `phase.deepspeed`; bf16 when the runtime computes in bf16 (GPU + phase.bf16), fp32 otherwise, with fp32 master
+  weights, optimizer state and gradient accumulation (ZeRO 1-3; bf16 on ZeRO-0 is refused); gradient clipping from
   `max_grad_norm` (None = no clipping).
 """
 
@@ -70,8 +71,12 @@ def deepspeed_config(phase: Phase, runtime: Runtime) -> dict[str, Any]:
         "steps_per_print": 2**62,  # the runner logs
         "wall_clock_breakdown": False,
     }
-    if runtime.bf16 and phase.deepspeed.zero_stage == 1 and not phase.deepspeed.offload_optimizer:
-        # ZeRO-1 then accumulates the many GradCache backwards in fp32 (DeepSpeed's BF16 optimizer) instead of bf16.
+    if runtime.bf16:
+        if phase.deepspeed.zero_stage == 0:
+            raise ValueError("bf16 on ZeRO stage 0 would accumulate the GradCache backwards in bf16: use "
+                             "deepspeed.zero_stage 1 or more (fp32 master weights and gradient accumulation)")
+        # Every GradCache chunk and accumulation group adds into the gradient: fp32, not bf16 (ZeRO-1: DeepSpeed's
+        # BF16 optimizer; ZeRO-2/3: the partitions' accumulation buffers).
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 

@@ -45,8 +45,9 @@ class FlopCounter:
     """Model FLOPs of one optimizer step: what the step must compute, not what the kernels happen to do.
 
     Encoder, per forward: 2·N per processed token (N = parameters outside embedding tables, which are lookups) plus
-    attention, 4·hidden·(outputs × attended keys) per layer and sequence, keys capped at the sliding window on
-    local-attention layers (ModernBERT). Processed tokens are the real ones, and every query position when queries
+    attention, 4·hidden·(output position, attended key) pairs per layer and sequence; on ModernBERT's
+    sliding-window layers a position attends to the keys within `sliding_window` of it (counted exactly, edges
+    included). Processed tokens are the real ones, and every query position when queries
     are expanded ([MASK] positions are scored). Training costs 3 forwards (backward = 2), 4 with GradCache (its
     extra no-grad forward); distillation's micro-batches recompute nothing.
     MaxSim: 2·dim per (query token, document token) pair scored, ×3 for forward and backward. Contrastive scores
@@ -70,14 +71,26 @@ class FlopCounter:
         layers = int(cfg.num_hidden_layers)
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * layers
         half = getattr(cfg, "sliding_window", None)
-        self.windows = [None if t == "full_attention" or not half else 2 * int(half) + 1 for t in types]
+        self.windows = [None if t == "full_attention" or not half else int(half) for t in types]
         self.dim = int(colbert[-1].out_features)
+
+    @staticmethod
+    def _pairs(outputs: torch.Tensor, keys: torch.Tensor, half: int | None) -> float:
+        """(output position, attended key) pairs of sequences whose first `keys` tokens are attended; with a sliding
+        window, position i attends to the keys j with |i - j| <= half."""
+        o, k = outputs.long(), keys.long()
+        if half is None:
+            return float((o.double() * k.double()).sum())
+        i = torch.arange(int(o.max()) if len(o) else 0)[None, :]
+        hi = torch.minimum(k[:, None] - 1, i + half)
+        lo = torch.clamp(i - half, min=0)
+        counts = (hi - lo + 1).clamp(min=0) * (i < o[:, None])
+        return float(counts.sum())
 
     def _encoder(self, outputs: torch.Tensor, keys: torch.Tensor) -> float:
         """Forward FLOPs of sequences with `outputs` processed positions and `keys` attended tokens each."""
-        o, k = outputs.double(), keys.double()
-        attention = sum(float((o * (k if w is None else k.clamp(max=w))).sum()) for w in self.windows)
-        return 2.0 * self.n_params * float(o.sum()) + 4.0 * self.hidden * attention
+        attention = sum(self._pairs(outputs, keys, w) for w in self.windows)
+        return 2.0 * self.n_params * float(outputs.double().sum()) + 4.0 * self.hidden * attention
 
     def local(self, batch) -> torch.Tensor:
         q_mask, d_mask = batch.queries["attention_mask"], batch.documents["attention_mask"]

@@ -264,7 +264,7 @@ def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> d
 
     from colbertzero.train.step import train_step
 
-    ends, cpu, first, total_flops, pairs = [], [], None, 0.0, 0
+    ends, cpu, first, total_flops, pairs, tokens = [], [], None, 0.0, 0, 0
     it = iter(loader)
     for i in range(steps + warmup):
         batch = next(it)
@@ -277,6 +277,7 @@ def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> d
         if i >= warmup:
             total_flops += flops.total(flops.local(batch))
             pairs += res.n_queries
+            tokens += res.n_tokens
     seconds = ends[-1] - ends[warmup - 1]
     return {
         "steps_per_s": steps / seconds,
@@ -284,6 +285,7 @@ def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> d
         "first_loss": first,
         "cpu_s_per_step": (cpu[-1] - cpu[warmup - 1]) / steps,
         "pairs_per_s": pairs / seconds,
+        "tokens_per_s": tokens / seconds,
         "tflops": total_flops / seconds / 1e12,
     }
 
@@ -343,7 +345,54 @@ def worker_gpu(spec: dict) -> dict:
     return res
 
 
-WORKERS = {"pylate": worker_pylate, "colbertzero": worker_colbertzero, "memory": worker_memory, "gpu": worker_gpu}
+def worker_pylate_gpu(spec: dict) -> dict:
+    """PyLate's trainer with CachedContrastive on the same rows, in the order our loader took them."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from pylate import losses, models, utils
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from torch.utils.data import BatchSampler, SequentialSampler
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    def sequential(dataset, batch_size, drop_last, **kw):
+        return BatchSampler(SequentialSampler(dataset), batch_size, drop_last)
+
+    rows = _read_jsonl(Path(spec["rows"]))
+    q, d, _, mini, batch, _ = spec["shapes"]
+    cuda = spec["device"] == "cuda"
+    model = models.ColBERT(spec["model"], device="cuda" if cuda else "cpu", query_length=q + 7, document_length=d + 7)
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch, max_steps=spec["steps"] + 1, learning_rate=1e-5,
+            logging_steps=1, save_strategy="no", report_to="none", batch_sampler=sequential, bf16=cuda,
+            use_cpu=not cuda, dataloader_drop_last=True, disable_tqdm=True)
+        prompts = {"query": "search_query: ", "document": "search_document: "}
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows),
+            loss=losses.CachedContrastive(model, mini_batch_size=mini, temperature=0.02),
+            data_collator=utils.ColBERTCollator(model.tokenize, prompts=prompts), callbacks=[clock])
+        trainer.train()
+    seconds = clock.ends[-1] - clock.ends[0]  # the first step warms up
+    out = {"pairs_per_s": spec["steps"] * batch / seconds, "seconds_per_step": seconds / spec["steps"]}
+    if cuda:
+        out["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+WORKERS = {"pylate": worker_pylate, "colbertzero": worker_colbertzero, "memory": worker_memory, "gpu": worker_gpu,
+           "pylate-gpu": worker_pylate_gpu}
 
 
 def run_worker(kind: str, spec: dict, work: Path) -> dict:
