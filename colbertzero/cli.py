@@ -18,6 +18,21 @@ from .recipe import RecipeError, load_recipe
 from .runtime import Exit
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else argparse's own one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    return parse
+
+
 def _recipe(args):
     return load_recipe(args.recipe, getattr(args, "overrides", None) or [])
 
@@ -110,12 +125,13 @@ def cmd_status(args) -> int:
 
 # ------------------------------------------------------------------ data / train / eval
 def cmd_prepare(args) -> int:
-    from .data.prepare import prepare_recipe
+    from .data.prepare import index_recipe, prepare_recipe
 
+    if args.array_task is not None and args.array_task >= args.array_tasks:
+        raise RecipeError(f"--array-task {args.array_task}: outside 0..{args.array_tasks - 1} (--array-tasks "
+                          f"{args.array_tasks}); Slurm's SLURM_ARRAY_TASK_ID is the task's number")
     recipe = _recipe(args)
     if args.index_only:  # after the array tasks: check every shard is there, write the indexes
-        from .data.prepare import index_recipe
-
         summary = index_recipe(recipe, phases=args.phase or None)
         if args.json:
             print(json.dumps(summary, indent=2, default=str))
@@ -236,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("prepare", help="tokenize each phase's sources into Arrow shards")
     recipe_args(sp)
     sp.add_argument("--phase", action="append", help="only this phase (repeatable)")
-    sp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    sp.add_argument("--workers", type=_at_least(1), default=max(1, min(8, os.cpu_count() or 1)))
     sp.add_argument("--verify", action="store_true", help="full sha256 check of existing shards")
-    sp.add_argument("--array-task", type=int, default=None, help="Slurm array task id: do this share of the shards")
-    sp.add_argument("--array-tasks", type=int, default=1, help="number of array tasks")
+    sp.add_argument("--array-task", type=_at_least(0), default=None,
+                    help="Slurm array task id: do this share of the shards")
+    sp.add_argument("--array-tasks", type=_at_least(1), default=1, help="number of array tasks")
     sp.add_argument("--index-only", action="store_true", help="after the array tasks: write the shard indexes")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_prepare)

@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from . import ledger
 from .files import atomic_write_bytes, atomic_write_json, now_iso
-from .recipe import dump_recipe, recipe_from_dict
+from .recipe import dump_recipe, no_control_characters, recipe_from_dict
 
 FORMAT = "colbertzero-manifest/1"
 STATES = ("pending", "running", "done", "failed", "over-budget")
@@ -95,6 +95,10 @@ class Manifest:
     def create(cls, run_dir: str | os.PathLike, recipe) -> "Manifest":
         """Create a run dir for ``recipe``, or open the existing one if it holds the same recipe."""
         m = cls(run_dir)
+        try:  # the run dir is written into job scripts and Slurm options: one line, always
+            no_control_characters(str(m.run_dir), "--run-dir")
+        except ValueError as e:
+            raise ManifestError(f"{e}; choose another folder name") from None
         if m.run_dir.exists() and not m.run_dir.is_dir():
             raise ManifestError(f"{m.run_dir}: exists and is not a directory; give another --run-dir")
         m.run_dir.mkdir(parents=True, exist_ok=True)

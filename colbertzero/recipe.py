@@ -27,6 +27,28 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and the field path."""
 
 
+# A name that becomes a folder or part of a job name: letters, digits, '_', '.', '-', not '.'/'..', no leading '-'.
+_SAFE_NAME = re.compile(r"(?!\.{1,2}$)(?!-)[A-Za-z0-9_.\-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_name(v: str, what: str) -> str:
+    """The one rule for names used as path components and in job names."""
+    if not _SAFE_NAME.fullmatch(v):
+        raise ValueError(f"{what} {v!r}: letters, digits, '_', '.', '-' only, not '.' or '..', not starting with '-' "
+                         "(it names a folder and a Slurm job)")
+    return v
+
+
+def no_control_characters(v, what: str):
+    """The one rule for strings that reach a generated script or a command line: no newline, tab or other control
+    character (a newline in an #SBATCH line would end it and start shell code). Lists are checked item by item."""
+    for item in v if isinstance(v, list) else [v]:
+        if isinstance(item, str) and _CONTROL.search(item):
+            raise ValueError(f"{what} {item!r}: control characters (newline, tab, …) are not allowed here")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -55,9 +77,7 @@ class Source(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
-            raise ValueError("source names may hold letters, digits, '_', '.', '-' only (they name folders)")
-        return v
+        return safe_name(v, "source name")
 
 
 class Data(_Strict):
@@ -128,6 +148,11 @@ class Resources(_Strict):
     def time_limit_hours(self) -> float:
         return parse_time_limit(self.time_limit) / 3600.0
 
+    @field_validator("partition", "account", "qos", "constraint", "extra_sbatch")
+    @classmethod
+    def _sbatch_strings(cls, v, info):
+        return no_control_characters(v, f"resources.{info.field_name}")
+
     @field_validator("time_limit", mode="before")
     @classmethod
     def _tl(cls, v) -> str:
@@ -162,6 +187,11 @@ class PrepareResources(_Strict):
     def _tl(cls, v: str) -> str:
         parse_time_limit(v)
         return v
+
+    @field_validator("partition", "account", "qos", "mem", "extra_sbatch")
+    @classmethod
+    def _sbatch_strings(cls, v, info):
+        return no_control_characters(v, f"prepare.{info.field_name}")
 
 
 class DeepSpeedCfg(_Strict):
@@ -288,6 +318,11 @@ class Recipe(_Strict):
     # where the recipe came from (set by load_recipe; not part of the hash)
     source_path: str | None = Field(default=None, exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return safe_name(v, "recipe name")
+
     @model_validator(mode="after")
     def _chain(self) -> "Recipe":
         names = list(self.phases)
@@ -380,13 +415,41 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base loader says what is wrong with it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise RecipeError(f"{self.name}: key {key!r} is written twice, on lines {first} and "
+                                  f"{key_node.start_mark.line + 1}; keep one of them")
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory; give the recipe's YAML file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read it ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -170,3 +170,22 @@ def test_plan_projects_from_a_gpu_bench_json(tmp_path):
     bad.write_text("{}")
     res = run("plan", "recipes/colbert-zero.yaml", "--gpu-bench", bad)
     assert res.returncode == 2 and "not the JSON of tools/bench/gpu.sh" in res.stderr
+
+
+def test_user_errors_are_one_message_never_a_traceback(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: a\nphases: {}\nname: b\n")
+    cases = [
+        (("validate", latin), "not UTF-8 text"),
+        (("validate", tmp_path), "is a directory"),
+        (("validate", twice), "key 'name' is written twice, on lines 1 and 3"),
+        (("prepare", TINY, "--array-task", "4", "--array-tasks", "4"), "outside 0..3"),
+        (("prepare", TINY, "--workers", "0"), "must be at least 1"),
+        (("prepare", TINY, "--workers", "-1"), "must be at least 1"),
+    ]
+    for args, message in cases:
+        res = run(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
