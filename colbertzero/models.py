@@ -212,6 +212,7 @@ def make_bpe_tokenizer(vocab_size: int = 8192):
     space), trained offline on the Language Reference that ships with Python (`pydoc_data.topics`)."""
     # tokenizers/transformers: imported only when a model is first written (tests, the demo, benchmarks).
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
