@@ -108,8 +108,11 @@ def test_find_latest_falls_back_past_missing_incomplete_or_corrupt(tmp_path, tin
     (c4 / DS_TAG / "mp_rank_00_model_states.pt").write_bytes(b"bit rot")  # corrupt
     (c3 / COMPLETE).unlink()  # incomplete
     os.rename(c2, c2.with_name("moved"))  # gone
-    found = find_latest_checkpoint(m, PHASE)
+    skipped: list[dict] = []
+    found = find_latest_checkpoint(m, PHASE, skipped=skipped)
     assert found["abspath"] == str(c1) and found["step"] == 1 and found["zero_stage"] == 2
+    assert [(s["step"], s["reason"].split(" ")[0]) for s in skipped] == [(4, "its"), (3, "listed"), (2, "listed")]
+    assert "do not match their recorded sha256" in skipped[0]["reason"]
 
 
 def test_save_refuses_bad_state_before_touching_anything(tmp_path, tiny_modernbert):

@@ -126,3 +126,38 @@ def test_snapshot_needs_no_lock_and_refuses_what_is_not_a_run_dir(tmp_path, reci
     (tmp_path / "file").write_text("x")
     with pytest.raises(ManifestError, match="not a directory"):
         Manifest(tmp_path / "file").snapshot()
+
+
+READER = textwrap.dedent(
+    """
+    import json, sys, time
+    from colbertzero.manifest import Manifest
+    from colbertzero.report import status_json
+    m = Manifest(sys.argv[1])
+    seen, last, deadline = 0, -1, time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline:
+        data = m.snapshot()              # what `status` and `report` read: no lock
+        status_json(data)
+        counter = data.get("counter", 0)
+        assert counter >= last, (counter, last)  # never an older manifest after a newer one
+        last, seen = counter, seen + 1
+    print(json.dumps({"reads": seen, "last": last}))
+    """
+)
+
+
+def test_readers_never_see_a_torn_manifest_nor_block_the_writer(tmp_path, recipe):
+    m = Manifest.create(tmp_path / "run", recipe)
+    (tmp_path / "w.py").write_text(WRITER)
+    (tmp_path / "r.py").write_text(READER)
+    readers = [subprocess.Popen([sys.executable, str(tmp_path / "r.py"), str(m.run_dir), "8"],
+                                stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    t0 = time.monotonic()
+    writer = subprocess.Popen([sys.executable, str(tmp_path / "w.py"), str(m.run_dir), "60"])
+    assert writer.wait(120) == 0
+    write_s = time.monotonic() - t0
+    outs = [json.loads(r.communicate(timeout=120)[0]) for r in readers]
+    assert all(r.returncode == 0 for r in readers)  # every snapshot parsed, counters never went back
+    assert all(o["reads"] > 10 for o in outs), outs
+    assert m.read()["counter"] == 60 and write_s < 60  # 60 locked, fsynced writes beside the readers
+    assert not any(p.name.endswith(".tmp") for p in m.run_dir.iterdir())

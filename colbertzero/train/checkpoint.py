@@ -237,24 +237,32 @@ def _check_run_dir(run_dir, manifest: Manifest) -> None:
 
 
 # ---------------------------------------------------------------- load
-def find_latest_checkpoint(manifest: Manifest, phase_name: str, *, verify_hash: bool = True) -> dict | None:
-    """The newest checkpoint the manifest lists whose folder exists, is marked complete and matches its hash."""
+def find_latest_checkpoint(manifest: Manifest, phase_name: str, *, verify_hash: bool = True,
+                           skipped: list[dict] | None = None) -> dict | None:
+    """The newest checkpoint the manifest lists whose folder exists, is marked complete and matches its hash. Each
+    newer one passed over is appended to ``skipped`` ({path, step, reason}) when given."""
+
+    def skip(c: dict, path: Path, reason: str) -> None:
+        log.warning("checkpoint %s: %s; skipped", path, reason)
+        if skipped is not None:
+            skipped.append({"path": c["path"], "step": c["step"], "reason": reason})
+
     for c in reversed(manifest.phase(phase_name)["checkpoints"]):
         path = manifest.run_dir / c["path"]
         marker = path / COMPLETE
         if not marker.is_file():
-            log.warning("checkpoint %s listed in the manifest is missing or incomplete; skipped", path)
+            skip(c, path, "listed in the manifest but missing or incomplete")
             continue
         try:
             info = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            log.warning("checkpoint %s has an unreadable %s (%s); skipped", path, COMPLETE, e)
+            skip(c, path, f"unreadable {COMPLETE} ({e})")
             continue
         if info.get("step") != c["step"] or info.get("sha256") != c["sha256"]:
-            log.warning("checkpoint %s: its %s disagrees with the manifest; skipped", path, COMPLETE)
+            skip(c, path, f"its {COMPLETE} disagrees with the manifest")
             continue
         if verify_hash and weights_sha256(path) != c["sha256"]:
-            log.warning("checkpoint %s: its files do not match their recorded sha256; skipped", path)
+            skip(c, path, "its files do not match their recorded sha256 (altered or damaged)")
             continue
         return {**c, "abspath": str(path), "world_size": info.get("world_size"), "zero_stage": info.get("zero_stage")}
     return None
@@ -270,7 +278,13 @@ def load_latest_checkpoint(engine, run_dir: str | os.PathLike, phase_name: str, 
 
     def choose():
         clean_stale(checkpoints_dir(run_dir, phase_name))
-        return find_latest_checkpoint(manifest, phase_name)
+        skipped: list[dict] = []
+        chosen = find_latest_checkpoint(manifest, phase_name, skipped=skipped)
+        if skipped:  # the run's record says which checkpoints were not resumed from, and why
+            now = now_iso()
+            manifest.update_phase(phase_name, lambda p: p.setdefault("skipped_checkpoints", []).extend(
+                {**s, "time": now, "resumed_from": chosen["path"] if chosen else None} for s in skipped))
+        return chosen
 
     # Rank 0 decides and tells the others: every rank loads the same checkpoint even if the manifest moves.
     chosen = dist.rank0_outcome(choose, f"finding the latest checkpoint of phase {phase_name!r}", CheckpointError)
