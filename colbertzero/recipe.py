@@ -194,6 +194,14 @@ class PrepareResources(_Strict):
         return no_control_characters(v, f"prepare.{info.field_name}")
 
 
+class Watchdog(_Strict):
+    """A step far slower than usual is a hang: the rank dumps its stacks and leaves to be requeued."""
+
+    step_factor: float = Field(default=20.0, gt=1)  # × the running median step time …
+    min_seconds: float = Field(default=900.0, gt=0)  # … and at least this (the first steps warm up)
+    collective_timeout_s: int = Field(default=1800, gt=0)  # torch.distributed's own timeout of a collective
+
+
 class DeepSpeedCfg(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = False
@@ -249,6 +257,7 @@ class Phase(_Strict):
     cadence: Cadence = Field(default_factory=Cadence)
     resources: Resources = Field(default_factory=Resources)
     deepspeed: DeepSpeedCfg = Field(default_factory=DeepSpeedCfg)
+    watchdog: Watchdog = Field(default_factory=Watchdog)
     eval: Eval = Field(default_factory=Eval)
     budget_gpu_hours: float | None = Field(default=None, gt=0)
     reference: Reference = Field(default_factory=Reference)

@@ -43,7 +43,7 @@ PHASES = ("unsupervised", "supervised", "distillation")
 WORLD = 2
 TIMEOUT = 600
 LOG_FIELDS = {"time", "phase", "step", "total_steps", "loss", "lr", "temperature", "grad_norm", "samples_per_s",
-              "tokens_per_s", "mfu", "tflops", "source", "consumed", "attempt", "seconds_per_step"}
+              "tokens_per_s", "mfu", "tflops", "source", "consumed", "attempt", "seconds_per_step", "clipped"}
 # The resumed recipe: 12 steps, a checkpoint every 3, the two newest kept.
 RESUME = ("phases.supervised.deepspeed.zero_stage=3", "phases.supervised.cadence.save_every=3",
           "phases.supervised.cadence.keep_last=2")
@@ -458,3 +458,33 @@ def test_every_phase_of_the_chain_under_every_zero_stage(setup, stage):
         assert _launch(run, p, p) == 0, _tail(run, p)
         ph = Manifest(run).phase(p)
         assert ph["state"] == "done" and ph["export"]["step"] == ph["total_steps"]
+
+
+# ---------------------------------------------------------------- a hang is a failure, not a stall
+def test_a_stuck_rank_makes_the_others_dump_stacks_and_leave_to_be_requeued(setup):
+    """Rank 1 is frozen (SIGSTOP: it hangs, as a stuck process or a lost node would) after a few steps. Rank 0, waiting
+    in the step's collective, sees no step finish within its watchdog limit, writes every thread's stack and exits
+    with the requeue code, long before any collective timeout."""
+    import psutil
+
+    run = _run_dir(setup, "hang", "phases.unsupervised.max_steps=200", "phases.unsupervised.watchdog.min_seconds=8",
+                   "phases.unsupervised.watchdog.step_factor=5")
+    job = _torchrun(run, "unsupervised", "hang")
+    _until(run, "unsupervised", lambda recs, _: len(recs) >= 3, [job], "three logged steps")
+    ranks = sorted(psutil.Process(job.pid).children(recursive=True), key=lambda p: p.pid)
+    frozen = next(p for p in ranks if "LOCAL_RANK" in p.environ() and p.environ()["LOCAL_RANK"] == "1")
+    frozen.suspend()
+    t0 = time.time()
+    try:
+        dumps = run / "phases" / "unsupervised" / "hangs"
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(dumps.glob("rank-00000-*.txt")):
+            time.sleep(0.5)
+        waited = time.time() - t0
+        text = next(dumps.glob("rank-00000-*.txt")).read_text()
+    finally:
+        frozen.kill()
+        _kill_job(job)
+    assert waited < 60, waited  # 8 s of limit, then the dump: not the 30-minute collective timeout
+    assert "no step finished for" in text and "Thread" in text and "runner.py" in text, text[:2000]
+    assert "rank 0: no step finished" in _tail(run, "hang")

@@ -94,6 +94,11 @@ MEANINGS: dict[str, str] = {
     "Phase.cadence": "Logging and checkpoint frequency.",
     "Phase.resources": "The Slurm allocation of this phase's job.",
     "Phase.deepspeed": "ZeRO stage and offloading.",
+    "Phase.watchdog": "Hang detection: a rank whose step takes far longer than usual dumps its stacks and leaves to "
+                      "be requeued.",
+    "Watchdog.step_factor": "A step slower than this × the running median step time is a hang …",
+    "Watchdog.min_seconds": "… if it is also longer than this (the first steps warm up).",
+    "Watchdog.collective_timeout_s": "torch.distributed's timeout of one collective (NCCL / gloo).",
     "Phase.eval": "Evaluation of the exported model at the end of the phase.",
     "Phase.budget_gpu_hours": "GPU-hour budget of the phase: it stops at a checkpoint before crossing it "
                               "(raise with `resume --phase-budget`).",

@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from .export import export_model, update_model_card
 from .metering import FlopCounter, Metrics, peak_flops
 from .module import ColBERTForTraining
 from .step import train_step
+from .watchdog import Watchdog
 
 # Seconds between ledger/throughput writes to the manifest between checkpoints (a write is locked and fsynced).
 MANIFEST_TICK_S = 30.0
@@ -76,7 +78,7 @@ def run_phase(run_dir: str, phase_name: str) -> int:
               file=sys.stderr)
         return Exit.DONE
     clean = False
-    rt = dist.init_distributed(bf16=phase.bf16)
+    rt = dist.init_distributed(bf16=phase.bf16, timeout=timedelta(seconds=phase.watchdog.collective_timeout_s))
     try:
         code = PhaseRun(manifest, recipe, phase_name, rt, stop).start()
         clean = True
@@ -131,6 +133,9 @@ class PhaseRun:
                                config=self.recipe.resolved()["phases"][self.phase_name])
         self.evaluator = Evaluator(manifest=self.manifest, recipe=self.recipe, phase_name=self.phase_name,
                                    init_path=self.init_path, device=str(rt.device), metrics=self.metrics)
+        w = phase.watchdog
+        self.watchdog = Watchdog(folder=self.manifest.run_dir / "phases" / self.phase_name / "hangs", rank=rt.rank,
+                                 attempt=self.attempt_id, step_factor=w.step_factor, min_seconds=w.min_seconds)
         state = self.checkpointer.load()
         if state is not None:
             self.step = int(state["step"])
@@ -144,9 +149,11 @@ class PhaseRun:
             data = self.manifest.read()
             self.budget = ledger.phase_budget(data, self.phase_name)
             self.used_before = ledger.record_gpu_hours(data["phases"][self.phase_name], except_attempt=self.attempt_id)
+        self.watchdog.start()
         try:
             code = self._loop()
         finally:
+            self.watchdog.stop()
             self.metrics.close()
         if code == Exit.DONE:
             self._finish()
@@ -186,12 +193,14 @@ class PhaseRun:
                 if self.checkpointer.should_save(self.step, self.total):
                     self._save(temperature)
                 if self.evaluator.should_eval(self.step, self.total):
-                    self.evaluator.run(self.engine, self.step, self.attempt_id)
+                    with self.watchdog.paused():
+                        self.evaluator.run(self.engine, self.step, self.attempt_id)
         if self.step > first_step:  # else the checkpoint of the last step exists: an earlier attempt saved it
             self._save(temperature)
         return Exit.DONE
 
     def _count(self, seconds: float, res, agreed: StepDecisions) -> None:
+        self.watchdog.beat(seconds)
         self.train_seconds += seconds
         self.train_steps += 1
         self.metrics.count(seconds, res.n_queries, res.n_tokens, agreed.flops)
@@ -205,7 +214,8 @@ class PhaseRun:
                                      units=max(1, self.rt.world_size))
 
     def _save(self, temperature) -> None:
-        self.checkpointer.save(self.step, loader_state=self.loader.state_dict(), temperature=temperature)
+        with self.watchdog.paused():
+            self.checkpointer.save(self.step, loader_state=self.loader.state_dict(), temperature=temperature)
         if self.main:
             self._tick()
 
