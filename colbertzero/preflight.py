@@ -6,6 +6,7 @@ A refusal is a list of :class:`Finding` with ``level="error"``; `validate`, `lau
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -60,6 +61,19 @@ def source_rows(phase: Phase) -> list[int] | None:
         except (OSError, ValueError, KeyError):
             return None
     return rows
+
+
+def source_drops(phase: Phase) -> dict[str, dict]:
+    """What `prepare` dropped from each prepared source (rows, negatives), from the shard indexes."""
+    out = {}
+    for src in phase.data.sources:
+        try:
+            index = json.loads((Path(phase.data.shards_dir) / src.name / "index.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if index.get("dropped"):
+            out[src.name] = index["dropped"]
+    return out
 
 
 def shard_rows(phase: Phase) -> int | None:
@@ -165,7 +179,8 @@ def plan(recipe: Recipe, manifest_data: dict | None = None, bench: dict | None =
         "source": recipe.source_path,
         "reference": recipe.reference.model_dump(),
         "phases": {
-            p.name: {**asdict(p), "hyperparameters": _hparams(recipe.phase(p.name))} for p in phases
+            p.name: {**asdict(p), "hyperparameters": _hparams(recipe.phase(p.name)),
+                     "dropped": source_drops(recipe.phase(p.name))} for p in phases
         },
         "projected_gpu_hours": sum(p.projected_gpu_hours for p in phases),
         "budget_gpu_hours": run_budget,
@@ -386,7 +401,7 @@ def _check_paths(name: str, ph: Phase) -> list[Finding]:
             continue
         for key in ("path", "queries_path", "documents_path"):
             p = getattr(src, key)
-            if p and not os.path.exists(p):
+            if p and not (glob.glob(p) if any(ch in p for ch in "*?[") else os.path.exists(p)):
                 missing.append(
                     Finding(
                         "error",

@@ -86,7 +86,9 @@ class Data(_Strict):
     sampling: Literal["proportional", "weights", "uniform"] = "proportional"
     rows_per_shard: int = Field(default=100_000, gt=0)
     max_negatives: int = Field(default=10, ge=0)  # supervised: hard negatives kept per row
-    pad_negatives: bool = False  # supervised: allow rows with fewer negatives (else they are refused)
+    # supervised, per source: keep the fewest negatives any row has (the paper's script), pad short rows with their
+    # own negatives, or refuse rows with fewer than the most any row has; every negative dropped is counted
+    negatives: Literal["fewest", "pad", "refuse"] = "fewest"
     docs_per_query: int = Field(default=32, gt=0)  # distillation: scored documents per query
     length_bucketing: bool = False
     epochs: float = Field(default=1.0, gt=0)

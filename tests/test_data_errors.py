@@ -171,15 +171,28 @@ def test_bad_distillation_rows(kd_tables, tmp_path, minilm, spoil, match):
 
 
 # ---------------------------------------------------------------- negatives
-def test_too_few_negatives_refused_unless_padding(shared_data, tmp_path, minilm):
+def test_uneven_negatives_fewest_by_default_refused_or_padded_on_request(shared_data, tmp_path, minilm):
     rows = flag_rows(shared_data)
     for r in rows:
         r["neg"] = r["neg"][:3]
     rows[5]["neg"] = rows[5]["neg"][:1]
+    rows[6]["neg"] = rows[6]["neg"][:2]
+    rows[6]["neg"] = rows[6]["neg"] + rows[7]["neg"][:3]  # 5 negatives: 2 beyond max_negatives=3
     path = write_jsonl(tmp_path / "few.jsonl", rows)
     src = {"path": str(path), "columns": {"positive": "pos", "negatives": "neg"}}
+    # the paper's script: per source, the fewest any row has (here 1), every other negative dropped and counted
+    s = prepare_recipe(recipe("supervised", minilm, tmp_path / "f", src, data={"max_negatives": 3}),
+                       progress=False)["p"]["src"]
+    n_rows = len(rows)
+    assert s["n_docs"] == 2
+    assert s["dropped"] == {"negatives": 2 + (n_rows - 1) * 2, "negatives_beyond_max_negatives": 2,
+                            "negatives_beyond_kept": (n_rows - 1) * 2, "rows": 0}
+    for r in rows:
+        r["neg"] = r["neg"][:3]
+    rows[5]["neg"] = rows[5]["neg"][:1]
+    path = write_jsonl(tmp_path / "few.jsonl", rows)
     expect_refused(
-        recipe("supervised", minilm, tmp_path / "s", src, data={"max_negatives": 5}),
+        recipe("supervised", minilm, tmp_path / "s", src, data={"max_negatives": 5, "negatives": "refuse"}),
         r"few.jsonl: row 5 \(line 6\): 1 row\(s\) have fewer than 3 hard negatives \(min\(max_negatives=5, "
         r"most in a row=3\)",
     )
@@ -188,7 +201,7 @@ def test_too_few_negatives_refused_unless_padding(shared_data, tmp_path, minilm)
         minilm,
         tmp_path / "s",
         src,
-        data={"max_negatives": 5, "pad_negatives": True},
+        data={"max_negatives": 5, "negatives": "pad"},
         global_batch_size=10,
     )
     s = prepare_recipe(r, progress=False)["p"]["src"]

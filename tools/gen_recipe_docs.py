@@ -110,7 +110,10 @@ MEANINGS: dict[str, str] = {
     "Data.sampling": "How sources share the steps: `proportional` to their size, by `weights`, or `uniform`.",
     "Data.rows_per_shard": "Rows per Arrow shard (the unit of `prepare`'s parallel work).",
     "Data.max_negatives": "Supervised: hard negatives kept per row.",
-    "Data.pad_negatives": "Supervised: accept rows with fewer negatives (repeated cyclically) instead of refusing "
+    "Data.negatives": "Supervised, per source: `fewest` keeps the fewest negatives any row has (at most "
+                      "`max_negatives`; the paper's script), `pad` repeats a short row's own negatives, `refuse` "
+                      "refuses rows with fewer than the most any row has. Dropped negatives are counted."
+                      " "
                           "them.",
     "Data.docs_per_query": "Distillation: scored documents per query (teacher order, the first ones kept).",
     "Data.length_bucketing": "Group batches of similar document length (less padding), shuffled within windows.",

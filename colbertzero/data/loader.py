@@ -304,7 +304,7 @@ class GlobalBatchLoader:
         diffs = [f"{k}: shards {index['settings'].get(k)!r}, recipe {v!r}" for k, v in settings.items()
                  if index["settings"].get(k) != v]
         if phase.kind == "supervised":
-            for k in ("max_negatives", "pad_negatives"):
+            for k in ("max_negatives", "negatives"):
                 if index.get(k) != getattr(data, k):
                     diffs.append(f"data.{k}: shards {index.get(k)!r}, recipe {getattr(data, k)!r}")
         if phase.kind == "distillation" and index.get("docs_per_query") != data.docs_per_query:

@@ -59,7 +59,7 @@ class SourcePlan:
     settings: dict
     key: str
     max_negatives: int
-    pad_negatives: bool
+    negatives: str
     docs_per_query: int
     dtype: str
     tables: dict[str, TablePlan] = field(default_factory=dict)
@@ -196,7 +196,7 @@ def plan_source(recipe, phase_name: str, i: int, tok: PhaseTokenizer, tok_key: s
     })
     plan = SourcePlan(
         phase_name, src.name, phase.kind, where, folder, inp, cols, tok_key, tok.identity(), settings, key,
-        shape["max_negatives"], data.pad_negatives, data.docs_per_query, np.dtype(tok.dtype).name,
+        shape["max_negatives"], data.negatives, data.docs_per_query, np.dtype(tok.dtype).name,
     )
     if phase.kind == "distillation":
         _plan_tables(plan, src, data.rows_per_shard)
@@ -269,29 +269,9 @@ def write_source_index(plan: SourcePlan) -> dict:
                                      "document": index["tables"]["documents"]["length_histogram"]}
     else:
         hist = np.asarray(_sum_hists([m["negatives_hist"] for m in rows]), dtype=np.int64)
-        most = int(np.flatnonzero(hist)[-1]) if hist.any() else 0
-        n_neg = min(plan.max_negatives, most)
-        short = [c for c in range(n_neg) if c < len(hist) and hist[c]]
-        if short:
-            firsts = [m["first_row_with_negatives"].get(str(c)) for m in rows for c in short]
-            where = next(w for w in firsts if w)
-            if not plan.pad_negatives:
-                raise DataError(
-                    f"phase {plan.phase}, source {plan.name}: {where}: {int(hist[:n_neg].sum())} row(s) have fewer "
-                    f"than "
-                    f"{n_neg} hard negatives (min(max_negatives={plan.max_negatives}, most in a row={most})), the "
-                    f"first "
-                    "here; set data.pad_negatives: true to repeat a row's own negatives, lower max_negatives, or drop "
-                    "those rows; nothing was marked prepared"
-                )
-            if hist[0]:
-                w0 = next(m["first_row_with_negatives"]["0"] for m in rows if "0" in m["first_row_with_negatives"])
-                raise DataError(
-                    f"phase {plan.phase}, source {plan.name}: {w0}: a row without hard negatives cannot be padded; "
-                    "drop it; nothing was marked prepared"
-                )
+        n_neg, dropped = _negatives_kept(plan, hist, rows)
         index.update(n_docs=1 + n_neg, n_negatives=n_neg, max_negatives=plan.max_negatives,
-                     pad_negatives=plan.pad_negatives, negatives_histogram=hist.tolist())
+                     negatives=plan.negatives, negatives_histogram=hist.tolist(), dropped=dropped)
         index["tokens"] = {"query": sum(m["query_tokens"] for m in rows),
                            "document": sum(m["document_tokens"] for m in rows)}
         index["documents"] = sum(m["documents"] for m in rows)
@@ -301,6 +281,34 @@ def write_source_index(plan: SourcePlan) -> dict:
     _remove_strays(plan)
     atomic_write_json(S.index_path(plan.folder), index)
     return index
+
+
+def _negatives_kept(plan: SourcePlan, hist: np.ndarray, metas: list[dict]) -> tuple[int, dict]:
+    """How many hard negatives each row of a supervised source keeps, by the recipe's policy, and what that drops.
+    ``hist[c]``: rows with c negatives (at most max_negatives: the rest were cut at prepare and counted there)."""
+    present = np.flatnonzero(hist)
+    fewest, most = (int(present[0]), int(present[-1])) if present.size else (0, 0)
+    beyond_max = sum(m.get("negatives_beyond_max", 0) for m in metas)
+    where = f"phase {plan.phase}, source {plan.name}"
+    if plan.negatives == "fewest":
+        n_neg = min(plan.max_negatives, fewest)
+    else:
+        n_neg = min(plan.max_negatives, most)
+        short = [c for c in range(n_neg) if hist[c]]
+        if short and plan.negatives == "refuse":
+            first = next(w for m in metas for c in short if (w := m["first_row_with_negatives"].get(str(c))))
+            raise DataError(
+                f"{where}: {first}: {int(hist[:n_neg].sum())} row(s) have fewer than {n_neg} hard negatives "
+                f"(min(max_negatives={plan.max_negatives}, most in a row={most})), the first here; set "
+                "data.negatives: fewest (keep the fewest any row has) or pad (repeat a row's own negatives); "
+                "nothing was marked prepared")
+        if hist[0]:
+            w0 = next(m["first_row_with_negatives"]["0"] for m in metas if "0" in m["first_row_with_negatives"])
+            raise DataError(f"{where}: {w0}: a row without hard negatives cannot be padded; set data.negatives: "
+                            "fewest, or drop the row; nothing was marked prepared")
+    beyond_kept = int(sum(hist[c] * (c - n_neg) for c in range(n_neg + 1, len(hist))))
+    return n_neg, {"negatives": int(beyond_max + beyond_kept), "negatives_beyond_max_negatives": int(beyond_max),
+                   "negatives_beyond_kept": beyond_kept, "rows": 0}
 
 
 def _remove_strays(plan: SourcePlan) -> None:

@@ -95,6 +95,7 @@ def _pairs_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
     max_len: list[np.ndarray] = []
     neg_hist = np.zeros(plan.max_negatives + 1, dtype=np.int64)
     first_short: dict[str, str] = {}
+    beyond_max = 0  # negatives past max_negatives in a row: not kept, counted
     for chunk in chunked(iter_rows(plan.input, job.range, _row_columns(job)), TEXT_BATCH):
         queries, docs, counts = [], [], []
         for row, where in chunk:
@@ -103,7 +104,9 @@ def _pairs_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
             docs.append(as_text(row_value(row, pc_, pos_role, where), pc_, pos_role, where, first_of_list=True))
             n = 0
             if plan.kind == "supervised":
-                negs = row_texts(row, cols["negatives"], "negatives", where)[: plan.max_negatives]
+                negs = row_texts(row, cols["negatives"], "negatives", where)
+                beyond_max += max(0, len(negs) - plan.max_negatives)
+                negs = negs[: plan.max_negatives]
                 docs.extend(negs)
                 n = len(negs)
                 if n < plan.max_negatives:
@@ -129,6 +132,7 @@ def _pairs_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
         "query_tokens": int(q_lens.sum()), "document_tokens": int(d_lens.sum()), "documents": int(d_lens.size),
         "query_hist": histogram(q_lens), "document_hist": histogram(d_lens),
         "negatives_hist": neg_hist.tolist(), "first_row_with_negatives": first_short,
+        "negatives_beyond_max": beyond_max,
     }
     return table, stats
 
@@ -225,6 +229,8 @@ def _summary(plan: SourcePlan, written: int, skipped: int, status: str, index: d
            "written": written, "skipped": skipped, "status": status}
     if index:
         out.update(tokens=index["tokens"], n_docs=index["n_docs"])
+        if "dropped" in index:
+            out["dropped"] = index["dropped"]
     return out
 
 

@@ -1,6 +1,9 @@
 """Reading raw sources: which file columns play which role, how a file is split into shard ranges, and its rows.
 
-Inputs: JSONL, Parquet, or a ``datasets`` ``save_to_disk`` folder (``Source.format``, "auto" by extension).
+Inputs: JSONL; Parquet — one file, a folder of ``*.parquet`` shards or a glob of them (``data/amazon_reviews-*.parquet``
+as the Hub publishes a split), read as ONE source, streamed by row group through ``pyarrow.dataset``; or a
+``datasets`` ``save_to_disk`` folder (``Source.format``, "auto" by name). List columns stored as strings (``"['a',
+'b']"``) are parsed as JSON, else as Python literals (``ast.literal_eval``), never evaluated.
 ``Source.columns`` maps roles to the file's columns (unmapped roles use the role name); a role that takes several
 texts may name several columns with commas (``"pos,neg"``), concatenated in that order. Bad input raises
 :class:`DataError` naming the file, the row (and JSONL line) and the column.
@@ -8,14 +11,17 @@ texts may name several columns with commas (``"pos,neg"``), concatenated in that
 
 from __future__ import annotations
 
+import ast
+import glob
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from colbertzero.data import shards as S
@@ -89,11 +95,31 @@ class Input:
     rows: int
     ranges: list[Range]
     fingerprint: dict
+    parts: list[tuple[str, int]] = field(default_factory=list)  # parquet: (file, rows) in order
+
+
+def is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def parquet_files(path: Path) -> list[Path] | None:
+    """The parquet files a source path names — one file, a folder of *.parquet shards, a glob — sorted (the Hub's
+    `-00003-of-00159` names sort in order); None when the path is no parquet source."""
+    text = str(path)
+    if is_glob(text):
+        return sorted(Path(f) for f in glob.glob(text))
+    if path.is_dir():
+        return sorted(path.glob("*.parquet")) or None
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return [path]
+    return None
 
 
 def format_of(path: Path, fmt: str, where: str) -> str:
     if fmt != "auto":
         return fmt
+    if is_glob(str(path)) or (path.is_dir() and parquet_files(path)):
+        return "parquet"
     if path.is_dir():
         return "datasets"
     suffixes = "".join(path.suffixes[-2:]).lower()
@@ -107,6 +133,9 @@ def format_of(path: Path, fmt: str, where: str) -> str:
 
 
 def fingerprint(path: Path) -> dict:
+    if is_glob(str(path)) or (path.is_dir() and parquet_files(path)):  # parquet shards: each one's size and mtime
+        files = parquet_files(path) or []
+        return {"path": str(path), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
     if path.is_dir():  # a datasets folder: every file's size and mtime
         files = sorted(p for p in path.rglob("*") if p.is_file())
         st = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -182,9 +211,28 @@ def open_datasets(path: Path, where: str):
     return ds
 
 
+def _parquet_parts(path: Path, where: str) -> list[tuple[str, int]]:
+    """(file, rows) of every parquet file of the source, from the files' footers; a damaged file is named."""
+    files = parquet_files(path) or []
+    if not files:
+        raise DataError(f"{where}: {path} matches no parquet file; download the source (colbertzero fetch) or fix "
+                        "the path")
+    parts = []
+    for frag, f in zip(pads.dataset([str(f) for f in files], format="parquet").get_fragments(), files):
+        try:
+            parts.append((str(f), frag.metadata.num_rows))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{where}: {f} is not a readable parquet file ({e}); download it again") from None
+    return parts
+
+
 def schema_names(path: Path, fmt: str, where: str) -> list[str] | None:
     if fmt == "parquet":
-        return pq.ParquetFile(path).schema_arrow.names
+        files = parquet_files(path) or [path]
+        try:
+            return pq.read_schema(files[0]).names
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{where}: {files[0]} is not a readable parquet file ({e}); download it again") from None
     if fmt == "datasets":
         return list(open_datasets(path, where).column_names)
     if fmt == "arrow":
@@ -194,8 +242,9 @@ def schema_names(path: Path, fmt: str, where: str) -> list[str] | None:
 
 def scan_input(path: str, fmt: str, rows_per_shard: int, max_rows: int | None, where: str, cache: Path | None) -> Input:
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{where}: input {p} does not exist")
+    if not (p.exists() or (is_glob(path) and glob.glob(path))):
+        raise DataError(f"{where}: input {p} does not exist" + (" (the pattern matches no file)" if is_glob(path)
+                                                               else ""))
     fmt = format_of(p, fmt, where)
     fp = fingerprint(p)
     key = {"fingerprint": fp, "rows_per_shard": rows_per_shard, "max_rows": max_rows, "format": fmt}
@@ -203,14 +252,17 @@ def scan_input(path: str, fmt: str, rows_per_shard: int, max_rows: int | None, w
         try:
             c = json.loads(cache.read_text())
             if c.get("key") == key:
-                return Input(str(p), fmt, c["rows"], [Range(**r) for r in c["ranges"]], fp)
+                return Input(str(p), fmt, c["rows"], [Range(**r) for r in c["ranges"]], fp,
+                             [tuple(x) for x in c.get("parts", [])])
         except (OSError, ValueError, TypeError, KeyError):
             pass
+    parts: list[tuple[str, int]] = []
     if fmt == "jsonl":
         rows, ranges = _scan_jsonl(p, rows_per_shard, max_rows)
     else:
         if fmt == "parquet":
-            n = pq.ParquetFile(p).metadata.num_rows
+            parts = _parquet_parts(p, where)
+            n = sum(r for _, r in parts)
         elif fmt == "datasets":
             n = len(open_datasets(p, where))
         else:
@@ -220,8 +272,8 @@ def scan_input(path: str, fmt: str, rows_per_shard: int, max_rows: int | None, w
     if rows == 0:
         raise DataError(f"{where}: {p} has no rows")
     if cache is not None:
-        atomic_write_json(cache, {"key": key, "rows": rows, "ranges": [r.__dict__ for r in ranges]})
-    return Input(str(p), fmt, rows, ranges, fp)
+        atomic_write_json(cache, {"key": key, "rows": rows, "ranges": [r.__dict__ for r in ranges], "parts": parts})
+    return Input(str(p), fmt, rows, ranges, fp, parts)
 
 
 def first_row(inp: Input) -> tuple[dict, str]:
@@ -272,13 +324,7 @@ def iter_rows(inp: Input, rng: Range, columns: list[str]) -> Iterator[tuple[dict
                             f"changed while preparing; run prepare again")
         return
     if inp.format == "parquet":
-        pf = pq.ParquetFile(inp.path)
-        md = pf.metadata
-        bounds = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        groups = [g for g in range(md.num_row_groups)
-                  if bounds[g] < rng.row_start + rng.rows and bounds[g + 1] > rng.row_start]
-        table = pf.read_row_groups(groups, columns=columns)
-        table = table.slice(rng.row_start - int(bounds[groups[0]]), rng.rows)
+        table = _read_parquet_range(inp, rng, columns)
     elif inp.format == "datasets":
         ds = open_datasets(Path(inp.path), inp.path)
         table = ds.select_columns(columns).with_format("arrow")[rng.row_start:rng.row_start + rng.rows]
@@ -299,6 +345,33 @@ def iter_rows(inp: Input, rng: Range, columns: list[str]) -> Iterator[tuple[dict
             raise
     for k in range(table.num_rows):
         yield {c: cols[c][k] for c in columns}, row_where(inp.path, rng.row_start + k, None)
+
+
+def _read_parquet_range(inp: Input, rng: Range, columns: list[str]) -> pa.Table:
+    """Rows [row_start, row_start + rows) of the source's parquet files, reading only the row groups that hold them."""
+    parts = inp.parts or [(inp.path, inp.rows)]
+    pieces, first = [], 0
+    end = rng.row_start + rng.rows
+    for path, n in parts:
+        lo, hi = max(rng.row_start, first), min(end, first + n)
+        if lo < hi:
+            try:
+                pf = pq.ParquetFile(path)
+                md = pf.metadata
+                bounds = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+                local = (lo - first, hi - first)
+                groups = [g for g in range(md.num_row_groups) if bounds[g] < local[1] and bounds[g + 1] > local[0]]
+                t = pf.read_row_groups(groups, columns=columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{path}: cannot read rows {lo}..{hi - 1} of this parquet file ({e}); download it "
+                                "again") from None
+            except (KeyError, ValueError) as e:  # a column the file lacks
+                raise DataError(f"{path}: {e}; every file of a source needs the same columns") from None
+            pieces.append(t.slice(local[0] - int(bounds[groups[0]]), hi - lo))
+        first += n
+        if first >= end:
+            break
+    return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def row_value(row: dict, col: str, role: str, where: str):
@@ -323,10 +396,28 @@ def as_text(v, col: str, role: str, where: str, first_of_list: bool = False) -> 
     return v
 
 
+def parse_list_text(v: str):
+    """A list stored as text (some published parquet files hold `"['a', 'b']"` or `"[1.0, 2.5]"`): JSON first, then
+    a Python literal; never evaluated. None when the text is no list."""
+    text = v.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
 def as_list(row: dict, cols: list[str], role: str, where: str) -> list:
     out: list = []
     for c in cols:
         v = row_value(row, c, role, where)
+        if isinstance(v, str) and (parsed := parse_list_text(v)) is not None:
+            v = parsed
         if isinstance(v, (list, tuple)):
             out.extend(v)
         elif v is None:
