@@ -147,6 +147,24 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from .data.hub import fetch
+
+    report = fetch(_recipe(args), phases=args.phase or None, dry_run=args.dry_run, workers=args.workers)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    total = 0
+    for where, e in report.items():
+        total += e["bytes"]
+        print(f"{where}: {e['repo']}@{(e['revision'] or 'main')[:12]} {e['pattern']}: {len(e['files'])} file(s), "
+              f"{e['bytes'] / 2**30:.2f} GiB (listed from the {e['listed_from']}) -> {e['local_dir']}")
+        for f in e["files"] if args.dry_run else []:
+            print(f"    {f['path']}  {f['bytes']:,} B")
+    print(f"{'would fetch' if args.dry_run else 'fetched'} {total / 2**30:.2f} GiB in all")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train.runner import run_phase
 
@@ -260,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--index-only", action="store_true", help="after the array tasks: write the shard indexes")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_prepare)
+
+    sp = sub.add_parser("fetch", help="download each source's Hub files (on a node with internet)")
+    recipe_args(sp)
+    sp.add_argument("--phase", action="append", help="only this phase (repeatable)")
+    sp.add_argument("--dry-run", action="store_true", help="list the files and sizes per source; download nothing")
+    sp.add_argument("--workers", type=_at_least(1), default=8, help="parallel downloads")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_fetch)
 
     sp = sub.add_parser("train", help="run one phase in this process (one per GPU; started by srun/torchrun/submitit)")
     sp.add_argument("run_dir")

@@ -60,6 +60,23 @@ class InitFrom(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class HubFiles(_Strict):
+    """Where a source's files come from on the Hugging Face Hub (`colbertzero fetch`): a dataset repository, its
+    config and split (the files `data/<split>-*` of the default config, `<config>/<split>-*` otherwise), or `files`,
+    a glob inside the repository. The source path ends with the same glob."""
+
+    repo: str
+    config: str = "default"
+    split: str | None = None
+    revision: str | None = None
+    files: str | None = None
+
+    @field_validator("repo", "config", "split", "revision", "files")
+    @classmethod
+    def _one_line(cls, v, info):
+        return no_control_characters(v, f"hub.{info.field_name}")
+
+
 class Source(_Strict):
     """One raw data source. ``columns`` maps the shape's roles to the file's column names."""
 
@@ -73,6 +90,8 @@ class Source(_Strict):
     queries_path: str | None = None
     documents_path: str | None = None
     max_rows: int | None = Field(default=None, gt=0)
+    # Hub coordinates of `path` (and of `queries_path` / `documents_path`), for `colbertzero fetch`.
+    hub: dict[Literal["path", "queries_path", "documents_path"], HubFiles] | None = None
 
     @field_validator("name")
     @classmethod

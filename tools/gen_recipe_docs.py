@@ -104,6 +104,13 @@ MEANINGS: dict[str, str] = {
                               "(raise with `resume --phase-budget`).",
     "Phase.reference": "The paper's figures for the model out of this phase.",
     # Data
+    "Source.hub": "Hub coordinates of `path` (and `queries_path` / `documents_path`) for `colbertzero fetch`; the path "
+                  "ends with the same files glob.",
+    "HubFiles.repo": "The Hub dataset id, e.g. `nomic-ai/nomic-embed-unsupervised-data`.",
+    "HubFiles.config": "The dataset's config (`default`: files under `data/`).",
+    "HubFiles.split": "The split: files `data/<split>-*` (default config) or `<config>/<split>-*`.",
+    "HubFiles.revision": "A commit or tag to pin; null = the newest (`fetch.json` records the commit).",
+    "HubFiles.files": "A glob inside the repository, instead of config + split.",
     "Data.sources": "Raw data sources; every global batch is drawn from one of them.",
     "Data.shards_dir": "Where `prepare` writes this phase's tokenized shards (a folder per source); on the shared "
                        "filesystem.",
