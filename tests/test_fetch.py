@@ -104,3 +104,19 @@ def test_fetched_files_are_where_prepare_reads_them(tmp_path, minilm):
               "phases.unsupervised.data.shards_dir=" + str(tmp_path / "shards"), "--json", env=env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["unsupervised"]["paq"]["rows"] == 4  # 2 files of 2 rows, one source
+
+
+def test_fetched_revisions_are_the_lineage_of_a_phase(tmp_path, monkeypatch):
+    from colbertzero.data.hub import fetched_revisions
+    from colbertzero.recipe import load_recipe
+
+    cache = tmp_path / "hf"
+    _populated_cache(cache)
+    res = _cz("fetch", PAPER, "--phase", "distillation", env=_env(tmp_path, cache))
+    assert res.returncode == 0, res.stderr
+    monkeypatch.setenv("COLBERTZERO_DATA", str(tmp_path / "data"))
+    recipe = load_recipe(PAPER)
+    assert fetched_revisions(recipe, "distillation") == {
+        f"msmarco_bge_gemma.{field}": "lightonai/ms-marco-en-bge-gemma@" + "c" * 40
+        for field in ("path", "queries_path", "documents_path")}
+    assert fetched_revisions(recipe, "supervised") == {}  # not fetched: nothing claimed

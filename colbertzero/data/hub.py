@@ -14,6 +14,7 @@ revision (commit) and every file.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +145,17 @@ def fetch(recipe, phases: list[str] | None = None, *, dry_run: bool = False, wor
         record = w.local_dir / "fetch.json"
         atomic_write_json(record, {"time": now_iso(), **entry})
     return report
+
+
+def fetched_revisions(recipe, phase_name: str) -> dict[str, str]:
+    """{source path field: "repo@commit"} of the phase's sources that `fetch` placed (their fetch.json), for lineage."""
+    out = {}
+    for i, src in enumerate(recipe.phase(phase_name).data.sources):
+        for field, hub in (src.hub or {}).items():
+            try:
+                root = _local_root(getattr(src, field), pattern_of(hub), f"{src.name}.{field}")
+                record = json.loads((root / "fetch.json").read_text())
+            except (DataError, OSError, ValueError):
+                continue
+            out[f"{src.name}.{field}"] = f"{record['repo']}@{record['revision']}"
+    return out

@@ -22,6 +22,7 @@ from .views import (
     REPORT_FORMAT,
     ReportError,
     RunView,
+    data_summary,
     fmt,
     has_ref,
     load_run,
@@ -60,6 +61,7 @@ def _report_json(runs: list[RunView], rows: list[dict], figures: list[str]) -> d
             phases[name] = {
                 **ph,
                 "training": training_summary(r.logs.get(name, []), r.bad_lines.get(name, 0)),
+                "data": data_summary(r, name),
                 "in_training_eval": r.eval_logs.get(name, []),
                 "eval": (
                     {"model": ev.model, "datasets": ev.datasets, "average": ev.average, "details": ev.details}
@@ -174,6 +176,15 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
         )
         md.append("")
 
+    data_rows = [([r.label] if several else []) + [ph, src, f"{d['rows']:,}" if isinstance(d["rows"], int) else DASH,
+                                                   str(d["dropped"].get("rows", 0)),
+                                                   str(d["dropped"].get("negatives", 0))]
+                 for r in runs for ph in r.phases for src, d in data_summary(r, ph).items()]
+    if data_rows:
+        md += ["## Data", "", "What `prepare` kept and dropped, per source (from the shard indexes the run used).", ""]
+        md.append(md_table((["Run"] if several else []) + ["Phase", "Source", "Rows", "Rows dropped",
+                                                           "Negatives dropped"], data_rows))
+        md.append("")
     md += ["## Training", ""]
     train_rows = []
     for r in runs:

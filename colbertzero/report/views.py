@@ -298,3 +298,17 @@ def load_run(run_dir: str | Path, logs: bool = True) -> RunView:
         if isinstance(init, dict) and init.get("recipe_hash") == data.get("recipe_hash"):
             run.init_eval = init
     return run
+
+
+def data_summary(run: RunView, phase: str) -> dict[str, dict]:
+    """{source: {rows, dropped}} of a phase's prepared sources, from the shard indexes its lineage names (nothing
+    `prepare` dropped goes unreported)."""
+    out = {}
+    for path in (run.data["phases"][phase].get("lineage") or {}).get("data_index") or []:
+        try:
+            index = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        out[str(index.get("source") or Path(path).parent.name)] = {"rows": index.get("rows"),
+                                                                    "dropped": index.get("dropped") or {}}
+    return out

@@ -26,6 +26,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from .. import ledger
+from ..data.hub import fetched_revisions
 from ..data.loader import GlobalBatchLoader
 from ..evaluate import evaluate
 from ..files import atomic_write_json, now_iso, sha256_file, sha256_tree
@@ -237,6 +238,8 @@ class PhaseRun:
             "init_sha256": sha256_tree(self.init_path) if os.path.isdir(self.init_path) else None,
             "data_index": [str(p) for p in idx],
             "data_index_sha256": [sha256_file(p) if p.exists() else None for p in idx],
+            # where the raw data came from: the Hub revision `colbertzero fetch` recorded, per source path
+            "data_revisions": fetched_revisions(self.recipe, self.phase_name),
             "config_hash": self.recipe.hash(),
         }
         self.manifest.update_phase(self.phase_name, lambda p: p.update(lineage=lineage))
