@@ -193,11 +193,17 @@ def make_tiny_modernbert(out_dir: str | os.PathLike, hidden: int = 64, layers: i
     )
     torch.manual_seed(seed)
     model = ModernBertModel(cfg)
+    return _save_whole(model, tok, out)
+
+
+def _save_whole(model, tokenizer, out: Path) -> str:
+    """Model and tokenizer written to a temp folder beside ``out``, then renamed: a half-written model is never
+    picked up."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -245,15 +251,4 @@ def make_modernbert_base(out_dir: str | os.PathLike, seed: int = 0) -> str:
                            eos_token_id=ids["[SEP]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"])
     torch.manual_seed(seed)
     model = ModernBertModel(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+    return _save_whole(model, tok, out)

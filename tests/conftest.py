@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (the project's tests expect ../shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def flag_examples(shared_data) -> list[dict]:
+    """FlagEmbedding's example rows with hard negatives and teacher scores (MS MARCO, NQ, LLaRA): 31 queries."""
+    rows = []
+    for name in ("msmarco.jsonl", "nq.jsonl", "llara_toy_finetune_data.jsonl"):
+        with open(shared_data / "train" / "flagembedding-examples" / name) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
 
 
 @pytest.fixture(scope="session")

@@ -55,22 +55,14 @@ def test_plan_shows_the_scripts_update(tmp_path):
         ("global_batch", 16384.0), ("world_size", 4.0), (1, 1.0)]
 
 
-def _flag(shared_data: Path) -> list[dict]:
-    rows = []
-    for name in ("msmarco.jsonl", "nq.jsonl", "llara_toy_finetune_data.jsonl"):
-        with open(shared_data / "train" / "flagembedding-examples" / name) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows
-
-
 @pytest.fixture(scope="module")
-def n_steps(tiny_modernbert, shared_data, tmp_path_factory):
+def n_steps(tiny_modernbert, flag_examples, tmp_path_factory):
     """Both sides' final weights after N steps: colbertzero's step on its DeepSpeed engine, PyLate's Trainer."""
     sys.path.insert(0, str(ROOT / "tests"))
     import fidelity_worker as W
 
     work = tmp_path_factory.mktemp("fidelity")
-    flag = _flag(shared_data)
+    flag = flag_examples
     rows = {
         "cached_contrastive": [{"query": r["query"], "document": r["pos"][0]} for r in flag],
         "contrastive": [{"query": r["query"], "positive": r["pos"][0], "negatives": [r["neg"][0]]} for r in flag],

@@ -21,17 +21,9 @@ from colbertzero.train.metering import FlopCounter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _flag(shared_data: Path) -> list[dict]:
-    rows = []
-    for name in ("msmarco.jsonl", "nq.jsonl", "llara_toy_finetune_data.jsonl"):
-        with open(shared_data / "train" / "flagembedding-examples" / name) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows
-
-
-def test_one_step_of_each_phase(modernbert_base, shared_data, tmp_path):
+def test_one_step_of_each_phase(modernbert_base, flag_examples, tmp_path):
     """Shards tokenized with the BPE tokenizer, the loader, the DeepSpeed engine, one step per phase kind."""
-    flag = _flag(shared_data)
+    flag = flag_examples
     rows = {
         "cached_contrastive": [{"query": r["query"], "document": r["pos"][0]} for r in flag],
         "contrastive": [{"query": r["query"], "positive": r["pos"][0], "negatives": [r["neg"][0]]} for r in flag],

@@ -17,14 +17,6 @@ from colbertzero.recipe import recipe_from_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _flag(shared_data: Path) -> list[dict]:
-    rows = []
-    for name in ("msmarco.jsonl", "nq.jsonl", "llara_toy_finetune_data.jsonl"):
-        with open(shared_data / "train" / "flagembedding-examples" / name) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows
-
-
 def _unsupervised_snapshot(root: Path, rows: list[dict], split: str, shards: int) -> Path:
     """nomic-embed-unsupervised-data's layout: data/<split>-XXXXX-of-NNNNN.parquet, columns query, document,
     dataset, shard (small row groups, so a source's shard ranges cross files and row groups)."""
@@ -47,8 +39,8 @@ def _recipe(model: str, kind: str, source: dict, shards: Path, **data):
 
 
 @pytest.mark.parametrize("how", ["glob", "folder"])
-def test_a_splits_parquet_shards_are_one_source(how, minilm, shared_data, tmp_path):
-    rows = [{"query": r["query"], "document": r["pos"][0]} for r in _flag(shared_data)]
+def test_a_splits_parquet_shards_are_one_source(how, minilm, flag_examples, tmp_path):
+    rows = [{"query": r["query"], "document": r["pos"][0]} for r in flag_examples]
     data = _unsupervised_snapshot(tmp_path / "hub", rows, "msmarco", shards=4)
     _unsupervised_snapshot(tmp_path / "hub", rows[:5], "other_split", shards=1)  # another split beside it
     path = str(data / "msmarco-*.parquet") if how == "glob" else str(tmp_path / "only")
@@ -67,8 +59,8 @@ def test_a_splits_parquet_shards_are_one_source(how, minilm, shared_data, tmp_pa
     assert batch.queries["input_ids"].shape[0] == 4 and torch.all(batch.queries["attention_mask"][:, 0] == 1)
 
 
-def test_list_columns_stored_as_text_are_parsed_safely(minilm, shared_data, tmp_path):
-    flag = _flag(shared_data)
+def test_list_columns_stored_as_text_are_parsed_safely(minilm, flag_examples, tmp_path):
+    flag = flag_examples
     text_lists = [{"query": r["query"], "document": r["pos"][0],
                    "negative": json.dumps(r["neg"][:3]) if i % 2 else repr(r["neg"][:3])} for i, r in enumerate(flag)]
     path = tmp_path / "supervised.parquet"
@@ -86,8 +78,8 @@ def test_list_columns_stored_as_text_are_parsed_safely(minilm, shared_data, tmp_
     assert summary["p"]["s"]["n_docs"] == 2 and not marker.exists()
 
 
-def test_a_damaged_shard_is_named(minilm, shared_data, tmp_path):
-    rows = [{"query": r["query"], "document": r["pos"][0]} for r in _flag(shared_data)]
+def test_a_damaged_shard_is_named(minilm, flag_examples, tmp_path):
+    rows = [{"query": r["query"], "document": r["pos"][0]} for r in flag_examples]
     data = _unsupervised_snapshot(tmp_path / "hub", rows, "msmarco", shards=3)
     broken = data / "msmarco-00001-of-00003.parquet"
     broken.write_bytes(broken.read_bytes()[:100])
