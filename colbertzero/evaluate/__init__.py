@@ -159,7 +159,7 @@ def _evaluate_dataset(model, path, name, *, query_prompt, document_prompt, batch
     run = without_identical_ids(run)  # BEIR's ignore_identical_ids
     if runs_dir is not None:
         write_trec_run(run, runs_dir / f"{name}.trec", tag=name)
-    scores = compute_metrics(run, qrels, METRICS)
+    scores = compute_metrics(run, qrels, METRICS, ignore_identical_ids=False)  # dropped above, once
     logger.info("%s: %s", name, {m: round(scores[m], 4) for m in METRICS})
     return {**{m: float(scores[m]) for m in METRICS}, "queries": int(scores["queries"]), "documents": len(docs),
             "retrieval": backend}
