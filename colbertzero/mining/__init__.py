@@ -1,0 +1,55 @@
+"""Training data for a new domain: `mine` (hard negatives → the supervised layout) and `score` (teacher scores → the
+distillation layout), split by query ranges into shards that run anywhere (this process, a local loop, a Slurm
+array) and merge atomically when the last one is done. docs/own-data.md walks through them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from .mine import MineSpec, mine_shard, write_mined
+from .score import ScoreSpec, score_shard, write_scored
+from .teachers import ModelSpec, TeacherError
+from .work import Work, WorkError
+
+__all__ = ["MineSpec", "ModelSpec", "ScoreSpec", "TeacherError", "WorkError", "run_shards", "work_for"]
+
+
+def work_for(spec: MineSpec | ScoreSpec, out: str | os.PathLike, shards: int) -> Work:
+    return Work(out, spec.as_dict(), shards)
+
+
+def run_shards(spec: MineSpec | ScoreSpec, out: str | os.PathLike, shards: int = 1, task: int | None = None,
+               show_progress: bool = True) -> dict:
+    """Run one shard (``task``) or every missing one, then merge if none is left.
+
+    Returns ``{"out", "merged", "ran", "missing", "stats"}``; an output already written from the same spec is kept
+    (nothing runs)."""
+    if task is not None and not 0 <= task < shards:
+        raise WorkError(f"--array-task {task}: this work has shards 0..{shards - 1}")
+    work = work_for(spec, out, shards)
+    if work.finished():
+        return {"out": str(work.out), "merged": True, "ran": [], "missing": [], "stats": _stats(work.out)}
+    work.open()
+    todo = [task] if task is not None else work.missing()
+    run = mine_shard if isinstance(spec, MineSpec) else score_shard
+    for i in todo:
+        run(spec, work, i, show_progress=show_progress)
+    # The last task to finish merges; the lock keeps two tasks that finish together from merging twice.
+    with FileLock(str(work.out.parent / f".{work.out.name}.lock"), timeout=3600):
+        if not work.finished() and not work.missing():
+            if isinstance(spec, MineSpec):
+                write_mined(spec, work)
+            else:
+                write_scored(spec, work)
+    merged = work.finished()
+    return {"out": str(work.out), "merged": merged, "ran": todo, "missing": [] if merged else work.missing(),
+            "stats": _stats(work.out) if merged else {}}
+
+
+def _stats(out: Path) -> dict:
+    path = Path(out) / "stats.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
