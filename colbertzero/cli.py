@@ -177,6 +177,15 @@ def cmd_after_phase(args) -> int:
     return after_phase_in_job(args.run_dir, args.phase, args.exit_code, is_main=True)
 
 
+def cmd_eval_job(args) -> int:
+    from .manifest import Manifest
+    from .train.evaluation import run_eval_job
+
+    rec = run_eval_job(Manifest(args.run_dir), args.phase, args.step, args.attempt)
+    print(json.dumps(rec))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table
 
@@ -399,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--phase", required=True)
     sp.add_argument("--exit-code", type=int, required=True)
     sp.set_defaults(fn=cmd_after_phase)
+
+    sp = sub.add_parser("eval-job", help="(started by a phase at eval_every) score a saved in-training export")
+    sp.add_argument("run_dir")
+    sp.add_argument("--phase", required=True)
+    sp.add_argument("--step", type=_at_least(1), required=True)
+    sp.add_argument("--attempt", default="")
+    sp.set_defaults(fn=cmd_eval_job)
 
     sp = sub.add_parser("evaluate", help="nDCG@10, MRR@10, recall@100, MAP@100 of a PyLate model on BEIR-layout data")
     sp.add_argument("model")

@@ -7,6 +7,7 @@
   collide on that port: give them MASTER_PORT explicitly).
 - Exit codes of a phase process (``Exit``) and the stop signals it checkpoints on (``STOP_SIGNALS``).
 - The job clock (how long the Slurm job has run) and who runs an attempt (``job_identity``).
+- ``detach``: a command that outlives this process (its own Slurm job, or a background process).
 
 Nothing here imports torch: the login node, the launcher and the sbatch scripts use it too.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -356,3 +358,30 @@ class AttemptClock:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+
+# Variables of the process group a detached command must not inherit (it is no rank of this job).
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                   "TORCHELASTIC_RUN_ID")
+
+
+def detach(argv: list[str], log: str | os.PathLike, *, name: str, sbatch: dict[str, str] | None = None) -> str:
+    """Start a command that outlives this process and never holds it up: inside a Slurm job (``sbatch`` given and
+    SLURM_JOB_ID set) its own one-task job, no dependency; otherwise a background process in its own session.
+    Returns ``job:<id>`` or ``pid:<n>``. ``argv`` reaches Slurm's shell only through ``shlex.join``."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    if sbatch is not None and os.environ.get("SLURM_JOB_ID") and shutil.which("sbatch"):
+        opts = [f"--{k}={v}" for k, v in sbatch.items() if v not in (None, "")]
+        account = os.environ.get("SLURM_JOB_ACCOUNT")
+        if account and "account" not in sbatch:
+            opts.append(f"--account={account}")
+        cmd = ["sbatch", "--parsable", f"--job-name={name}", "--ntasks=1", f"--output={log}", *opts,
+               "--wrap", shlex.join(argv)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"sbatch refused the job {name}: {(r.stderr or r.stdout).strip()}")
+        return "job:" + r.stdout.strip().split(";")[0]
+    with open(log, "ab") as out:
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+    return f"pid:{p.pid}"

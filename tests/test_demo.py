@@ -92,9 +92,10 @@ def test_demo_report(demo_run):
             phase,
             results,
         )
-    # what prepare kept and dropped, per phase and source: the demo's triples keep the fewest negatives of a source
+    # what prepare kept and dropped, per phase and source: the mined sources keep the fewest negatives of a source
     data = md[md.index("## Data"):md.index("## Training")]
-    assert re.search(r"^\| supervised \| pydocs \| [\d,]+ \| 0 \| \d+ \|", data, flags=re.M), data
+    for source in ("docstrings", "topics"):
+        assert re.search(rf"^\| supervised \| {source} \| [\d,]+ \| 0 \| \d+ \|", data, flags=re.M), data
     # every figure the report shows is a PNG beside it, the loss and nDCG@10 ones among them
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
     assert {"loss.png", "ndcg10.png"} <= set(figures), figures

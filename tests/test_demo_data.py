@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from colbertzero.demo.data import BM25, SOURCES, build_demo_data, read_jsonl
+from colbertzero.demo.data import SOURCES, build_demo_data, read_jsonl
 from colbertzero.demo.pydocs import MAX_DOC_WORDS, DemoDataError, norm_query
 
 DATA_FILES = [f"train/pairs/{s}.jsonl" for s in SOURCES] + [
-    "train/triples.jsonl",
     "beir/pydocs/corpus.jsonl",
     "beir/pydocs/queries.jsonl",
     "beir/pydocs/qrels/test.tsv",
@@ -24,7 +23,7 @@ def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
     t = time.perf_counter()
     paths = build_demo_data(out)
-    print(f"default build (MiniLM teacher): {time.perf_counter() - t:.1f}s")
+    print(f"default build: {time.perf_counter() - t:.1f}s")
     return paths
 
 
@@ -47,26 +46,8 @@ def test_shapes(built):
         assert len({norm_query(r["query"]) for r in rows}) == len(rows), f"{src}: repeated query"
     assert total >= 2500
 
-    triples = read_jsonl(built["triples"])
-    assert len(triples) >= 1000
-    for r in triples:
-        assert set(r) == {"query", "pos", "neg"} and len(r["pos"]) == 1 and len(r["neg"]) == 8
-        assert r["pos"][0] not in r["neg"] and len(set(r["neg"])) == 8
-        # a negative containing the positive (a section holding the paragraph) would be a false negative
-        assert not any(r["pos"][0].lower() in n.lower() for n in r["neg"])
-
-    distill = read_jsonl(built["distill"])
-    assert len(distill) == 64
-    for r in distill:
-        assert set(r) == {"query", "pos", "neg", "pos_scores", "neg_scores"}
-        assert len(r["pos"]) == len(r["pos_scores"]) == 1 and len(r["neg"]) == len(r["neg_scores"]) == 7
-        assert all(isinstance(s, float) and -1.0 <= s <= 1.0 for s in r["pos_scores"] + r["neg_scores"])
-    # a real teacher: its scores vary and it prefers the labelled positive more often than chance (1 in 8)
-    assert len({s for r in distill for s in r["neg_scores"]}) > 300
-    assert sum(r["pos_scores"][0] > max(r["neg_scores"]) for r in distill) / len(distill) > 0.25
-
     info = json.loads(Path(built["info"]).read_text())
-    assert info["params"]["teacher"] == "minilm" and info["counts"]["distill"] == 64
+    assert info["params"] == {"seed": 0, "eval_queries": 200}
     lic = Path(built["license"]).read_text()
     assert "Python Software Foundation License Version 2" in lic and "Zero-Clause BSD" in lic
     assert "pydoc_data" in Path(built["readme"]).read_text()
@@ -99,10 +80,6 @@ def test_no_leakage_between_train_and_eval(built):
         for r in read_jsonl(path):
             train_queries.add(norm_query(r["query"]))
             train_docs.add(r["document"])
-    for path in (built["triples"], built["distill"]):
-        for r in read_jsonl(path):
-            train_queries.add(norm_query(r["query"]))
-            train_docs.update(r["pos"] + r["neg"])
     assert not eval_queries & train_queries
     # the held-out answers are never trained on, not even as negatives or inside a longer document
     assert not answers & train_docs
@@ -115,34 +92,32 @@ def test_no_leakage_between_train_and_eval(built):
 
 def test_deterministic_and_idempotent(built, tmp_path):
     # two independent builds (small distillation set, so the teacher runs briefly) are byte-identical
-    a = build_demo_data(tmp_path / "a", distill_queries=8)
-    b = build_demo_data(tmp_path / "b", distill_queries=8)
+    a = build_demo_data(tmp_path / "a")
+    b = build_demo_data(tmp_path / "b")
     files = sorted(p.relative_to(a["root"]) for p in Path(a["root"]).rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b["root"]) for p in Path(b["root"]).rglob("*") if p.is_file())
     for rel in files:
         assert (Path(a["root"]) / rel).read_bytes() == (Path(b["root"]) / rel).read_bytes(), rel
-    # the data drawn before the distillation sample does not depend on its size: same as the default build
     for rel in DATA_FILES:
         assert (Path(a["root"]) / rel).read_bytes() == (Path(built["root"]) / rel).read_bytes(), rel
 
     # complete: the second call skips the build
     before = {rel: (Path(a["root"]) / rel).stat().st_mtime_ns for rel in files}
     t = time.perf_counter()
-    again = build_demo_data(tmp_path / "a", distill_queries=8)
+    again = build_demo_data(tmp_path / "a")
     assert time.perf_counter() - t < 5.0 and again == a
     assert before == {rel: (Path(a["root"]) / rel).stat().st_mtime_ns for rel in files}
 
-    # other parameters replace the old build as a whole (BM25 teacher: no model needed)
-    c = build_demo_data(tmp_path / "a", distill_queries=8, teacher="bm25")
+    # other parameters replace the old build as a whole
+    c = build_demo_data(tmp_path / "a", eval_queries=150)
     info = json.loads(Path(c["info"]).read_text())
-    assert info["params"]["teacher"] == "bm25"
-    assert all(s >= 0 for r in read_jsonl(c["distill"]) for s in r["pos_scores"] + r["neg_scores"])
+    assert info["params"]["eval_queries"] == 150 and info["counts"]["eval/queries"] <= 150
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".a.tmp-", ".a.old-"))]
 
     # a damaged build (a file lost) is not taken as complete
-    Path(c["triples"]).unlink()
-    c2 = build_demo_data(tmp_path / "a", distill_queries=8, teacher="bm25")
-    assert Path(c2["triples"]).read_bytes() == (Path(built["root"]) / "train/triples.jsonl").read_bytes()
+    Path(c["pairs"]["topics"]).unlink()
+    c2 = build_demo_data(tmp_path / "a")
+    assert Path(c2["pairs"]["topics"]).read_bytes() == Path(built["pairs"]["topics"]).read_bytes()
 
 
 def test_refusals(tmp_path):
@@ -150,24 +125,8 @@ def test_refusals(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(DemoDataError, match="refusing to overwrite"):
-        build_demo_data(foreign, teacher="bm25")
+        build_demo_data(foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
-    with pytest.raises(DemoDataError, match="teacher"):
-        build_demo_data(tmp_path / "x", teacher="oracle")
-    with pytest.raises(DemoDataError, match="docs_per_query"):
-        build_demo_data(tmp_path / "x", docs_per_query=20)
+    with pytest.raises(DemoDataError, match="eval_queries"):
+        build_demo_data(tmp_path / "x", eval_queries=0)
     assert not (tmp_path / "x").exists()
-
-
-def test_bm25_ranks_by_term_overlap():
-    docs = [
-        "open a file and return a stream",
-        "the quick brown fox",
-        "return the stream position of the file",
-        "file file file descriptor",
-        "nothing shared here",
-    ]
-    order, scores = BM25(docs).ranked("return the file stream")
-    assert scores[1] == scores[4] == 0.0
-    assert set(order[:2].tolist()) == {0, 2} and order[2] == 3
-    assert order[3:].tolist() == [1, 4]  # ties keep index order: mining is reproducible

@@ -71,7 +71,7 @@ def _in_training_eval(setup: dict) -> tuple[str, ...]:
     """Evaluate the supervised phase at steps 5 and 10 on a small set (the resumed recipe's runs)."""
     beir = setup["data"] / "beir" / "msmarco-5k"
     return ("phases.supervised.cadence.eval_every=5", f"phases.supervised.eval.in_training=[{beir}]",
-            "phases.supervised.eval.max_corpus=200")
+            "phases.supervised.eval.max_corpus=200", "phases.supervised.eval.where=inline")
 
 
 def _run_dir(setup: dict, name: str, *overrides: str) -> Path:
@@ -181,7 +181,12 @@ JOBS = {
                              "phases.unsupervised.cadence.save_every=1", "phases.unsupervised.cadence.keep_last=8")),
     # An in-training set that is a folder but no dataset (validate only checks that it exists): rank 0's evaluation
     # fails at step 2 and every rank must fail with it, not wait at a barrier.
-    "bad-eval": ("unsupervised", ("phases.unsupervised.cadence.eval_every=2",)),
+    "bad-eval": ("unsupervised", ("phases.unsupervised.cadence.eval_every=2", "phases.unsupervised.eval.where=inline")),
+    # Evaluation off the training ranks (eval.where: job, the default): a background process scores step 15's
+    # weights while the phase keeps stepping.
+    "eval-job": ("unsupervised", ("phases.unsupervised.data.epochs=12", "phases.unsupervised.cadence.eval_every=15",
+                                  "phases.unsupervised.eval.max_corpus=200",
+                                  "phases.unsupervised.cadence.save_every=30")),
 }
 
 
@@ -191,6 +196,8 @@ def jobs(setup):
     started = {}
     for name, (phase, overrides) in JOBS.items():
         extra = [beir] if phase == "distillation" else list(_in_training_eval(setup)) if name == "reference" else []
+        if name == "eval-job":
+            extra = [f"phases.unsupervised.eval.in_training=[{setup['data'] / 'beir' / 'msmarco-5k'}]"]
         if name == "bad-eval":
             (setup["runs"] / "not-a-dataset").mkdir(exist_ok=True)
             extra = [f"phases.unsupervised.eval.in_training=[{setup['runs'] / 'not-a-dataset'}]"]
@@ -380,6 +387,41 @@ def test_distillation_zero2_runs_exports_and_evaluates(distillation_zero2):
     assert "ndcg@10" in (distillation_zero2 / ph["export"]["path"] / "README.md").read_text().lower()
     recs = _records(distillation_zero2, "distillation")
     assert all(r["temperature"] is None for r in recs)  # PyLate's distillation loss has none
+
+
+def test_evaluation_off_the_training_ranks_lands_while_the_phase_keeps_stepping(jobs):
+    run = _succeeded(jobs, "eval-job")
+    deadline = time.time() + TIMEOUT  # the evaluations may still be running after the phase ended
+    while time.time() < deadline:
+        ev = Manifest(run).phase("unsupervised").get("eval_jobs") or {}
+        if ev and all(j["state"] in ("done", "failed") for j in ev.values()):
+            break
+        time.sleep(0.5)
+    total = Manifest(run).phase("unsupervised")["total_steps"]
+    assert sorted(int(k) for k in ev) == list(range(15, total, 15)) and total > 30, (ev, total)
+    assert all(j["state"] == "done" and j["handle"].startswith("pid:") for j in ev.values()), ev
+    recs = {r["step"]: r for r in map(json.loads, (run / "phases/unsupervised/logs/eval.jsonl").read_text()
+                                      .splitlines())}
+    first = recs[15]
+    assert first["where"] == "job" and set(first["datasets"]) == {"msmarco-5k"}
+    # between the job's submission and its result the phase logged later steps: training never waited for it
+    started = _utc(ev["15"]["submitted"])
+    during = [r["step"] for r in _records(run, "unsupervised") if started <= _utc(r["time"]) <= _utc(first["time"])]
+    assert during and max(during) > 16, (during, first, ev["15"])
+    ph = Manifest(run).phase("unsupervised")
+    assert [(e["step"], e["where"]) for e in ph["in_training_eval"]] == [(s, "job") for s in sorted(recs)]
+    # the saved weights are removed once scored; the job's log stays
+    folder = run / "phases/unsupervised/evals/step-00000015"
+    assert not (folder / "model").exists() and (folder / "job.log").is_file()
+    # TensorBoard has the scalars from the job's own event file
+    events = list((run / "phases/unsupervised/logs/tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) >= 2, events
+
+
+def _utc(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def test_a_failing_in_training_eval_fails_every_rank_with_the_dataset_named(jobs):

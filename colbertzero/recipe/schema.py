@@ -219,9 +219,31 @@ class DeepSpeedCfg(_Strict):
     offload_params: bool = False  # ZeRO-3 only
 
 
+class EvalJob(_Strict):
+    """The job (Slurm) or background process (local) that scores an in-training export off the training ranks."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    gpus: int | None = Field(default=None, ge=0)  # None: 1 when the phase runs on GPUs, else 0
+    cpus_per_task: int = Field(default=8, gt=0)
+    time_limit: str = "1:00:00"
+    mem: str | None = None
+
+    @field_validator("partition", "time_limit", "mem")
+    @classmethod
+    def _strings(cls, v, info):
+        no_control_characters(v, f"eval.job.{info.field_name}")
+        if info.field_name == "time_limit":
+            parse_time_limit(v)
+        return v
+
+
 class Eval(_Strict):
     beir: list[str] = Field(default_factory=list)  # BEIR-layout or NanoBEIR-parquet folders, run after the phase
     in_training: list[str] = Field(default_factory=list)  # small sets for `cadence.eval_every`
+    # job: rank 0 writes an export and a separate job/process scores it while training goes on;
+    # inline: rank 0 scores in the training process while the other ranks wait
+    where: Literal["job", "inline"] = "job"
+    job: EvalJob = Field(default_factory=EvalJob)
     max_corpus: int | None = Field(default=None, gt=0)  # subsample the corpus (keeps every judged document)
     batch_size: int = Field(default=32, gt=0)
 

@@ -1,21 +1,30 @@
 """In-training evaluation: the current weights scored on a phase's small `eval.in_training` sets every
-`cadence.eval_every` steps, in the training processes.
+`cadence.eval_every` steps.
 
-Every rank gathers the weights (collective under ZeRO-3); rank 0 evaluates a CPU copy on its device while the others
-wait for its outcome, which is broadcast: an evaluation that fails (a bad dataset) fails every rank at once instead of
-leaving them at a barrier. The RNG is restored afterwards, so a run with evaluations trains exactly like one without.
-Results go to `phases/<phase>/logs/eval.jsonl`, the metrics sinks and the manifest (docs/CONTRACTS.md).
+Every rank gathers the weights (collective under ZeRO-3); then, as `eval.where` says:
+
+- ``job`` (the default): rank 0 saves them as a PyLate model under `phases/<phase>/evals/step-<N>/` and starts
+  `colbertzero eval-job` off the training ranks (`runtime.detach`: its own Slurm job with `eval.job`'s resources,
+  or a background process locally). Training goes on at once; the job writes its result when it has one.
+- ``inline``: rank 0 scores a CPU copy while the others wait for its outcome, which is broadcast: an evaluation that
+  fails fails every rank at once instead of leaving them at a barrier.
+
+The RNG is restored afterwards, so a run with evaluations trains exactly like one without. Results, from either
+mode, go to `phases/<phase>/logs/eval.jsonl`, TensorBoard and the manifest's `in_training_eval` (docs/CONTRACTS.md);
+a job's state (submitted, done, failed) to the manifest's `eval_jobs`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from ..evaluate import evaluate
 from ..files import now_iso
+from ..runtime import detach
 from . import dist
 from .checkpoint import capture_rng_state, restore_rng_state
 from .export import gather_colbert
@@ -25,12 +34,50 @@ class EvalError(RuntimeError):
     pass
 
 
+def evals_dir(run_dir, phase_name: str, step: int) -> Path:
+    return Path(run_dir) / "phases" / phase_name / "evals" / f"step-{step:08d}"
+
+
+def record_eval(manifest, phase_name: str, step: int, attempt: str, res: dict, seconds: float, where: str,
+                sinks=()) -> dict:
+    """The one record of an in-training evaluation: eval.jsonl, the sinks (TensorBoard), the manifest."""
+    datasets = {n: {k: v for k, v in r.items() if k != "retrieval"} for n, r in res["datasets"].items()}
+    rec = {"time": now_iso(), "phase": phase_name, "step": step, "attempt": attempt, "where": where,
+           "seconds": round(seconds, 3), "average": res["average"], "datasets": datasets}
+    logs = Path(manifest.run_dir) / "phases" / phase_name / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "eval.jsonl", "a") as f:  # one short line, one write: appends from two processes stay whole
+        f.write(json.dumps(rec) + "\n")
+    ndcg = {n: r["ndcg@10"] for n, r in res["datasets"].items()}
+    scalars = {f"eval/{name}/ndcg@10": v for name, v in ndcg.items()}
+    scalars["eval/average/ndcg@10"] = res["average"]["ndcg@10"]
+    for sink in sinks:
+        sink.scalars(scalars, step)
+
+    def add(p):  # a resumed attempt re-evaluates steps after its checkpoint: keep the newest per step
+        p["in_training_eval"] = [x for x in p.get("in_training_eval") or [] if x["step"] != step]
+        p["in_training_eval"].append({"step": step, "ndcg@10": ndcg, "where": where})
+        p["in_training_eval"].sort(key=lambda x: x["step"])
+
+    manifest.update_phase(phase_name, add)
+    print(f"[colbertzero] phase {phase_name}: step {step} nDCG@10 "
+          + ", ".join(f"{n} {100 * v:.2f}" for n, v in ndcg.items()) + f" ({where})", file=sys.stderr)
+    return rec
+
+
+def _set_job(manifest, phase_name: str, step: int, **fields) -> None:
+    def put(p):
+        jobs = p.setdefault("eval_jobs", {})
+        jobs[str(step)] = {**jobs.get(str(step), {}), **fields, "time": now_iso()}
+
+    manifest.update_phase(phase_name, put)
+
+
 class Evaluator:
     def __init__(self, *, manifest, recipe, phase_name: str, init_path: str, device: str, metrics) -> None:
         self.manifest, self.recipe, self.phase_name = manifest, recipe, phase_name
         self.phase = recipe.phase(phase_name)
         self.init_path, self.device, self.metrics = init_path, device, metrics
-        self.logs = Path(manifest.run_dir) / "phases" / phase_name / "logs"
 
     def should_eval(self, step: int, total: int) -> bool:
         c, e = self.phase.cadence, self.phase.eval
@@ -39,8 +86,11 @@ class Evaluator:
     def run(self, engine, step: int, attempt: str) -> None:
         """Every rank calls it (the weights are gathered collectively)."""
         model = gather_colbert(engine, self.init_path, self.recipe, self.phase_name)
-        dist.rank0_outcome(lambda: self._score(model, step, attempt),
-                           f"in-training evaluation of phase {self.phase_name} at step {step}", EvalError)
+        what = f"in-training evaluation of phase {self.phase_name} at step {step}"
+        if self.phase.eval.where == "inline":
+            dist.rank0_outcome(lambda: self._score(model, step, attempt), what, EvalError)
+        elif model is not None:
+            self._dispatch(model, step, attempt)
 
     def _score(self, model, step: int, attempt: str) -> None:
         rng = capture_rng_state()
@@ -52,18 +102,62 @@ class Evaluator:
                            max_corpus=e.max_corpus, device=self.device, show_progress=False)
         finally:
             restore_rng_state(rng)
-        datasets = {n: {k: v for k, v in r.items() if k != "retrieval"} for n, r in res["datasets"].items()}
-        rec = {"time": now_iso(), "phase": self.phase_name, "step": step, "attempt": attempt,
-               "seconds": round(time.perf_counter() - t0, 3), "average": res["average"], "datasets": datasets}
-        with open(self.logs / "eval.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        ndcg = {n: r["ndcg@10"] for n, r in res["datasets"].items()}
-        self.metrics.log_eval(step, ndcg, res["average"]["ndcg@10"])
+        record_eval(self.manifest, self.phase_name, step, attempt, res, time.perf_counter() - t0, "inline",
+                    self.metrics.sinks)
 
-        def add(p):  # a resumed attempt re-evaluates steps after its checkpoint: keep the newest per step
-            p["in_training_eval"] = [x for x in p.get("in_training_eval") or [] if x["step"] != step]
-            p["in_training_eval"].append({"step": step, "ndcg@10": ndcg})
+    def _dispatch(self, model, step: int, attempt: str) -> None:
+        """Rank 0: save the weights, start the job; a job that cannot start is recorded, training goes on."""
+        folder = evals_dir(self.manifest.run_dir, self.phase_name, step)
+        shutil.rmtree(folder, ignore_errors=True)  # a resumed attempt's re-evaluation of the same step
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(str(tmp / "model"))
+        tmp.rename(folder)
+        job = self.phase.eval.job
+        gpus = job.gpus if job.gpus is not None else (1 if self.phase.resources.gpus_per_node else 0)
+        sbatch = {"partition": job.partition, "cpus-per-task": job.cpus_per_task, "time": job.time_limit,
+                  "mem": job.mem, "gres": f"gpu:{gpus}" if gpus else None}
+        argv = [sys.executable, "-m", "colbertzero", "eval-job", str(self.manifest.run_dir), "--phase",
+                self.phase_name, "--step", str(step), "--attempt", attempt]
+        try:
+            handle = detach(argv, folder / "job.log", name=f"cz-eval-{self.phase_name}-{step}", sbatch=sbatch)
+        except (OSError, RuntimeError, ValueError) as e:
+            _set_job(self.manifest, self.phase_name, step, state="not started", reason=str(e))
+            print(f"[colbertzero] phase {self.phase_name}: the evaluation of step {step} could not start: {e}; "
+                  f"run `colbertzero eval-job {self.manifest.run_dir} --phase {self.phase_name} --step {step}`",
+                  file=sys.stderr)
+            return
+        _set_job(self.manifest, self.phase_name, step, state="submitted", handle=handle, attempt=attempt,
+                 submitted=now_iso())
 
-        self.manifest.update_phase(self.phase_name, add)
-        print(f"[colbertzero] phase {self.phase_name}: step {step} nDCG@10 "
-              + ", ".join(f"{n} {100 * v:.2f}" for n, v in ndcg.items()), file=sys.stderr)
+
+def run_eval_job(manifest, phase_name: str, step: int, attempt: str = "") -> dict:
+    """`colbertzero eval-job`: score the export an Evaluator saved for ``step``, record it, remove the export."""
+    import torch
+
+    from .metering import eval_sinks
+
+    phase = manifest.recipe().phase(phase_name)
+    folder = evals_dir(manifest.run_dir, phase_name, step)
+    if not (folder / "model").is_dir():
+        raise EvalError(f"{folder / 'model'}: no saved weights for step {step} of phase {phase_name}")
+    _set_job(manifest, phase_name, step, state="running")
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        res = evaluate(str(folder / "model"), phase.eval.in_training, batch_size=phase.eval.batch_size,
+                       max_corpus=phase.eval.max_corpus, device=device, cache_dir=str(folder / "cache"),
+                       show_progress=False)
+        sinks = eval_sinks(manifest.recipe().report_to, Path(manifest.run_dir) / "phases" / phase_name / "logs")
+        try:
+            rec = record_eval(manifest, phase_name, step, attempt, res, time.perf_counter() - t0, "job", sinks)
+        finally:
+            for s in sinks:
+                s.close()
+    except Exception as e:
+        _set_job(manifest, phase_name, step, state="failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    _set_job(manifest, phase_name, step, state="done", seconds=rec["seconds"])
+    shutil.rmtree(folder / "model", ignore_errors=True)
+    shutil.rmtree(folder / "cache", ignore_errors=True)
+    return rec

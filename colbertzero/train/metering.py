@@ -176,6 +176,12 @@ def _sinks(report_to: list[str], log_dir: Path, run_dir: Path, phase: str, confi
     return sinks
 
 
+def eval_sinks(report_to: list[str], log_dir: Path) -> list:
+    """What an evaluation job writes to: TensorBoard (another event file in the same folder, merged by TensorBoard
+    on read). Not W&B: its run has one writer, the training process."""
+    return _sinks([r for r in report_to if r == "tensorboard"], log_dir, log_dir, "", {})
+
+
 class Metrics:
     """Throughput, FLOPs and the log records of one phase run. Every rank counts; rank 0 (``write``) writes."""
 
@@ -230,12 +236,6 @@ class Metrics:
             for sink in self.sinks:
                 sink.scalars(scalars, step)
         return rec
-
-    def log_eval(self, step: int, ndcg: dict[str, float], average: float) -> None:
-        scalars = {f"eval/{name}/ndcg@10": v for name, v in ndcg.items()}
-        scalars["eval/average/ndcg@10"] = average
-        for sink in self.sinks:
-            sink.scalars(scalars, step)
 
     def throughput(self) -> dict | None:
         """What projections read: the newest record's rates."""
