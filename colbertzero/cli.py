@@ -37,9 +37,9 @@ def _recipe(args):
     return load_recipe(args.recipe, getattr(args, "overrides", None) or [])
 
 
-def _print_findings(findings, stream=sys.stderr) -> None:
+def _print_findings(findings, stream=None) -> None:
     for f in findings:
-        print(f"  {f}", file=stream)
+        print(f"  {f}", file=stream or sys.stderr)  # looked up now: sys.stderr may have been replaced since import
 
 
 # ------------------------------------------------------------------ foundation commands

@@ -11,11 +11,12 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from . import ledger
 from .data.schedule import batches_per_source
+from .mining import MineSpec, ScoreSpec
 from .models import is_local_ref
 from .recipe import Phase, Recipe, RecipeError, format_time_limit, parse_time_limit
 
@@ -246,10 +247,11 @@ def check(recipe: Recipe, manifest_data: dict | None = None, paths: bool = True)
         out += _check_batch(name, recipe.phase(name))
         out += _check_cadence(recipe, name, manifest_data)
         if paths:
-            out += _check_paths(name, recipe.phase(name))
+            out += _check_paths(name, recipe.phase(name), recipe)
         out += _check_eval(name, recipe.phase(name), paths)
     out += _check_alignment(recipe)
     out += _check_budget(recipe, manifest_data)
+    out += _check_derive(recipe, paths)
     return out
 
 
@@ -273,7 +275,7 @@ def refuse_invalid(recipe: Recipe, nothing: str, budget: float | None = None) ->
 
 def path_refusals(recipe: Recipe, phases: list[str]) -> list[str]:
     """Raw data or init model gone since the launch (only what these phases still need)."""
-    return [str(f) for n in phases for f in _check_paths(n, recipe.phase(n)) if f.level == "error"]
+    return [str(f) for n in phases for f in _check_paths(n, recipe.phase(n), recipe) if f.level == "error"]
 
 
 def _check_batch(name: str, ph: Phase) -> list[Finding]:
@@ -390,7 +392,36 @@ def _check_alignment(recipe: Recipe) -> list[Finding]:
     return out
 
 
-def _check_paths(name: str, ph: Phase) -> list[Finding]:
+def _derived(recipe: Recipe, path: str, before: int | None = None) -> bool:
+    """The path lies in the output of a derive step (the first ``before`` steps): it exists once that step ran."""
+    outs = [Path(s.out) for s in recipe.derive[:before]]
+    p = Path(path.split("*")[0])
+    return any(p == o or o in p.parents for o in outs)
+
+
+def _check_derive(recipe: Recipe, paths: bool) -> list[Finding]:
+    out = []  # the settings are the commands' own dataclasses: one list of names
+    for i, step in enumerate(recipe.derive):
+        where = f"derive[{i}] ({step.name})"
+        cls = MineSpec if step.kind == "mine" else ScoreSpec
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(step.args) - set(known))
+        if unknown:
+            out.append(Finding("error", f"{where}.args", f"unknown setting(s) {', '.join(unknown)}; "
+                                                          f"{step.kind} takes {', '.join(known)}"))
+        required = [n for n, f in known.items() if f.default is MISSING and n not in step.args]
+        if required:
+            out.append(Finding("error", f"{where}.args", f"missing {', '.join(required)}"))
+        for key in ("input", "corpus"):
+            v = step.args.get(key)
+            if paths and isinstance(v, str) and not _derived(recipe, v, i) and not (
+                    glob.glob(v) if any(ch in v for ch in "*?[") else os.path.exists(v)):
+                out.append(Finding("error", f"{where}.args.{key}", f"{v}: not found (and no earlier derive step "
+                                                                     f"writes it)"))
+    return out
+
+
+def _check_paths(name: str, ph: Phase, recipe: Recipe | None = None) -> list[Finding]:
     out = []
     if isinstance(ph.init, str) and is_local_ref(ph.init) and not os.path.exists(os.path.expanduser(ph.init)):
         out.append(Finding("error", f"phases.{name}.init", f"{ph.init}: no such model folder"))
@@ -401,6 +432,8 @@ def _check_paths(name: str, ph: Phase) -> list[Finding]:
             continue
         for key in ("path", "queries_path", "documents_path"):
             p = getattr(src, key)
+            if p and recipe is not None and _derived(recipe, p):
+                continue  # a derive step writes it before prepare reads it
             if p and not (glob.glob(p) if any(ch in p for ch in "*?[") else os.path.exists(p)):
                 missing.append(
                     Finding(

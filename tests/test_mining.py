@@ -242,3 +242,51 @@ def _wait_for(path: Path, root: Path, timeout: float = 240) -> None:
             logs = "\n".join(f"{p}: {p.read_text()[-2000:]}" for p in root.rglob("*.err"))
             pytest.fail(f"{path} not written within {timeout:.0f} s; task logs:\n{logs}")
         time.sleep(1)
+
+
+def test_a_recipe_derives_its_data_before_prepare(pairs, tiny_modernbert, tmp_path, capfd):
+    """`derive:` steps run before prepare (local executor), in order, and a second launch leaves them alone."""
+    import yaml
+
+    mined, scored = tmp_path / "mined", tmp_path / "scored"
+    recipe = {
+        "extends": str(ROOT / "recipes" / "tiny-cpu.yaml"), "name": "derived",
+        "derive": [
+            {"name": "negatives", "kind": "mine", "out": str(mined), "shards": 2,
+             "args": {"input": pairs["topics"], "name": "topics", "negatives": 4}},
+            {"name": "teacher", "kind": "score", "out": str(scored), "shards": 2,
+             "args": {"input": str(mined), "teacher": "bm25", "docs_per_query": 4, "sample": 16}},
+        ],
+        "phases": {
+            "unsupervised": None,
+            "supervised": {"init": tiny_modernbert, "max_steps": 2, "eval": {"beir": []},
+                           "data": {"shards_dir": str(tmp_path / "shards" / "sup"), "sources": [
+                               {"name": "topics", "path": str(mined / "data" / "*.parquet"),
+                                "columns": {"positive": "document", "negatives": "negative"}}]}},
+            "distillation": {"max_steps": 2, "eval": {"beir": []},
+                             "data": {"shards_dir": str(tmp_path / "shards" / "kd"), "docs_per_query": 4,
+                                      "sources": [{"name": "teacher", "path": str(scored / "train" / "*.parquet"),
+                                                   "queries_path": str(scored / "queries" / "*.parquet"),
+                                                   "documents_path": str(scored / "documents" / "*.parquet")}]}},
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 0, capfd.readouterr().err  # outputs a derive step writes: not missing
+    bad = dict(recipe, derive=[dict(recipe["derive"][0], args={"input": pairs["topics"], "nmae": "x"})])
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    err = capfd.readouterr().err
+    assert "unknown setting(s) nmae" in err and "missing name" in err, err
+
+    run = tmp_path / "run"
+    assert main(["launch", str(path), "--run-dir", str(run), "--executor", "local"]) == 0
+    assert len(_rows(mined, "topics")) == len(read_jsonl(pairs["topics"]))
+    assert len(_rows(scored, config="train")) == 16
+    status = json.loads((run / "manifest.json").read_text())
+    assert [p["state"] for p in status["phases"].values()] == ["done", "done"]
+    before = (mined / "colbertzero.json").stat().st_mtime_ns, (scored / "colbertzero.json").stat().st_mtime_ns
+    capfd.readouterr()
+    assert main(["launch", str(path), "--run-dir", str(run), "--executor", "local"]) == 0
+    assert "derive" not in capfd.readouterr().err
+    assert before == ((mined / "colbertzero.json").stat().st_mtime_ns, (scored / "colbertzero.json").stat().st_mtime_ns)

@@ -214,7 +214,8 @@ def _alive_jobs(m: Manifest) -> dict[str, tuple[str, str, str]]:
         raise LaunchError(f"{m.run_dir} was submitted to Slurm and there is no Slurm client here to ask whether its "
                           "jobs still run: resume it from the login node")
     recipe = m.recipe()
-    names = {sb.job_name(recipe, step, m.run_dir): step for step in ("prepare", "prepare-index", *recipe.phases)}
+    steps = ("prepare", "prepare-index", *(f"derive-{d.name}" for d in recipe.derive), *recipe.phases)
+    names = {sb.job_name(recipe, step, m.run_dir): step for step in steps}
     return {names[name]: v for name, v in slurm.queued_by_name(list(names)).items()}
 
 

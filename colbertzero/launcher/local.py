@@ -17,6 +17,7 @@ import time
 
 from ..data.prepare import prepare_recipe
 from ..manifest import Manifest
+from ..mining import derive_task, finished
 from ..recipe import Recipe
 from ..runtime import Exit, free_port
 from .requeue import continue_hint, decide
@@ -53,7 +54,11 @@ class _LocalStop:
 
 
 def run_local(m: Manifest, recipe: Recipe, phases: list[str], missing_shards: list[str]) -> int:
-    """Prepare what is missing, then run the phases in order; the chain's exit code."""
+    """Derive and prepare what is missing, then run the phases in order; the chain's exit code."""
+    for step in recipe.derive:
+        if not finished(step.kind, step.args, step.out):
+            print(f"[colbertzero] derive {step.name}: colbertzero {step.kind} → {step.out}", file=sys.stderr)
+            derive_task(step.kind, step.args, step.out, step.shards, None)
     if missing_shards:
         prepare_recipe(recipe, phases=missing_shards, workers=min(recipe.prepare.workers, os.cpu_count() or 1))
     stop = _LocalStop()

@@ -1,4 +1,5 @@
-"""Submitting a run's jobs to Slurm through submitit: the prepare array, its index job, and the phase chain.
+"""Submitting a run's jobs to Slurm through submitit: the derive arrays (mine / score), the prepare array, its index
+job, and the phase chain.
 
 Each step starts only after the previous one succeeded (`afterok`; Slurm cancels the rest of the chain when one fails:
 `kill-on-invalid-dep`). Jobs are named `cz-<recipe>-<step>-<run tag>` (`sbatch.job_name`), so `resume` finds a run's
@@ -13,11 +14,18 @@ import submitit
 from ..data.prepare import index_recipe, prepare_recipe
 from ..files import now_iso
 from ..manifest import Manifest
+from ..mining import derive_task, finished
 from ..recipe import Recipe
 from . import sbatch as sb
 from . import slurm
 from .slurm import LaunchError
 from .task import PhaseTask
+from .work import array_options
+
+
+def _derive_options(step) -> dict:
+    return array_options(partition=step.partition, time=step.time_limit, cpus_per_task=step.cpus_per_task,
+                         gpus_per_task=step.gpus, mem=step.mem)
 
 
 def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
@@ -30,6 +38,9 @@ def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
                         sb.phase_options(recipe.phase(n).resources, f"phases.{n}.resources"))
     if prepare:
         slurm.test_only("the prepare job (prepare)", sb.prepare_options(recipe))
+    for i, step in enumerate(recipe.derive):
+        if not finished(step.kind, step.args, step.out):
+            slurm.test_only(f"derive step {step.name!r} (derive[{i}])", _derive_options(step))
 
 
 def _executor(m: Manifest, step: str) -> submitit.SlurmExecutor:
@@ -54,8 +65,11 @@ def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards:
     jobs: dict[str, str] = {}
     try:
         dependency = None
+        for step in recipe.derive:  # in order: a step may read what the one before wrote
+            if not finished(step.kind, step.args, step.out):
+                dependency = f"afterok:{_submit_derive(m, recipe, step, dependency, jobs)}"
         if missing_shards:
-            dependency = f"afterok:{_submit_prepare(m, recipe, missing_shards, jobs)}"
+            dependency = f"afterok:{_submit_prepare(m, recipe, missing_shards, jobs, dependency)}"
         for n in phases:
             r = recipe.phase(n).resources
             ex = _executor(m, n)
@@ -79,13 +93,25 @@ def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards:
     return jobs
 
 
-def _submit_prepare(m: Manifest, recipe: Recipe, phases: list[str], jobs: dict) -> str:
+def _submit_derive(m: Manifest, recipe: Recipe, step, dependency: str | None, jobs: dict) -> str:
+    """A derive step as an array, one task per query range; its last task merges the output."""
+    name = f"derive-{step.name}"
+    ex = _executor(m, name)
+    ex.update_parameters(**_params(sb.job_name(recipe, name, m.run_dir), _derive_options(step), dependency,
+                                   list(recipe.prepare.setup)))
+    with ex.batch():
+        tasks = [ex.submit(derive_task, step.kind, step.args, step.out, step.shards, i) for i in range(step.shards)]
+    jobs[name] = tasks[0].job_id.split("_")[0]
+    return jobs[name]
+
+
+def _submit_prepare(m: Manifest, recipe: Recipe, phases: list[str], jobs: dict, dependency: str | None) -> str:
     """Tokenize the missing shards as an array job (each task its share), then one task writes the indexes."""
     pr = recipe.prepare
     opts = sb.prepare_options(recipe)
     setup = list(pr.setup)
     ex = _executor(m, "prepare")
-    ex.update_parameters(**_params(sb.job_name(recipe, "prepare", m.run_dir), opts, None, setup))
+    ex.update_parameters(**_params(sb.job_name(recipe, "prepare", m.run_dir), opts, dependency, setup))
     n = pr.array_tasks
     with ex.batch():
         shares = [ex.submit(prepare_recipe, recipe, phases, pr.workers, False, (i, n), False) for i in range(n)]

@@ -15,7 +15,8 @@ from .score import ScoreSpec, score_shard, write_scored
 from .teachers import ModelSpec, TeacherError
 from .work import Work, WorkError
 
-__all__ = ["MineSpec", "ModelSpec", "ScoreSpec", "TeacherError", "WorkError", "run_shards", "work_for"]
+__all__ = ["MineSpec", "ModelSpec", "ScoreSpec", "TeacherError", "WorkError", "derive_task", "run_shards",
+           "finished", "spec_from", "work_for"]
 
 
 def work_for(spec: MineSpec | ScoreSpec, out: str | os.PathLike, shards: int) -> Work:
@@ -48,6 +49,28 @@ def run_shards(spec: MineSpec | ScoreSpec, out: str | os.PathLike, shards: int =
     merged = work.finished()
     return {"out": str(work.out), "merged": merged, "ran": todo, "missing": [] if merged else work.missing(),
             "stats": _stats(work.out) if merged else {}}
+
+
+def spec_from(kind: str, args: dict) -> MineSpec | ScoreSpec:
+    """A recipe's derive step as the command's settings (checked by preflight; built where the step runs, once the
+    steps before it have written its input)."""
+    return (MineSpec if kind == "mine" else ScoreSpec)(**args)
+
+
+def derive_task(kind: str, args: dict, out: str, shards: int, task: int | None) -> dict:
+    """What one array task of a derive step runs (or, with ``task=None``, the whole step here)."""
+    return run_shards(spec_from(kind, args), out, shards, task=task, show_progress=task is None)
+
+
+def finished(kind: str, args: dict, out: str) -> bool:
+    """The step's output is complete and was written from these settings (its input must exist to tell)."""
+    info = Path(out) / "colbertzero.json"
+    if not info.is_file():
+        return False
+    try:
+        return work_for(spec_from(kind, args), out, 1).finished()
+    except (ValueError, OSError):
+        return False
 
 
 def _stats(out: Path) -> dict:

@@ -110,7 +110,7 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 # Fields holding filesystem paths, made absolute relative to the file that wrote them (so `extends` works).
-_PATH_KEYS = {"path", "queries_path", "documents_path", "shards_dir"}
+_PATH_KEYS = {"path", "queries_path", "documents_path", "shards_dir", "input", "corpus", "out"}
 
 
 def _is_local_ref(s: str) -> bool:

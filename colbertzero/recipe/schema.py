@@ -346,6 +346,35 @@ class Model(_Strict):
         return self
 
 
+class DeriveStep(_Strict):
+    """A `colbertzero mine` or `score` run the phases' data comes from (docs/own-data.md): run before prepare (local)
+    or submitted as an array ahead of it (Slurm); skipped once its output is complete."""
+
+    name: str
+    kind: Literal["mine", "score"]
+    out: str
+    args: dict[str, Any]  # the command's settings by field name: input, name, retriever, teacher, margin, …
+    shards: int = Field(default=1, gt=0)  # query ranges: Slurm array tasks
+    partition: str | None = None
+    time_limit: str = "04:00:00"
+    cpus_per_task: int = Field(default=8, gt=0)
+    gpus: int = Field(default=0, ge=0)
+    mem: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return safe_name(v, "derive step name")
+
+    @field_validator("partition", "time_limit", "mem")
+    @classmethod
+    def _strings(cls, v, info):
+        no_control_characters(v, f"derive.{info.field_name}")
+        if info.field_name == "time_limit":
+            parse_time_limit(v)
+        return v
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -354,6 +383,7 @@ class Recipe(_Strict):
     budget_gpu_hours: float | None = Field(default=None, gt=0)  # for the whole run
     allow_prompt_mismatch: bool = False
     prepare: PrepareResources = Field(default_factory=PrepareResources)
+    derive: list[DeriveStep] = Field(default_factory=list)  # mine / score before prepare, in this order
     reference: Reference = Field(default_factory=Reference)
     # Where training metrics go besides phases/<phase>/logs/train.jsonl (each when its package is installed).
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])

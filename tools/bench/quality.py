@@ -38,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,15 @@ DEFAULT_BEIR = SHARED / "beir" / "msmarco-5k"
 DEFAULT_STEPS = (40, 16, 16)  # as the demo: enough for MiniLM to learn its projection on 2 cores
 # The scripts' gradient scale per phase (docs/fidelity.yaml): CachedContrastive, gathered Contrastive, Distillation.
 MODES = {"mean": {}, "scripts": {"unsupervised": "global_batch", "supervised": "world_size", "distillation": 1}}
+
+# What the benchmark changes in tiny-cpu.yaml besides data and steps: documents as long as the dense baseline reads
+# them (MS MARCO passages run past tiny-cpu's 96 tokens), larger contrastive batches.
+BENCH_HYPERPARAMETERS = {
+    "unsupervised": {"document_length": 160, "global_batch_size": 16, "gradcache_mini_batch": 4},
+    "supervised": {"document_length": 160, "global_batch_size": 8, "gradcache_mini_batch": 2, "lr": 2.0e-5},
+    "distillation": {"document_length": 160},
+}
+PASSAGE_MARGIN = 0.05  # a mined negative MiniLM scores above positive − 0.05 is taken for a false negative
 
 # (file, columns) per phase. FlagEmbedding rows: query, pos [1], neg [...], pos_scores, neg_scores.
 FLAG_SOURCES = {
@@ -120,7 +130,7 @@ def filtered_copy(src: Path, dst: Path, query_col: str, pos_col: str, eval_queri
 
 
 def training_files(work: Path) -> list[dict]:
-    """Every training file of the benchmark: phase, source name, original, filtered copy under WORK/train, columns."""
+    """The JSONL training files the benchmark filters: phase, source name, original, filtered copy, columns."""
     from colbertzero.demo.data import build_demo_data
 
     if not FLAG.is_dir():
@@ -130,10 +140,63 @@ def training_files(work: Path) -> list[dict]:
              for phase, names in FLAG_SOURCES.items() for name, file in names.items()]
     files += [("unsupervised", f"pydocs-{name}", Path(path), {"query": "query", "document": "document"}, "document")
               for name, path in sorted(demo["pairs"].items())]
-    files += [("supervised", "pydocs", Path(demo["triples"]), FLAG_COLUMNS["supervised"], "pos"),
-              ("distillation", "pydocs", Path(demo["distill"]), FLAG_COLUMNS["distillation"], "pos")]
     return [{"phase": ph, "name": n, "src": src, "dst": work / "train" / ph / f"{n}.jsonl", "columns": cols,
              "positive": pos} for ph, n, src, cols, pos in files]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def passage_pairs(path: Path, beir: list[Path]) -> dict:
+    """Inverse-cloze pairs from every passage of the FlagEmbedding files (positives and negatives alike): a
+    passage's first sentence → the rest of it. A passage that is in an evaluation corpus at all is left out."""
+    from colbertzero.evaluate import load_beir
+
+    eval_texts = {t.strip().lower() for d in beir for t in load_beir(d)[0].values()}
+    passages, skipped_eval = [], 0
+    for file in sorted(FLAG.glob("*.jsonl")):
+        for row in _read_jsonl(file):
+            for text in [*row.get("pos", []), *row.get("neg", [])]:
+                if text.strip().lower() in eval_texts:
+                    skipped_eval += 1
+                else:
+                    passages.append(text.strip())
+    rows = []
+    for text in dict.fromkeys(passages):
+        parts = _SENTENCE_END.split(text, maxsplit=1)
+        if len(parts) == 2 and 4 <= len(parts[0].split()) <= 30 and len(parts[1].split()) >= 12:
+            rows.append({"query": parts[0], "document": parts[1]})
+    _write_jsonl(path, rows)
+    return {"passages": len(set(passages)), "pairs": len(rows), "passages_in_eval_corpus": skipped_eval}
+
+
+def derived_sources(work: Path, beir: list[Path]) -> tuple[dict, dict]:
+    """Data made by `colbertzero mine` and `colbertzero score`: the Python-documentation sources (as the demo makes
+    them) and the inverse-cloze passage pairs, mined with MiniLM (false negatives filtered by margin) and scored by
+    it. Returns (sources per phase, figures)."""
+    from colbertzero.demo.data import build_demo_data
+    from colbertzero.demo.derived import derive_demo_data, recipe_sources
+    from colbertzero.mining import MineSpec, ScoreSpec, run_shards
+
+    pairs = work / "train" / "unsupervised" / "passages.jsonl"
+    figures = {"passages": passage_pairs(pairs, beir)}
+    mined = run_shards(MineSpec(input=str(pairs), name="passages", retriever="minilm", negatives=7, depth=30,
+                                teacher="minilm", margin=PASSAGE_MARGIN), work / "derived" / "passages-mined",
+                       show_progress=False)
+    scored = run_shards(ScoreSpec(input=mined["out"], teacher="minilm", docs_per_query=8),
+                        work / "derived" / "passages-scored", show_progress=False)
+    figures.update({"mine/passages": mined["stats"], "score/passages": scored["stats"]})
+    demo = derive_demo_data(build_demo_data(work / "demo-data"), work / "derived" / "pydocs", log=lambda _: None)
+    figures.update(demo["stats"])
+    sources = recipe_sources(demo)
+    sources["unsupervised"] = [{"name": "passages", "path": str(pairs)}]
+    sources["supervised"].append({"name": "passages", "path": str(Path(mined["out"]) / "data" / "*.parquet"),
+                                  "columns": {"positive": "document", "negatives": "negative"}})
+    d = Path(scored["out"])
+    sources["distillation"].append({"name": "passages", "path": str(d / "train" / "*.parquet"),
+                                    "queries_path": str(d / "queries" / "*.parquet"),
+                                    "documents_path": str(d / "documents" / "*.parquet")})
+    return sources, figures
 
 
 def write_training_data(files: list[dict], beir: list[Path]) -> dict:
@@ -143,18 +206,19 @@ def write_training_data(files: list[dict], beir: list[Path]) -> dict:
                                                        judged) for f in files}
 
 
-def bench_recipe(work: Path, files: list[dict], beir: list[Path], steps: tuple[int, int, int],
+def bench_recipe(work: Path, files: list[dict], derived: dict, beir: list[Path], steps: tuple[int, int, int],
                  mode: str = "mean") -> dict:
     from colbertzero.demo import tiny_recipe_path
 
     sources = {phase: [{"name": f["name"], "path": str(f["dst"]), "columns": f["columns"]}
-                       for f in files if f["phase"] == phase] for phase in FLAG_SOURCES}
+                       for f in files if f["phase"] == phase] + derived[phase] for phase in FLAG_SOURCES}
     phases = {}
     for (name, srcs), n in zip(sources.items(), steps):
         phases[name] = {
             "data": {"shards_dir": str(work / "shards" / name), "sources": srcs},
             "eval": {"beir": [str(d) for d in beir], "max_corpus": None},
             "max_steps": n,
+            **BENCH_HYPERPARAMETERS.get(name, {}),
         }
         if name in MODES[mode]:
             phases[name]["loss_scale"] = MODES[mode][name]
@@ -188,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"BEIR-layout datasets to evaluate on (default {DEFAULT_BEIR})")
     ap.add_argument("--json", action="store_true", help="print one JSON object: ndcg@10 per dataset per stage")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="work folder (data copies, shards, run)")
-    ap.add_argument("--modes", default="mean,scripts", help="update rules to train with, side by side: "
+    ap.add_argument("--modes", default="mean", help="update rules to train with, side by side: "
                     "mean (global-mean gradient), scripts (PyLate's scripts' gradient scale)")
     ap.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), metavar="U,S,D",
                     help="optimizer steps of the unsupervised, supervised and distillation phases")
@@ -207,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("COLBERTZERO_EMBEDDINGS_CACHE", str(work / "cache" / "embeddings"))
 
     from colbertzero.demo import evaluate_init, format_stages, ndcg_by_stage
+    from colbertzero.evaluate.dense import evaluate_dense
     from colbertzero.files import atomic_write_json
     from colbertzero.launcher.api import LaunchError, launch
     from colbertzero.manifest import Manifest, ManifestError
@@ -219,11 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     tables: dict[str, dict] = {}
     with stdout_to_stderr(args.json):
+        print("[quality] the dense baseline: all-MiniLM-L6-v2, exact cosine search", flush=True)
+        dense = evaluate_dense("minilm", [str(d) for d in beir])
         files = training_files(work)
+        print("[quality] supervised and distillation data by `colbertzero mine` and `colbertzero score`", flush=True)
+        derived, figures = derived_sources(work, beir)
         overlap = None
         for mode in modes:
             recipe_path = work / f"recipe-{mode}.yaml"
-            recipe_path.write_text(yaml.safe_dump(bench_recipe(work, files, beir, steps, mode), sort_keys=False))
+            recipe_path.write_text(yaml.safe_dump(bench_recipe(work, files, derived, beir, steps, mode),
+                                                  sort_keys=False))
             run_dir = work / f"run-{mode}"
             try:  # before the training copies are touched: they belong to the runs in there
                 Manifest.create(run_dir, load_recipe(recipe_path))
@@ -247,16 +317,19 @@ def main(argv: list[str] | None = None) -> int:
             if code != 0:
                 print(f"quality: the pipeline stopped (exit {code}); `colbertzero status {run_dir}`", file=sys.stderr)
                 return code
-            tables[mode] = ndcg_by_stage(run_dir)
+            t = ndcg_by_stage(run_dir)
+            tables[mode] = {ds: {"dense": 100 * dense["datasets"][ds]["ndcg@10"], **row} for ds, row in t.items()}
     stages = list(dict.fromkeys(s for t in tables.values() for row in t.values() for s in row))
     final = stages[-1]
     gain = {mode: {ds: row[final] - row["init"] for ds, row in t.items()} for mode, t in tables.items()}
+    vs_dense = {mode: {ds: row[final] - row["dense"] for ds, row in t.items()} for mode, t in tables.items()}
     mean_gain = {mode: sum(g.values()) / len(g) for mode, g in gain.items()}
     if args.json:
         print(json.dumps({
             "model": "builtin:minilm", "metric": "ndcg@10", "scale": "percent", "stages": stages, "modes": modes,
             "ndcg@10": tables, "gain_vs_init": gain, "beats_init": {m: g > 0 for m, g in mean_gain.items()},
-            "steps": dict(zip(FLAG_SOURCES, steps)), "overlap_removed": overlap,
+            "vs_dense": vs_dense, "beats_dense": {m: all(v > 0 for v in g.values()) for m, g in vs_dense.items()},
+            "steps": dict(zip(FLAG_SOURCES, steps)), "overlap_removed": overlap, "derived_data": figures,
             "run_dirs": {m: str(work / f"run-{m}") for m in modes}, "wall_s": round(time.time() - t0, 1),
         }, indent=2))
     else:
@@ -264,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{mode}: " + ("global-mean gradient" if mode == "mean" else "the scripts' gradient scale"))
             print(format_stages(t))
             print(f"final ({final}) vs init: " + ", ".join(f"{ds} {g:+.2f}" for ds, g in gain[mode].items()))
+            print(f"final ({final}) vs dense all-MiniLM-L6-v2: "
+                  + ", ".join(f"{ds} {g:+.2f}" for ds, g in vs_dense[mode].items()))
         print(f"\nrun dirs under {work}; {time.time() - t0:.0f} s")
     return 0 if all(g > 0 for g in mean_gain.values()) else 1
 
