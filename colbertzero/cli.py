@@ -265,7 +265,7 @@ def cmd_score(args) -> int:
 
     spec = ScoreSpec(input=args.input, teacher=args.teacher, docs_per_query=args.docs_per_query, sample=args.sample,
                      seed=args.seed, query_column=args.query_column, documents=args.documents,
-                     max_length=args.max_length)
+                     max_length=args.max_length, drop_short=args.drop_short)
     return _run_work(args, spec)
 
 
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--docs-per-query", type=_at_least(1), default=None, help="score the first K candidates")
     sp.add_argument("--sample", type=_at_least(1), default=None, help="score a seeded sample of N rows")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--drop-short", action="store_true",
+                    help="drop rows with fewer than --docs-per-query candidates (counted) instead of refusing")
     sp.set_defaults(fn=cmd_score)
 
     sp = sub.add_parser("train", help="run one phase in this process (one per GPU; started by srun/torchrun/submitit)")

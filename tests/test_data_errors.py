@@ -180,10 +180,18 @@ def test_uneven_negatives_fewest_by_default_refused_or_padded_on_request(shared_
     rows[6]["neg"] = rows[6]["neg"] + rows[7]["neg"][:3]  # 5 negatives: 2 beyond max_negatives=3
     path = write_jsonl(tmp_path / "few.jsonl", rows)
     src = {"path": str(path), "columns": {"positive": "pos", "negatives": "neg"}}
-    # the paper's script: per source, the fewest any row has (here 1), every other negative dropped and counted
-    s = prepare_recipe(recipe("supervised", minilm, tmp_path / "f", src, data={"max_negatives": 3}),
-                       progress=False)["p"]["src"]
     n_rows = len(rows)
+    # the paper's script: per source, the fewest any row has (here 1); that drops most negatives here, which is
+    # refused by default (data.max_drop_fraction 0.05) with the counts and the ways out
+    expect_refused(
+        recipe("supervised", minilm, tmp_path / "f", src, data={"max_negatives": 3}),
+        rf"source src: data.negatives fewest keeps 1 hard negative\(s\) a row and so drops {(n_rows - 1) * 2} of the "
+        rf"{1 + 3 * (n_rows - 1)} its rows hold within max_negatives .*above data.max_drop_fraction 0.05.*"
+        r"raise data.max_drop_fraction to accept it",
+    )
+    # accepted: every dropped negative counted in the index
+    s = prepare_recipe(recipe("supervised", minilm, tmp_path / "f", src,
+                              data={"max_negatives": 3, "max_drop_fraction": 1.0}), progress=False)["p"]["src"]
     assert s["n_docs"] == 2
     assert s["dropped"] == {"negatives": 2 + (n_rows - 1) * 2, "negatives_beyond_max_negatives": 2,
                             "negatives_beyond_kept": (n_rows - 1) * 2, "rows": 0}

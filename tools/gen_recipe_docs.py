@@ -122,6 +122,9 @@ MEANINGS: dict[str, str] = {
                       "refuses rows with fewer than the most any row has. Dropped negatives are counted."
                       " "
                           "them.",
+    "Data.max_drop_fraction": "Supervised: prepare refuses a source whose `negatives` policy drops more than this "
+                              "fraction of the negatives its rows hold within `max_negatives` (every drop is counted "
+                              "in the index, `plan` and the report either way).",
     "Data.docs_per_query": "Distillation: scored documents per query (teacher order, the first ones kept).",
     "Data.length_bucketing": "Group batches of similar document length (less padding), shuffled within windows.",
     "Data.epochs": "Passes over the data (fractions allowed).",
@@ -146,7 +149,7 @@ MEANINGS: dict[str, str] = {
     "Cadence.log_every": "Steps between lines of `logs/train.jsonl`.",
     "Cadence.save_every": "Steps between checkpoints; must fit well inside the time limit (`validate` checks).",
     "Cadence.eval_every": "Steps between in-training evaluations of the current weights on `eval.in_training` "
-                          "(rank 0; `logs/eval.jsonl`, TensorBoard, the manifest's `in_training_eval`).",
+                          "(`eval.where`; `logs/eval.jsonl`, TensorBoard, the manifest's `in_training_eval`).",
     "Cadence.keep_last": "Checkpoints kept on disk per phase.",
     # Resources
     "Resources.nodes": "Nodes of the phase's job.",
@@ -183,8 +186,31 @@ MEANINGS: dict[str, str] = {
     # Eval
     "Eval.beir": "BEIR-layout or NanoBEIR-parquet folders evaluated after the phase (nDCG@10, MRR@10, R@100, "
                  "MAP@100).",
-    "Eval.in_training": "Small sets scored every `cadence.eval_every` steps (NanoBEIR-sized: the other ranks "
-                        "wait meanwhile).",
+    "Eval.in_training": "Small sets scored every `cadence.eval_every` steps.",
+    "Eval.where": "`job`: rank 0 saves the weights and `colbertzero eval-job` scores them in its own Slurm job (or a "
+                  "background process locally) while training goes on; `inline`: rank 0 scores them in the "
+                  "training process while the other ranks wait.",
+    "Eval.job": "Resources of the evaluation job (`eval.where: job`).",
+    "EvalJob.partition": "Partition of the evaluation job; null = the cluster's default.",
+    "EvalJob.gpus": "GPUs of the evaluation job; null = 1 when the phase runs on GPUs, else 0.",
+    "EvalJob.cpus_per_task": "CPU cores of the evaluation job.",
+    "EvalJob.time_limit": "Time limit of the evaluation job.",
+    "EvalJob.mem": "Memory of the evaluation job; null = the partition's default.",
+    # DeriveStep
+    "Recipe.derive": "`colbertzero mine` / `score` runs the phases' data comes from, in order, before prepare "
+                     "(docs/own-data.md); each skipped once its output is complete.",
+    "DeriveStep.name": "Name of the step (its Slurm job is `cz-<recipe>-derive-<name>-…`).",
+    "DeriveStep.kind": "`mine` (hard negatives → the supervised layout) or `score` (teacher scores → the "
+                       "distillation layout).",
+    "DeriveStep.out": "Output folder; the phases' sources point inside it.",
+    "DeriveStep.args": "The command's settings by name (`input`, `name`, `retriever`, `teacher`, `margin`, "
+                       "`docs_per_query`, …; `validate` checks the names).",
+    "DeriveStep.shards": "Query ranges, one Slurm array task each; the last task to finish merges.",
+    "DeriveStep.partition": "Partition of the array; null = the cluster's default.",
+    "DeriveStep.time_limit": "Time limit of each array task.",
+    "DeriveStep.cpus_per_task": "CPU cores per array task.",
+    "DeriveStep.gpus": "GPUs per array task (a model retriever or teacher).",
+    "DeriveStep.mem": "Memory per array task; null = the partition's default.",
     "Eval.max_corpus": "Subsample each corpus to this many documents, keeping every judged one.",
     "Eval.batch_size": "Encoding batch size of the evaluation.",
     # Reference

@@ -63,6 +63,7 @@ class SourcePlan:
     docs_per_query: int
     dtype: str
     tables: dict[str, TablePlan] = field(default_factory=dict)
+    max_drop_fraction: float = 1.0
 
     def jobs(self) -> list["Job"]:
         out = [Job(self, "rows", k, r, self.folder / S.shard_name(k)) for k, r in enumerate(self.input.ranges)]
@@ -198,6 +199,7 @@ def plan_source(recipe, phase_name: str, i: int, tok: PhaseTokenizer, tok_key: s
         phase_name, src.name, phase.kind, where, folder, inp, cols, tok_key, tok.identity(), settings, key,
         shape["max_negatives"], data.negatives, data.docs_per_query, np.dtype(tok.dtype).name,
     )
+    plan.max_drop_fraction = data.max_drop_fraction
     if phase.kind == "distillation":
         _plan_tables(plan, src, data.rows_per_shard)
     return plan
@@ -307,6 +309,14 @@ def _negatives_kept(plan: SourcePlan, hist: np.ndarray, metas: list[dict]) -> tu
             raise DataError(f"{where}: {w0}: a row without hard negatives cannot be padded; set data.negatives: "
                             "fewest, or drop the row; nothing was marked prepared")
     beyond_kept = int(sum(hist[c] * (c - n_neg) for c in range(n_neg + 1, len(hist))))
+    within = int(sum(hist[c] * c for c in range(len(hist))))
+    if within and beyond_kept / within > plan.max_drop_fraction:
+        raise DataError(
+            f"{where}: data.negatives {plan.negatives} keeps {n_neg} hard negative(s) a row and so drops "
+            f"{beyond_kept:,} of the {within:,} its rows hold within max_negatives ({beyond_kept / within:.1%}), above "
+            f"data.max_drop_fraction {plan.max_drop_fraction:g}; rows per negative count: "
+            f"{ {c: int(hist[c]) for c in present} }. Set data.negatives: pad, drop the short rows from the input, "
+            "or raise data.max_drop_fraction to accept it; nothing was marked prepared")
     return n_neg, {"negatives": int(beyond_max + beyond_kept), "negatives_beyond_max_negatives": int(beyond_max),
                    "negatives_beyond_kept": beyond_kept, "rows": 0}
 

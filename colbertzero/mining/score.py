@@ -45,6 +45,7 @@ class ScoreSpec:
     query_column: str = "query"
     documents: str = "document,negative"
     max_length: int | None = None
+    drop_short: bool = False  # rows with fewer than docs_per_query candidates: dropped (and counted), else refused
 
     def __post_init__(self):  # a bad model or input is refused before any work starts
         object.__setattr__(self, "input", resolve_input(self.input, "score input"))
@@ -69,23 +70,24 @@ def selected_rows(n: int, spec: ScoreSpec) -> list[int]:
 
 
 def _read(spec: ScoreSpec):
+    """(queries, candidates, the rows short of docs_per_query); a short row is None with drop_short, else refused."""
     cols = [c.strip() for c in spec.documents.split(",") if c.strip()]
     queries, cands = read_pairs(spec.input, spec.query_column, cols, f"score input {spec.input}")
+    short = [i for i, c in enumerate(cands) if spec.docs_per_query and len(c) < spec.docs_per_query]
+    if short and not spec.drop_short:
+        raise DataError(f"score input {spec.input}: row {short[0]} has {len(cands[short[0]])} candidates, "
+                        f"--docs-per-query is {spec.docs_per_query} ({len(short)} row(s) short); lower "
+                        f"--docs-per-query, mine more negatives, or --drop-short (counted in stats.json)")
     if spec.docs_per_query:
-        short = [i for i, c in enumerate(cands) if len(c) < spec.docs_per_query]
-        if short:
-            raise DataError(f"score input {spec.input}: row {short[0]} has {len(cands[short[0]])} candidates, "
-                            f"--docs-per-query is {spec.docs_per_query} ({len(short)} row(s) short); lower "
-                            f"--docs-per-query or mine more negatives")
-        cands = [c[: spec.docs_per_query] for c in cands]
-    return queries, cands
+        cands = [c[: spec.docs_per_query] if len(c) >= spec.docs_per_query else None for c in cands]
+    return queries, cands, short
 
 
 def score_shard(spec: ScoreSpec, work: Work, shard: int, show_progress: bool = True) -> None:
     if work.part(shard).is_file():
         return
-    queries, cands = _read(spec)
-    rows = selected_rows(len(queries), spec)
+    queries, cands, _ = _read(spec)
+    rows = [i for i in selected_rows(len(queries), spec) if cands[i] is not None]
     lo, hi = shard_range(len(rows), shard, work.shards)
     teacher = Model(ModelSpec.parse(spec.teacher, "--teacher"), max_length=spec.max_length)
     idf = sorted({d for c in cands for d in c}) if teacher.spec.kind == "bm25" else None
@@ -109,6 +111,10 @@ def score_shard(spec: ScoreSpec, work: Work, shard: int, show_progress: bool = T
 
 
 def write_scored(spec: ScoreSpec, work: Work) -> Path:
+    queries, _, short = _read(spec)
+    selected = set(selected_rows(len(queries), spec))
+    dropped = sum(1 for i in short if i in selected)
+
     def write(table: pa.Table, tmp: Path) -> None:
         docs = table.column("documents").to_pylist()
         ids = [[document_id(d) for d in ds] for ds in docs]
@@ -130,6 +136,7 @@ def write_scored(spec: ScoreSpec, work: Work) -> Path:
             f"{table.num_rows} queries, {len(distinct)} documents.\nLayout of lightonai/ms-marco-en-bge-gemma: "
             "train (query_id, document_ids, scores), queries (query_id, text), documents (document_id, text).\n")
         (tmp / "stats.json").write_text(json.dumps({"queries": table.num_rows, "documents": len(distinct),
-                                                    "mean_first_score": mean_top}, indent=2) + "\n")
+                                                    "rows_short_dropped": dropped, "mean_first_score": mean_top},
+                                                   indent=2) + "\n")
 
     return work.merge(write)

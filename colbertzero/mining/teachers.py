@@ -23,6 +23,7 @@ import numpy as np
 KINDS = ("bm25", "dense", "colbert", "cross-encoder")
 BM25_PARAMS = {"k1": 0.9, "b": 0.4}  # the usual setting for short passages
 _DENSE_BLOCK = 4096  # corpus rows per matrix product when ranking: bounds memory at queries × block floats
+_MEMO_MAX = 1 << 20  # texts whose dense vectors a scorer keeps: candidates recur across query batches
 
 
 class TeacherError(ValueError):
@@ -85,6 +86,7 @@ class Model:
         self.spec, self.batch_size, self.device = spec, batch_size, device
         self._model = None
         self.max_length = max_length
+        self._memo: dict[str, np.ndarray] = {}
 
     @property
     def model(self):
@@ -187,11 +189,15 @@ class Model:
                               dtype=np.float64).reshape(-1)
             return _unflatten(flat, candidates)
         texts = sorted(set(queries) | {d for ds in candidates for d in ds})
-        row = {t: i for i, t in enumerate(texts)}
         if kind == "dense":
-            # queries and documents are encoded alike (no prompts): one pass over the distinct texts
-            emb = self._dense(texts)
-            return [[float(emb[row[q]] @ emb[row[d]]) for d in ds] for q, ds in zip(queries, candidates)]
+            # queries and documents are encoded alike (no prompts): each distinct text once, remembered
+            new = [t for t in texts if t not in self._memo]
+            if len(self._memo) + len(new) > _MEMO_MAX:
+                self._memo.clear()
+                new = texts
+            self._memo.update(zip(new, self._dense(new)) if new else [])
+            emb = self._memo
+            return [[float(emb[q] @ emb[d]) for d in ds] for q, ds in zip(queries, candidates)]
         return self._colbert_score(queries, candidates)
 
     def _colbert_score(self, queries, candidates):

@@ -98,6 +98,9 @@ class Data(_Strict):
     # supervised, per source: keep the fewest negatives any row has (the paper's script), pad short rows with their
     # own negatives, or refuse rows with fewer than the most any row has; every negative dropped is counted
     negatives: Literal["fewest", "pad", "refuse"] = "fewest"
+    # supervised: prepare refuses a source whose policy drops more than this fraction of the negatives its rows hold
+    # within max_negatives (what max_negatives itself cuts is the recipe's choice, counted but not held against it)
+    max_drop_fraction: float = Field(default=0.05, ge=0, le=1)
     docs_per_query: int = Field(default=32, gt=0)  # distillation: scored documents per query
     length_bucketing: bool = False
     epochs: float = Field(default=1.0, gt=0)

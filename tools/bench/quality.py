@@ -183,7 +183,7 @@ def derived_sources(work: Path, beir: list[Path]) -> tuple[dict, dict]:
     mined = run_shards(MineSpec(input=str(pairs), name="passages", retriever="minilm", negatives=7, depth=30,
                                 teacher="minilm", margin=PASSAGE_MARGIN), work / "derived" / "passages-mined",
                        show_progress=False)
-    scored = run_shards(ScoreSpec(input=mined["out"], teacher="minilm", docs_per_query=8),
+    scored = run_shards(ScoreSpec(input=mined["out"], teacher="minilm", docs_per_query=8, drop_short=True),
                         work / "derived" / "passages-scored", show_progress=False)
     figures.update({"mine/passages": mined["stats"], "score/passages": scored["stats"]})
     demo = derive_demo_data(build_demo_data(work / "demo-data"), work / "derived" / "pydocs", log=lambda _: None)
