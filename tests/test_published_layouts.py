@@ -4,6 +4,7 @@ list columns stored as text, a damaged shard named in the refusal."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,3 +90,103 @@ def test_a_damaged_shard_is_named(minilm, flag_examples, tmp_path):
     r = _recipe(minilm, "unsupervised", {"name": "m", "path": str(data / "nosuch-*.parquet")}, tmp_path / "shards")
     with pytest.raises(DataError, match="matches no file"):
         prepare_recipe(r, progress=False)
+
+
+# ---------------------------------------------------------------- Hub snapshot folders, through their config map
+def _front_matter(configs: dict[str, dict[str, str]]) -> str:
+    """README.md front matter as the Hub's dataset cards write it: configs → data_files per split."""
+    out = "---\nconfigs:\n"
+    for name, splits in configs.items():
+        out += f"- config_name: {name}\n  data_files:\n"
+        out += "".join(f"  - split: {s}\n    path: {p}\n" for s, p in splits.items())
+    return out + "---\n# a dataset card\n"
+
+
+def _kd_snapshot(root: Path, flag_examples: list[dict]) -> list[dict]:
+    """lightonai/ms-marco-en-bge-gemma's layout: configs train / queries / documents, each <config>/train-*.parquet,
+    ids as integers, scores stored as text (as some of its files do)."""
+    docs: dict[str, int] = {}
+    rows = []
+    for qid, r in enumerate(flag_examples[:12]):
+        texts = r["pos"] + r["neg"][:5]
+        ids = [docs.setdefault(t, len(docs)) for t in texts]
+        rows.append({"query_id": qid, "document_ids": ids, "scores": str(r["pos_scores"] + r["neg_scores"][:5]),
+                     "query": r["query"], "texts": texts})
+    tables = {
+        "train": pa.table({"query_id": [r["query_id"] for r in rows], "document_ids": [r["document_ids"] for r in rows],
+                           "scores": [r["scores"] for r in rows]}),
+        "queries": pa.table({"query_id": [r["query_id"] for r in rows], "text": [r["query"] for r in rows]}),
+        "documents": pa.table({"document_id": list(docs.values()), "text": list(docs)}),
+    }
+    for name, t in tables.items():
+        (root / name).mkdir(parents=True)
+        pq.write_table(t, root / name / "train-00000-of-00001.parquet")
+    (root / "README.md").write_text(_front_matter({c: {"train": f"{c}/train-*"} for c in tables}))
+    return rows
+
+
+def test_hub_snapshot_folders_are_read_through_their_config_map(minilm, flag_examples, tmp_path):
+    rows = [{"query": r["query"], "document": r["pos"][0]} for r in flag_examples]
+    snap = tmp_path / "unsup"
+    _unsupervised_snapshot(snap, rows, "msmarco", shards=3)
+    _unsupervised_snapshot(snap, rows[:5], "nq", shards=1)
+    (snap / "README.md").write_text(_front_matter({"default": {"msmarco": "data/msmarco-*", "nq": "data/nq-*"}}))
+    hub = {"path": {"repo": "nomic-ai/nomic-embed-unsupervised-data", "split": "nq"}}
+    r = _recipe(minilm, "unsupervised", {"name": "nq", "path": str(snap), "hub": hub}, tmp_path / "s1")
+    assert prepare_recipe(r, progress=False)["p"]["nq"]["rows"] == 5  # the one split the config map names
+
+    # a split the snapshot lacks, a config it lacks, no split named among several: refused, naming what there is
+    for hub_path, message in (({"split": "paq"}, r"has no split 'paq'; its splits are \['msmarco', 'nq'\]"),
+                              ({"config": "other", "split": "nq"}, r"config 'other'"),
+                              ({}, r"has splits \['msmarco', 'nq'\]; name one")):
+        bad = _recipe(minilm, "unsupervised", {"name": "x", "path": str(snap),
+                                               "hub": {"path": {"repo": "r/x", **hub_path}}}, tmp_path / "s2")
+        with pytest.raises(DataError, match=message):
+            prepare_recipe(bad, progress=False)
+        assert not (tmp_path / "s2" / "x" / "index.json").exists()
+
+    # the distillation layout: three configs of one snapshot, ids resolved, scores stored as text parsed
+    kd = tmp_path / "kd"
+    kd_rows = _kd_snapshot(kd, flag_examples)
+    repo = "lightonai/ms-marco-en-bge-gemma"
+    src = {"name": "gemma", "path": str(kd), "queries_path": str(kd), "documents_path": str(kd),
+           "hub": {f: {"repo": repo, "config": c, "split": "train"}
+                   for f, c in (("path", "train"), ("queries_path", "queries"), ("documents_path", "documents"))}}
+    r = _recipe(minilm, "distillation", src, tmp_path / "s3", docs_per_query=6)
+    assert prepare_recipe(r, progress=False)["p"]["gemma"]["rows"] == 12
+    b = next(iter(GlobalBatchLoader(r, "p", 0, 1)))
+    want = torch.tensor([json.loads(kd_rows[int(i)]["scores"]) for i in b.row_ids], dtype=torch.float32)
+    assert torch.equal(b.scores.float(), want)
+    # tokens as PyLate's ColBERTCollator makes them from the same texts
+    import pylate
+
+    ph = r.phase("p")
+    model = pylate.models.ColBERT(minilm, device="cpu", query_length=ph.effective_query_length,
+                                  document_length=ph.effective_document_length)
+    collator = pylate.utils.ColBERTCollator(tokenize_fn=model.tokenize, prompts={
+        "query": ph.prompts.query, "documents": ph.prompts.document})
+    ref = collator([{"query": kd_rows[int(i)]["query"], "documents": kd_rows[int(i)]["texts"]} for i in b.row_ids])
+    n = ref["query_input_ids"].shape[1]
+    assert torch.equal(b.queries["input_ids"][:, :n], ref["query_input_ids"])
+    d = ref["documents_input_ids"]
+    ours = b.documents["input_ids"]
+    width = min(ours.shape[1], d.shape[1])
+    mask = b.documents["attention_mask"].bool()
+    assert torch.equal(ours[:, :width][mask[:, :width]], d.view(-1, d.shape[-1])[:, :width][mask[:, :width]])
+
+    # the same snapshot as huggingface_hub's cache keeps it (symlinks into blobs/): the same rows
+    cache = tmp_path / "hf" / "datasets--lightonai--ms-marco-en-bge-gemma"
+    snap_dir = cache / "snapshots" / ("c" * 40)
+    (cache / "blobs").mkdir(parents=True)
+    for f in sorted(kd.rglob("*")):
+        if f.is_file():
+            blob = cache / "blobs" / f"{f.parent.name}-{f.name}"
+            blob.write_bytes(f.read_bytes())
+            link = snap_dir / f.relative_to(kd)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    src_cache = dict(src, path=str(snap_dir), queries_path=str(snap_dir), documents_path=str(snap_dir))
+    r2 = _recipe(minilm, "distillation", src_cache, tmp_path / "s4", docs_per_query=6)
+    assert prepare_recipe(r2, progress=False)["p"]["gemma"]["rows"] == 12
+    b2 = next(iter(GlobalBatchLoader(r2, "p", 0, 1)))
+    assert torch.equal(b2.scores, b.scores) and torch.equal(b2.documents["input_ids"], b.documents["input_ids"])

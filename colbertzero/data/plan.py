@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from colbertzero.data import shards as S
+from colbertzero.data import snapshot
 from colbertzero.data.shards import DataError
 from colbertzero.data.sources import (
     TABLE_ID_DEFAULTS,
@@ -140,6 +141,7 @@ def _plan_tables(plan: SourcePlan, src, rows_per_shard: int) -> None:
         if not p:
             continue
         tw = f"{plan.where} {t}_path"
+        p = snapshot.resolve(p, (src.hub or {}).get(f"{t}_path"), work, tw)
         inp = scan_input(p, "auto", rows_per_shard, None, tw, work / f"{t}.scan.json")
         names = schema_names(Path(inp.path), inp.format, tw)
         if names is None:  # JSONL: the first row's keys
@@ -167,7 +169,8 @@ def plan_source(recipe, phase_name: str, i: int, tok: PhaseTokenizer, tok_key: s
     where = f"phases.{phase_name}.data.sources[{i}] ({src.name})"
     folder = Path(data.shards_dir) / src.name
     cols = resolve_columns(phase.kind, src, where)
-    inp = scan_input(src.path, src.format, data.rows_per_shard, src.max_rows, where, folder / S.WORK / "rows.scan.json")
+    path = snapshot.resolve(src.path, (src.hub or {}).get("path"), folder / S.WORK, where)
+    inp = scan_input(path, src.format, data.rows_per_shard, src.max_rows, where, folder / S.WORK / "rows.scan.json")
     names = schema_names(Path(inp.path), inp.format, where)
     if names is not None:  # JSONL is checked row by row by the workers (keys may differ per line)
         for role, cs in cols.items():
