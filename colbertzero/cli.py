@@ -144,6 +144,13 @@ def cmd_prepare(args) -> int:
     )
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
+    elif args.verify:
+        for phase, sources in summary.items():
+            for name, s in sources.items():
+                v = s.get("verify") or {}
+                bad = v.get("altered_rebuilt") or []
+                print(f"{phase}/{name}: {v.get('hashed', 0)} shard(s) hashed, {len(bad)} altered and rebuilt"
+                      + "".join(f"\n  rebuilt {b}" for b in bad))
     return 0
 
 

@@ -278,12 +278,19 @@ def test_altered_shard(prepared):
     data[-40] ^= 0xFF
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the full hash can tell
-    GlobalBatchLoader(r, "p")  # the fast check passes
+    loader = GlobalBatchLoader(r, "p")  # the fast check passes
+    # what each training rank hashes before the first step (its share of the shards): only shard 2's owner sees it
+    assert [len(loader.verify_share(k, 2)) for k in range(2)] == [1, 0]
+    assert "shard-00002.arrow: sha256 differs" in loader.verify_share(0, 2)[0]
     with pytest.raises(DataError, match=r"shard-00002.arrow: sha256 differs"):
         GlobalBatchLoader(r, "p", verify_hashes=True)
     os.utime(shard)  # a copy without preserved times: the moved mtime triggers the full hash by itself
     with pytest.raises(DataError, match=r"shard-00002.arrow: sha256 differs"):
         GlobalBatchLoader(r, "p")
+    # prepare --verify says what it found and rebuilt
+    v = prepare_recipe(r, verify=True, progress=False)["p"]["src"]["verify"]
+    assert v["altered_rebuilt"] == [str(shard)] and v["hashed"] >= 3
+    assert GlobalBatchLoader(r, "p").verify_share(0, 1) == []
 
 
 def test_settings_differ(prepared, minilm):

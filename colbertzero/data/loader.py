@@ -287,6 +287,10 @@ class GlobalBatchLoader:
         self._window: tuple[tuple[int, int, int], np.ndarray, np.ndarray] | None = None
         self.step = 0
 
+    def verify_share(self, share: int, shares: int) -> list[str]:
+        """Hash this share of every source's shards (see shards.hash_share); the problems found."""
+        return [p for s, ix in zip(self.sources, self._indexes) for p in S.hash_share(s.folder, ix, share, shares)]
+
     # ---------------------------------------------------------------- checks
     @staticmethod
     def _tokenizer(recipe, phase_name, tokenizer, settings) -> PhaseTokenizer:

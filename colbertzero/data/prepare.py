@@ -246,6 +246,7 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
     pending: list[Job] = []
     counts: dict[int, list[int]] = {}
     done: set[int] = set()
+    altered: dict[int, list[str]] = {}  # with verify: shards whose bytes no longer match their sidecar
     for k, plan in enumerate(plans):
         ip = S.index_path(plan.folder)
         if ip.is_file():
@@ -267,6 +268,8 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
             if S.finished_meta(job.out, plan.key, full_hash=verify) is not None:
                 counts[k][1] += 1
             else:
+                if verify and S.finished_meta(job.out, plan.key) is not None:  # whole and current, bytes changed
+                    altered.setdefault(k, []).append(str(job.out))
                 S.remove_shard(job.out)  # other settings, damaged, or half a shard: redo it
                 pending.append(job)
     metas = _run(pending, tokenizers, workers, progress)
@@ -288,6 +291,9 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
         else:
             status = "shards done, index pending"
         summary.setdefault(plan.phase, {})[plan.name] = _summary(plan, *counts[k], status, index)
+        if verify:
+            bad = altered.get(k, [])
+            summary[plan.phase][plan.name]["verify"] = {"hashed": counts[k][1] + len(bad), "altered_rebuilt": bad}
         wall, cpu = busy.get(k, (0.0, 0.0))
         summary[plan.phase][plan.name].update(worker_seconds=round(wall, 3), worker_cpu_seconds=round(cpu, 3))
     return summary

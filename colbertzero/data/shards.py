@@ -164,3 +164,21 @@ def verify_shards(folder: Path, index: dict, full: bool = False) -> dict[str, in
                     "re-run `colbertzero prepare --verify` to rebuild it"
                 )
     return {"checked": len(entries), "hashed": hashed}
+
+
+def hash_share(folder: Path, index: dict, share: int, shares: int) -> list[str]:
+    """sha256 of this share's shards (every ``shares``-th, from ``share``) against the index; the problems found,
+    not raised: the ranks of a phase hash one share each and then agree (a rank that raised alone would leave the
+    others waiting in a collective)."""
+    problems = []
+    for k, (rel, e) in enumerate(shard_entries(index)):
+        if k % shares != share:
+            continue
+        path = Path(folder) / rel
+        try:
+            if sha256_file(path) != e["sha256"]:
+                problems.append(f"{path}: sha256 differs from {index_path(Path(folder))}: the shard was altered; "
+                                "re-run `colbertzero prepare --verify` to rebuild it")
+        except OSError as err:
+            problems.append(f"{path}: unreadable ({err}); re-run `colbertzero prepare`")
+    return problems

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .. import ledger
 from ..data.hub import fetched_revisions
 from ..data.loader import GlobalBatchLoader
+from ..data.shards import DataError
 from ..evaluate import evaluate
 from ..files import atomic_write_json, now_iso, sha256_file, sha256_tree
 from ..manifest import Manifest, resolve_init
@@ -124,6 +125,10 @@ class PhaseRun:
         module = ColBERTForTraining.for_phase(colbert, phase)
         self.flops = FlopCounter(colbert, phase, rt.world_size)  # before ZeRO-3 partitions the parameters
         self.loader = GlobalBatchLoader(self.recipe, self.phase_name, rt.rank, rt.world_size)
+        # every shard's sha256 before training reads it: each rank hashes its share, then all agree
+        problems = [p for ps in dist.all_gather_objects(self.loader.verify_share(rt.rank, rt.world_size)) for p in ps]
+        if problems:
+            raise DataError(f"{len(problems)} shard(s) do not match their index: " + "; ".join(problems[:3]))
         self.total = self.loader.total_steps
         self.engine, _, _ = build_engine(module, phase, self.total, runtime=rt)
         self.checkpointer = Checkpointer(self.engine, self.manifest, self.phase_name, phase.cadence)

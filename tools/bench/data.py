@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         res["ratio_padded_tokens_vs_pylate"] = round(
             res["loader_padded_tokens_per_s"] / res["pylate_padded_tokens_per_s"], 1
         )
+        # ---- integrity: the sha256 of every shard a phase's ranks check before the first step (one rank here,
+        # all shards), against the loader's own time to serve those rows once
+        t0 = time.perf_counter()
+        assert loader.verify_share(0, 1) == []
+        res["hash_all_shards_s"] = round(time.perf_counter() - t0, 3)
+        res["loader_epoch_s"] = round(loader.sources[0].rows / res["loader_pairs_per_s"], 3)
+        res["hash_cost_vs_loader_epoch"] = round(res["hash_all_shards_s"] / res["loader_epoch_s"], 4)
 
         # ---- memory: 1× vs 10× source, fresh processes
         _synthetic_copy(tmp / "shards/msmarco", tmp / "shards10/msmarco", 10)
@@ -282,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{res['prepare_pairs_per_s_per_process_2w']:,.0f} each with 2 (inside the workers; per CPU-second: "
         f"{res['prepare_pairs_per_cpu_s_1w']:,.0f} and {res['prepare_pairs_per_cpu_s_2w']:,.0f})"
     )
+    print(f"  integrity: sha256 of every shard {res['hash_all_shards_s']:.3f} s = "
+          f"{100 * res['hash_cost_vs_loader_epoch']:.2f}% of the loader's epoch ({res['loader_epoch_s']:.3f} s, one "
+          "rank; each rank hashes 1/world of the shards)")
     for k, v in res["rss"].items():
         print(
             f"  RSS {k:<15} rows {v['rows']:>7}, {v['steps']:>4} steps: anon {v['after']['rss_anon_mb']:>6} MB, "
