@@ -318,8 +318,8 @@ def _negatives_kept(plan: SourcePlan, hist: np.ndarray, metas: list[dict]) -> tu
             f"{where}: data.negatives {plan.negatives} keeps {n_neg} hard negative(s) a row and so drops "
             f"{beyond_kept:,} of the {within:,} its rows hold within max_negatives ({beyond_kept / within:.1%}), above "
             f"data.max_drop_fraction {plan.max_drop_fraction:g}; rows per negative count: "
-            f"{ {c: int(hist[c]) for c in present} }. Set data.negatives: pad, drop the short rows from the input, "
-            "or raise data.max_drop_fraction to accept it; nothing was marked prepared")
+            f"{ {int(c): int(hist[c]) for c in present} }. Set data.negatives: pad, drop the short rows from the "
+            "input, or raise data.max_drop_fraction to accept it; nothing was marked prepared")
     return n_neg, {"negatives": int(beyond_max + beyond_kept), "negatives_beyond_max_negatives": int(beyond_max),
                    "negatives_beyond_kept": beyond_kept, "rows": 0}
 
