@@ -165,6 +165,7 @@ def save_checkpoint(
     def prepare():
         root.mkdir(parents=True, exist_ok=True)
         clean_stale(root)  # no other writer can be active: a phase runs as one job
+        _check_space(root, engine, manifest, phase_name, step)
         tmp.mkdir()
 
     dist.rank0_outcome(prepare, f"preparing {tmp}", CheckpointError)
@@ -218,6 +219,26 @@ def save_checkpoint(
         return str(final)
 
     return Path(dist.rank0_outcome(commit, f"committing checkpoint {final}", CheckpointError))
+
+
+def _check_space(root: Path, engine, manifest: Manifest, phase_name: str, step: int) -> None:
+    """Refuse, before a byte is written, a save the file system has no room for: a write that fails half-way is
+    reported by torch as an iostream error on one rank while the others wait in a collective. The need is the
+    newest checkpoint's size, or (the first save) 16 bytes a parameter: fp32 weights, master copy, Adam's two
+    moments."""
+    done = [c for c in manifest.phase(phase_name)["checkpoints"] if (manifest.run_dir / c["path"]).is_dir()]
+    if done:
+        folder = manifest.run_dir / done[-1]["path"]
+        need = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    else:
+        need = 16 * sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    free = shutil.disk_usage(root).free
+    if free < need * 1.05:
+        last = f"step {done[-1]['step']}" if done else "none yet"
+        raise CheckpointError(
+            f"not enough space left on the device for the checkpoint of step {step}: {root} has {free / 2**20:,.0f} "
+            f"MB free, a checkpoint takes ~{need / 2**20:,.0f} MB. Free space (or lower cadence.keep_last, or move "
+            f"the run dir), then resume; the newest complete checkpoint ({last}) is untouched")
 
 
 def _to_json(obj: Any, what: str) -> str:
