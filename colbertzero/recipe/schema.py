@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -222,22 +222,30 @@ class DeepSpeedCfg(_Strict):
     offload_params: bool = False  # ZeRO-3 only
 
 
-class EvalJob(_Strict):
-    """The job (Slurm) or background process (local) that scores an in-training export off the training ranks."""
+class _HelperJob(_Strict):
+    """Resources of a one-task helper job (an evaluation, a derive step's array task); its strings reach #SBATCH
+    lines, so they follow the rule for those."""
 
+    _where: ClassVar[str] = ""
     partition: str | None = None  # None: the cluster's default partition
-    gpus: int | None = Field(default=None, ge=0)  # None: 1 when the phase runs on GPUs, else 0
-    cpus_per_task: int = Field(default=8, gt=0)
     time_limit: str = "1:00:00"
+    cpus_per_task: int = Field(default=8, gt=0)
     mem: str | None = None
 
     @field_validator("partition", "time_limit", "mem")
     @classmethod
     def _strings(cls, v, info):
-        no_control_characters(v, f"eval.job.{info.field_name}")
+        no_control_characters(v, f"{cls._where}.{info.field_name}")
         if info.field_name == "time_limit":
             parse_time_limit(v)
         return v
+
+
+class EvalJob(_HelperJob):
+    """The job (Slurm) or background process (local) that scores an in-training export off the training ranks."""
+
+    _where: ClassVar[str] = "eval.job"
+    gpus: int | None = Field(default=None, ge=0)  # None: 1 when the phase runs on GPUs, else 0
 
 
 class Eval(_Strict):
@@ -349,33 +357,23 @@ class Model(_Strict):
         return self
 
 
-class DeriveStep(_Strict):
+class DeriveStep(_HelperJob):
     """A `colbertzero mine` or `score` run the phases' data comes from (docs/own-data.md): run before prepare (local)
     or submitted as an array ahead of it (Slurm); skipped once its output is complete."""
 
+    _where: ClassVar[str] = "derive"
     name: str
     kind: Literal["mine", "score"]
     out: str
     args: dict[str, Any]  # the command's settings by field name: input, name, retriever, teacher, margin, …
     shards: int = Field(default=1, gt=0)  # query ranges: Slurm array tasks
-    partition: str | None = None
     time_limit: str = "04:00:00"
-    cpus_per_task: int = Field(default=8, gt=0)
     gpus: int = Field(default=0, ge=0)
-    mem: str | None = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return safe_name(v, "derive step name")
-
-    @field_validator("partition", "time_limit", "mem")
-    @classmethod
-    def _strings(cls, v, info):
-        no_control_characters(v, f"derive.{info.field_name}")
-        if info.field_name == "time_limit":
-            parse_time_limit(v)
-        return v
 
 
 class Recipe(_Strict):
