@@ -514,3 +514,33 @@ def test_python_api_launches_waits_and_reports(runs):
     assert ColBERT(out["exports"]["unsupervised"], device="cpu").query_prefix == "[Q] "
     assert out["report"].is_file() and "unsupervised" in out["report"].read_text()
     assert out["resumed"].returncode == 0 and out["resumed"].jobs == {}
+
+
+def test_preemption_by_the_urgent_partition_requeues_and_the_ledger_counts_both_attempts(runs):
+    """Slurm's own preemption, last (an urgent job wanting both nodes preempts every job on them, so it waits for the
+    scenarios): the victim gets its signal, checkpoints, is requeued by Slurm, and resumes from that checkpoint."""
+    for s in runs["scenarios"].values():
+        s.join(WAIT_S)
+    root = runs["root"]
+    recipe = write_recipe(root, "lt-preempt", root / "shards", {"supervised": None, "distillation": None,
+                                                                "unsupervised": UNSUPERVISED})
+    run = root / "run-preempt"
+    _launch(recipe, run)
+    job = job_of(run)
+    at = wait(lambda: (s := logged_step(run)) >= 25 and s, "25 steps (a checkpoint at 20)")
+    urgent = run_cmd("sbatch", "--parsable", "-p", "urgent", "-N2", "--exclusive", "-o", "/dev/null",
+                     "--wrap", "sleep 1")
+    wait(lambda: (queued(job) or ("",))[0] == "PENDING" or not queued(job), "the preempted job to be requeued")
+    wait(lambda: queued(urgent) is None, "the urgent job to run and end")
+    resumed = cz("resume", run)  # releases the job Slurm holds after a requeue
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    until_ended(run)
+    p = record(run)
+    assert p["state"] == "done", logs(run)
+    first, second = p["attempts"][:2]
+    assert first["exit_state"] == "requeue" and first["step_end"] >= at  # it stopped after the preemptor came
+    assert second["step_start"] == first["step_end"] and p["attempts"][-1]["exit_state"] == "completed"
+    assert p["checkpoints"] and all(a["gpu_hours"] > 0 and a["elapsed_s"] > 0 for a in p["attempts"])
+    runs_of_job = sacct_runs(job)
+    assert len(runs_of_job) == len(p["attempts"]) >= 2 and runs_of_job[-1] == "COMPLETED", runs_of_job
+    assert sacct_runs(urgent) == ["COMPLETED"]
