@@ -107,6 +107,14 @@ def cmd_validate(args) -> int:
         _print_findings(errs)
         _print_findings(warns)
         return Exit.REFUSED
+    if not (args.no_path_checks or args.no_hashes):
+        bad, hashed = preflight.shard_hashes(recipe, progress=sys.stderr.isatty())
+        if bad:
+            print(f"{args.recipe}: refused: {len(bad)} prepared shard(s) do not match their index", file=sys.stderr)
+            _print_findings(bad)
+            return Exit.REFUSED
+        if hashed["shards"]:
+            print(f"shards: {hashed['shards']} hashed ({hashed['bytes'] / 1e9:.2f} GB), all match their indexes")
     _print_findings(warns)
     print(f"{args.recipe}: ok ({len(recipe.phases)} phase(s): {', '.join(recipe.phases)})")
     return 0
@@ -334,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="every check that needs no cluster; exits 2 and writes nothing on refusal")
     recipe_args(sp)
     sp.add_argument("--no-path-checks", action="store_true", help="skip checks of local data/model paths")
+    sp.add_argument("--no-hashes", action="store_true", help="skip the sha256 of prepared shards")
     sp.set_defaults(fn=cmd_validate)
 
     sp = sub.add_parser("status", help="phases, state, steps, checkpoints, GPU-hours, last eval")
@@ -481,8 +490,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .launcher.slurm import LaunchError
     from .manifest import ManifestError
     from .mining import TeacherError, WorkError
+    from .scoring import ScoringUnavailable
 
-    return RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, TeacherError, WorkError
+    return (RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, TeacherError, WorkError,
+            ScoringUnavailable)
 
 
 def _crash_report(cmd: str, exc: BaseException) -> str:

@@ -14,7 +14,10 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import ledger
+from .data import shards as S
 from .data.schedule import batches_per_source
 from .mining import MineSpec, ScoreSpec
 from .models import is_local_ref
@@ -220,6 +223,7 @@ def _hparams(ph: Phase) -> dict:
         "sampling": ph.data.sampling,
         "sources": [s.name for s in ph.data.sources],
         "bf16": ph.bf16,
+        "scores_backend": ph.scores_backend,
         "zero_stage": ph.deepspeed.zero_stage,
         "cadence": ph.cadence.model_dump(),
         "resources": {
@@ -253,6 +257,29 @@ def check(recipe: Recipe, manifest_data: dict | None = None, paths: bool = True)
     out += _check_budget(recipe, manifest_data)
     out += _check_derive(recipe, paths)
     return out
+
+
+def shard_hashes(recipe: Recipe, progress: bool = True) -> tuple[list[Finding], dict]:
+    """sha256 of every prepared shard the recipe's phases read, against its index (`validate`; the phase start does
+    the same on its ranks). Sources shared by phases are hashed once. Returns (findings, {shards, bytes})."""
+    seen, todo, out = set(), [], []
+    for name, ph in recipe.phases.items():
+        for i, src in enumerate(ph.data.sources):
+            folder = Path(ph.data.shards_dir) / src.name
+            if folder.resolve() in seen or not S.index_path(folder).is_file():
+                continue  # not prepared: _check_paths speaks of the raw data
+            seen.add(folder.resolve())
+            where = f"phases.{name}.data.sources[{i}]"
+            try:
+                todo.append((where, folder, S.read_index(folder, where)))
+            except S.DataError as e:
+                out.append(Finding("error", where, str(e)))
+    entries = [e for _, _, ix in todo for _, e in S.shard_entries(ix)]
+    total = sum(e["bytes"] for e in entries)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing shards", disable=not progress or not total) as bar:
+        for where, folder, ix in todo:
+            out += [Finding("error", where, p) for p in S.hash_share(folder, ix, 0, 1, done=bar.update)]
+    return out, {"shards": len(entries), "bytes": total}
 
 
 def errors(findings: list[Finding]) -> list[Finding]:
@@ -323,6 +350,10 @@ def _check_batch(name: str, ph: Phase) -> list[Finding]:
                          "or more (fp32 accumulation), or bf16: false"))
     if ph.kind == "distillation" and ph.learnable_temperature:
         f.append(Finding("error", f"phases.{name}.learnable_temperature", "distillation has no temperature to learn"))
+    if ph.scores_backend == "lik" and not ph.resources.gpus_per_node:
+        f.append(Finding("error", f"phases.{name}.scores_backend",
+                         "lik is a CUDA kernel and this phase runs without GPUs (resources.gpus_per_node: 0); use auto "
+                         "or torch"))
     return f
 
 

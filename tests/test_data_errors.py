@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from colbertzero.data import DataError, GlobalBatchLoader, prepare_recipe
 from colbertzero.recipe import recipe_from_dict
@@ -234,6 +237,12 @@ def test_prepared_source_whose_input_turns_bad_is_unmarked(shared_data, tmp_path
 
 
 # ---------------------------------------------------------------- loader checks
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    p = subprocess.run([sys.executable, "-m", "colbertzero", *args], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return p.returncode, p.stdout, p.stderr
+
+
 @pytest.fixture()
 def prepared(shared_data, tmp_path, minilm):
     rows = [
@@ -279,6 +288,13 @@ def test_altered_shard(prepared):
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the full hash can tell
     loader = GlobalBatchLoader(r, "p")  # the fast check passes
+    # validate hashes every prepared shard: refused, naming the shard
+    recipe_file = folder.parent.parent / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(r.resolved()))
+    cpu = "phases.p.resources.gpus_per_node=0"
+    code, out, err = run_cli(["validate", str(recipe_file), cpu])
+    assert code == 2 and "refused: 1 prepared shard(s) do not match" in err and "shard-00002.arrow: sha256" in err
+    assert run_cli(["validate", str(recipe_file), cpu, "--no-hashes"])[0] == 0
     # what each training rank hashes before the first step (its share of the shards): only shard 2's owner sees it
     assert [len(loader.verify_share(k, 2)) for k in range(2)] == [1, 0]
     assert "shard-00002.arrow: sha256 differs" in loader.verify_share(0, 2)[0]
@@ -291,6 +307,8 @@ def test_altered_shard(prepared):
     v = prepare_recipe(r, verify=True, progress=False)["p"]["src"]["verify"]
     assert v["altered_rebuilt"] == [str(shard)] and v["hashed"] >= 3
     assert GlobalBatchLoader(r, "p").verify_share(0, 1) == []
+    code, out, err = run_cli(["validate", str(recipe_file), cpu])
+    assert code == 0 and "shards: 3 hashed" in out and "all match their indexes" in out, err
 
 
 def test_settings_differ(prepared, minilm):

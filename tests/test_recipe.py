@@ -96,6 +96,15 @@ def test_overrides():
     assert r.phases["supervised"].prompts.query == "query: "
 
 
+def test_fused_scores_need_gpus():
+    r = load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervised.scores_backend=lik"])
+    assert not preflight.errors(preflight.check(r, paths=False))  # GPUs: the kernel may run there
+    r = load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervised.scores_backend=lik",
+                                                             "phases.supervised.resources.gpus_per_node=0"])
+    (e,) = preflight.errors(preflight.check(r, paths=False))
+    assert e.where == "phases.supervised.scores_backend" and "use auto or torch" in e.message
+
+
 def test_error_names_field_path():
     with pytest.raises(RecipeError, match=r"phases\.supervised\.lr: must be > 0"):
         load_recipe(ROOT / "recipes" / "colbert-zero.yaml", ["phases.supervised.lr=0"])

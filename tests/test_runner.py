@@ -353,6 +353,8 @@ def test_reference_run_logs_exports_and_records(reference):
     assert [c["step"] for c in ph["checkpoints"]] == [9, 12]  # keep_last 2
     assert ph["throughput"]["measured_at_step"] == 12 and ph["throughput"]["mfu"] is None
     assert ph["attempts"][0]["gpu_hours"] > 0 and ph["lineage"]["config_hash"]
+    # scores_backend auto on a machine without CUDA: PyLate's torch path, and why, recorded per attempt
+    assert ph["attempts"][0]["scoring"] == {"backend": "torch", "why": "no CUDA device"}
     model = ColBERT(str(reference / ph["export"]["path"]), device="cpu")
     emb = model.encode(["what do cats eat"], is_query=True, prompt_name="query", convert_to_tensor=True)[0]
     assert emb.shape == (31, 128) and torch.isfinite(emb).all()  # query length 24 + 7 prompt tokens, expanded

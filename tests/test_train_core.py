@@ -250,7 +250,8 @@ def test_hand_written_cached_loss_gradients_equal_autograd(query_mask, chunked, 
     from colbertzero.train.losses import contrastive_ce_sum, contrastive_sum_and_grads
 
     if chunked:
-        monkeypatch.setattr(losses, "SCORE_BUDGET", 2 * 10 * 7 * 9)  # 2 queries x 10 documents x 7 x 9 tokens
+        # 2 queries x 10 documents x 7 query tokens x 16 (Scorer.width: the 16-wide picked token beats 9 tokens)
+        monkeypatch.setattr(losses, "SCORE_BUDGET", 2 * 10 * 7 * 16)
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(5, 7, 16, generator=g, dtype=torch.float64), dim=-1)
     d = torch.nn.functional.normalize(torch.randn(10, 9, 16, generator=g, dtype=torch.float64), dim=-1)

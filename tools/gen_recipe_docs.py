@@ -91,6 +91,9 @@ MEANINGS: dict[str, str] = {
     "Phase.prompts": "Query/document prompts; must match the phase this one starts from.",
     "Phase.seed": "Seed of the model head's init, the data order and every random draw of the phase.",
     "Phase.bf16": "bf16 mixed precision on GPU (CPU always trains in fp32).",
+    "Phase.scores_backend": "MaxSim in the loss: `torch` (PyLate's scores), `lik` (late-interaction-kernels' fused "
+    "kernel, CUDA Ampere+, `pip install '.[gpu]'`), `auto` (the kernel when it runs on the phase's GPU, else torch). "
+    "Same values (the kernel rounds to fp16/bf16 tiles); chosen once per phase, logged, recorded per attempt.",
     "Phase.cadence": "Logging and checkpoint frequency.",
     "Phase.resources": "The Slurm allocation of this phase's job.",
     "Phase.deepspeed": "ZeRO stage and offloading.",

@@ -52,5 +52,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$PY" -c 'import colbertzer
   pip_ -c "$CONSTRAINTS" --no-build-isolation -e '.[demo,test]'
   echo "$WANT" > "$STAMP"
 fi
+# 5. On a CUDA build of torch, the fused MaxSim kernel (`scores_backend: auto` uses it on the GPU). --no-deps: its
+#    one requirement besides torch is Triton, which that torch already brings.
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' && ! have late-interaction-kernels==0.4.5; then
+  echo "[install] late-interaction-kernels 0.4.5 (fused MaxSim, --no-deps)"
+  pip_ --no-deps late-interaction-kernels==0.4.5
+fi
 "$PY" -c 'import colbertzero, pylate, deepspeed, submitit' >/dev/null
 echo "[install] ok: $("$PY" -c 'import torch, deepspeed, pylate; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, pylate {pylate.__version__}")')"

@@ -166,10 +166,10 @@ def verify_shards(folder: Path, index: dict, full: bool = False) -> dict[str, in
     return {"checked": len(entries), "hashed": hashed}
 
 
-def hash_share(folder: Path, index: dict, share: int, shares: int) -> list[str]:
+def hash_share(folder: Path, index: dict, share: int, shares: int, done=None) -> list[str]:
     """sha256 of this share's shards (every ``shares``-th, from ``share``) against the index; the problems found,
     not raised: the ranks of a phase hash one share each and then agree (a rank that raised alone would leave the
-    others waiting in a collective)."""
+    others waiting in a collective). ``done(bytes)`` after each shard (a progress bar)."""
     problems = []
     for k, (rel, e) in enumerate(shard_entries(index)):
         if k % shares != share:
@@ -181,4 +181,6 @@ def hash_share(folder: Path, index: dict, share: int, shares: int) -> list[str]:
                                 "re-run `colbertzero prepare --verify` to rebuild it")
         except OSError as err:
             problems.append(f"{path}: unreadable ({err}); re-run `colbertzero prepare`")
+        if done is not None:
+            done(e["bytes"])
     return problems

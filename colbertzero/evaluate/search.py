@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pylate.scores import colbert_scores
 from tqdm.auto import tqdm
 
+from ..scoring import select
 from .embeddings import DocumentEmbeddings
 
 EXACT_MAX_DOCS = 100_000  # past this, index="auto" switches from exhaustive MaxSim to an index
@@ -44,10 +44,12 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive MaxSim: ``(scores, doc_indices)``, each ``[queries, min(k, docs)]``, best first.
 
-    Scores come from PyLate's ``colbert_scores`` on zero-padded chunks with masks (the same numbers as PyLate's own
-    evaluator); only a running top-k per query is kept, merged chunk by chunk with ``torch.topk``.
+    Scores come from PyLate's ``colbert_scores`` on zero-padded chunks (the same numbers as PyLate's own evaluator),
+    through the fused kernel on a GPU that runs it (`colbertzero.scoring`); only a running top-k per query is kept,
+    merged chunk by chunk with ``torch.topk``.
     """
     device = torch.device(device)
+    scorer = select("auto", device, docs.dim)
     n_docs = len(docs)
     k = min(k, n_docs)
     queries, queries_mask = _pad(query_embeddings, device)
@@ -72,14 +74,12 @@ def exact_search(
             mask = torch.arange(width)[None, :] < chunk_lengths[:, None]
             padded = torch.zeros(end - start, width, docs.dim)
             padded[mask] = torch.from_numpy(block)
-            padded, mask = padded.to(device), mask.to(device)
+            padded = padded.to(device)
             doc_index = torch.arange(start, end, device=device)
             q_step = max(1, budget // ((end - start) * q_len * width))
             for qs in range(0, n_q, q_step):
                 qe = min(n_q, qs + q_step)
-                scores = colbert_scores(
-                    queries[qs:qe], padded, queries_mask=queries_mask[qs:qe], documents_mask=mask
-                ).float()
+                scores = scorer.scores(queries[qs:qe], padded, queries_mask[qs:qe]).float()
                 cand_scores = torch.cat([top_scores[qs:qe], scores], dim=1)
                 cand_index = torch.cat([top_index[qs:qe], doc_index.expand(qe - qs, -1)], dim=1)
                 best, pos = torch.topk(cand_scores, k, dim=1)

@@ -202,9 +202,9 @@ class Model:
 
     def _colbert_score(self, queries, candidates):
         import torch
-        from pylate.scores import colbert_scores
 
         from ..evaluate.embeddings import encode, resolve_prompts
+        from ..scoring import TORCH
 
         q_prompt, d_prompt = resolve_prompts(self.model)
         docs = sorted({d for ds in candidates for d in ds})
@@ -215,10 +215,8 @@ class Model:
         with torch.inference_mode():
             for q, ds in zip(q_emb, candidates):
                 rows = [torch.as_tensor(np.asarray(d_emb[where[d]])) for d in ds]
-                padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-                mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows],
-                                                       batch_first=True)
-                s = colbert_scores(torch.as_tensor(np.asarray(q))[None], padded, documents_mask=mask)
+                padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # zeros: PyLate's masked tokens
+                s = TORCH.scores(torch.as_tensor(np.asarray(q))[None], padded)
                 out.append([float(x) for x in s[0]])
         return out
 

@@ -298,6 +298,9 @@ class Phase(_Strict):
     prompts: Prompts = Field(default_factory=Prompts)
     seed: int = 42
     bf16: bool = True  # on GPU; CPU always runs fp32
+    # MaxSim in the loss: PyLate's torch scores, or late-interaction-kernels' fused kernel (CUDA, `.[gpu]`); auto =
+    # the kernel when it runs on the phase's device. Chosen once per phase and recorded (colbertzero/scoring.py).
+    scores_backend: Literal["auto", "torch", "lik"] = "auto"
     cadence: Cadence = Field(default_factory=Cadence)
     resources: Resources = Field(default_factory=Resources)
     deepspeed: DeepSpeedCfg = Field(default_factory=DeepSpeedCfg)

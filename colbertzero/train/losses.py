@@ -38,7 +38,9 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from pylate.scores import colbert_kd_scores, colbert_scores
+from pylate.scores import colbert_scores
+
+from colbertzero.scoring import TORCH, Scorer
 
 # Elements of the MaxSim intermediate scored at once (2^25 fp32 = 128 MiB): the [queries, documents, query tokens,
 # document tokens] scores exist for one chunk of queries at a time, so the loss's transient memory stays bounded
@@ -46,9 +48,10 @@ from pylate.scores import colbert_kd_scores, colbert_scores
 SCORE_BUDGET = 2**25
 
 
-def score_chunk(n_documents: int, query_len: int, doc_len: int) -> int:
-    """Queries scored at once against `n_documents` documents so the MaxSim intermediate fits `SCORE_BUDGET`."""
-    return max(1, SCORE_BUDGET // max(1, n_documents * query_len * doc_len))
+def score_chunk(n_documents: int, query_len: int, width: int) -> int:
+    """Queries scored at once against `n_documents` documents so the MaxSim intermediate, `width` elements per
+    (query, document, query token) (`Scorer.width`), fits `SCORE_BUDGET`."""
+    return max(1, SCORE_BUDGET // max(1, n_documents * query_len * width))
 
 
 # ----------------------------------------------------------------------------- documents across ranks
@@ -120,7 +123,7 @@ def contrastive_ce_sum(
 ) -> torch.Tensor:
     """Σ over these queries of cross-entropy(MaxSim(q, every document) / temperature, label): the definition, by
     autograd through PyLate's scores. Training uses `contrastive_sum_and_grads`, checked against it."""
-    scores = colbert_scores(q, d_all, queries_mask=q_mask, documents_mask=d_mask_all)
+    scores = colbert_scores(q, d_all, queries_mask=q_mask, documents_mask=d_mask_all, backend="torch")
     return F.cross_entropy(scores / temperature, labels, reduction="sum")
 
 
@@ -133,6 +136,7 @@ def _contrastive_chunk(
     temperature: torch.Tensor,
     denominator: float,
     d_grad: torch.Tensor,
+    scorer: Scorer = TORCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`contrastive_ce_sum(...) / denominator` for one chunk of queries, with its gradients written by hand: returns
     (loss, dL/dq, dL/dtemperature) and adds dL/d(documents) into `d_grad` (shaped like `d_all`). `d_all` must be zero
@@ -148,8 +152,8 @@ def _contrastive_chunk(
     n_docs_all, doc_len, dim = d_all.shape
     if q_mask is not None:
         q = q * q_mask.unsqueeze(-1).to(q.dtype)
-    best, at = torch.einsum("ash,bth->abst", q, d_all).max(dim=-1)  # [queries, documents, query tokens]
-    logits = best.sum(dim=-1) / temperature
+    scores, at = scorer.best_match(q, d_all)  # at: [queries, documents, query tokens]
+    logits = scores / temperature
     loss = F.cross_entropy(logits, labels, reduction="sum") / denominator
     g_logits = torch.softmax(logits, dim=-1)
     g_logits[torch.arange(len(labels), device=q.device), labels] -= 1.0
@@ -185,6 +189,7 @@ def contrastive_sum_and_grads(
     denominator: float,
     *,
     zero_masked_in_place: bool = False,
+    scorer: Scorer = TORCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`contrastive_ce_sum(...) / denominator` of all of `q` against `d_all`, scored in query chunks of
     `score_chunk` (one chunk's scores are the only intermediate alive), with its gradients written by hand
@@ -196,7 +201,7 @@ def contrastive_sum_and_grads(
     d_all = d_all.mul_(keep) if zero_masked_in_place else d_all * keep
     del keep
     n = q.shape[0]
-    step = score_chunk(d_all.shape[0], q.shape[1], d_all.shape[1])
+    step = score_chunk(d_all.shape[0], q.shape[1], scorer.width(d_all.shape[1], d_all.shape[2]))
     total = torch.zeros((), dtype=torch.float64, device=q.device)
     q_grad, d_grad = torch.empty_like(q), torch.zeros_like(d_all)
     t_grad = torch.zeros((1,), dtype=q.dtype, device=q.device)
@@ -204,7 +209,7 @@ def contrastive_sum_and_grads(
     for i in range(0, n, step):
         qm = None if q_mask is None else q_mask[i : i + step]
         loss, q_grad[i : i + step], tg = _contrastive_chunk(
-            q[i : i + step], qm, d_all, d_mask_all, labels[i : i + step], t, denominator, d_grad)
+            q[i : i + step], qm, d_all, d_mask_all, labels[i : i + step], t, denominator, d_grad, scorer)
         t_grad += tg
         total += loss.detach()
     return total, q_grad, d_grad, t_grad
@@ -215,16 +220,16 @@ class _ContrastiveHandGrad(torch.autograd.Function):
     keeps them (the size of the embeddings) instead of autograd's MaxSim graph; the backward only scales them."""
 
     @staticmethod
-    def forward(ctx, q, d_all, temperature, q_mask, d_mask_all, labels, denominator):
+    def forward(ctx, q, d_all, temperature, q_mask, d_mask_all, labels, denominator, scorer):
         loss, q_grad, d_grad, t_grad = contrastive_sum_and_grads(
-            q.detach(), q_mask, d_all.detach(), d_mask_all, labels, temperature, denominator)
+            q.detach(), q_mask, d_all.detach(), d_mask_all, labels, temperature, denominator, scorer=scorer)
         ctx.save_for_backward(q_grad, d_grad, t_grad.to(temperature.dtype).reshape(temperature.shape))
         return loss.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         q_grad, d_grad, t_grad = ctx.saved_tensors
-        return grad * q_grad, grad * d_grad, grad * t_grad, None, None, None, None
+        return grad * q_grad, grad * d_grad, grad * t_grad, None, None, None, None, None
 
 
 def contrastive_loss(
@@ -238,6 +243,7 @@ def contrastive_loss(
     denominator: float,
     gather: bool,
     teacher_scores: torch.Tensor | None = None,
+    scorer: Scorer = TORCH,
 ) -> torch.Tensor:
     """Differentiable (q, d, temperature); the MaxSim gradients are the hand-written ones of
     `contrastive_sum_and_grads`, equal to autograd's through `contrastive_ce_sum` up to summation order."""
@@ -251,18 +257,17 @@ def contrastive_loss(
     labels = contrastive_labels(q.shape[0], n_docs, first, q.device)
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor([float(temperature)], dtype=q.dtype, device=q.device)
-    return _ContrastiveHandGrad.apply(q, d, temperature, q_mask, d_mask, labels, denominator)
+    return _ContrastiveHandGrad.apply(q, d, temperature, q_mask, d_mask, labels, denominator, scorer)
 
 
 # ----------------------------------------------------------------------------- distillation
 def distillation_kl_sum(
-    q: torch.Tensor, q_mask: torch.Tensor | None, d: torch.Tensor, d_mask: torch.Tensor, teacher_scores: torch.Tensor
+    q: torch.Tensor, q_mask: torch.Tensor | None, d: torch.Tensor, d_mask: torch.Tensor, teacher_scores: torch.Tensor,
+    scorer: Scorer = TORCH,
 ) -> torch.Tensor:
     """Σ over queries of KL(softmax(teacher) || softmax(normalised student MaxSim)), as PyLate's Distillation."""
     b, n = teacher_scores.shape
-    scores = colbert_kd_scores(
-        q, d.view(b, n, *d.shape[1:]), queries_mask=q_mask, documents_mask=d_mask.view(b, n, d_mask.shape[1])
-    )
+    scores = scorer.kd_scores(q, q_mask, d.view(b, n, *d.shape[1:]), d_mask.view(b, n, d_mask.shape[1]))
     # PyLate's default normalize_scores=True, epsilon included.
     lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
     scores = (scores - lo) / (hi - lo + 1e-8)
@@ -285,6 +290,7 @@ def distillation_loss(
     denominator: float,
     temperature: torch.Tensor | float | None = None,
     gather: bool = False,
+    scorer: Scorer = TORCH,
 ) -> torch.Tensor:
     del temperature, gather
     if teacher_scores is None:
@@ -292,7 +298,7 @@ def distillation_loss(
     if teacher_scores.shape != (q.shape[0], n_docs):
         expected = (q.shape[0], n_docs)
         raise ValueError(f"teacher scores {tuple(teacher_scores.shape)}, expected (queries, n_docs) = {expected}")
-    return distillation_kl_sum(q, q_mask, d, d_mask, teacher_scores) / denominator
+    return distillation_kl_sum(q, q_mask, d, d_mask, teacher_scores, scorer) / denominator
 
 
 # ----------------------------------------------------------------------------- the table

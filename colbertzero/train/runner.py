@@ -25,7 +25,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from .. import ledger
+from .. import ledger, scoring
 from ..data.hub import fetched_revisions
 from ..data.loader import GlobalBatchLoader
 from ..data.shards import DataError
@@ -124,6 +124,7 @@ class PhaseRun:
         colbert = colbert_for(self.recipe, self.phase_name, self.init_path, rt.device)
         module = ColBERTForTraining.for_phase(colbert, phase)
         self.flops = FlopCounter(colbert, phase, rt.world_size)  # before ZeRO-3 partitions the parameters
+        self.scorer = scoring.select(phase.scores_backend, rt.device, self.recipe.model.embedding_size)
         self.loader = GlobalBatchLoader(self.recipe, self.phase_name, rt.rank, rt.world_size)
         # every shard's sha256 before training reads it: each rank hashes its share, then all agree
         problems = [p for ps in dist.all_gather_objects(self.loader.verify_share(rt.rank, rt.world_size)) for p in ps]
@@ -147,7 +148,10 @@ class PhaseRun:
             self.step = int(state["step"])
             self.loader.load_state_dict(state["loader"])
         if self.main:
+            print(f"[colbertzero] phase {self.phase_name}: MaxSim scores by {self.scorer.name} ({self.scorer.why})",
+                  file=sys.stderr)
             self.manifest.start_attempt(self.phase_name, attempt_id=self.attempt_id, step_start=self.step,
+                                        scoring={"backend": self.scorer.name, "why": self.scorer.why},
                                         **self.job_info)
             self.attempt_open = True
             self._lineage(init_ref)
@@ -178,7 +182,7 @@ class PhaseRun:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 self.source = batch.source
-                res = train_step(self.engine, batch, self.phase)
+                res = train_step(self.engine, batch, self.phase, self.scorer)
                 self.step += 1
                 agreed = StepDecisions.agree(
                     non_finite=not math.isfinite(res.loss) or not math.isfinite(res.grad_norm or 0.0),

@@ -6,9 +6,11 @@ drive the backward through a Trainer or DDP, never through a ZeRO-2/3 engine's p
 accumulation boundary; the three phases below run on `engine.backward` (exact on ZeRO 0-3, ../shared/FACTS.md).
 
 API (what the phase runner calls)
-    train_step(engine, batch, phase) -> StepResult       forward/backward of the whole step, then one engine.step()
-    accumulate_gradients(engine, batch, phase) -> Accumulated   the same up to the accumulation boundary (gradients
-                                                            reduced, not applied): for tests and gradient inspection
+    train_step(engine, batch, phase, scorer) -> StepResult       forward/backward of the whole step, then one
+                                                                 engine.step()
+    accumulate_gradients(engine, batch, phase, scorer) -> Accumulated   the same up to the accumulation boundary
+                                                    (gradients reduced, not applied): for tests and gradient inspection
+`scorer` is the MaxSim backend the runner selected once (`colbertzero.scoring`; PyLate's torch path by default).
     optimizer_step(engine) -> (grad_norm, lr)              engine.step() (clipping, AdamW, LR schedule)
 
 `batch` is a `colbertzero.data.loader.Batch` (docs/CONTRACTS.md): `queries`, `documents` (row-major per query),
@@ -44,6 +46,7 @@ import torch.distributed as tdist
 from pylate.losses.cached_contrastive import RandContext
 
 from colbertzero.recipe import Phase
+from colbertzero.scoring import TORCH, Scorer
 from colbertzero.train.losses import (
     Loss,
     common_document_length,
@@ -83,8 +86,8 @@ class StepResult:
     n_tokens: int
 
 
-def train_step(engine, batch: BatchLike, phase: Phase) -> StepResult:
-    acc = accumulate_gradients(engine, batch, phase)
+def train_step(engine, batch: BatchLike, phase: Phase, scorer: Scorer = TORCH) -> StepResult:
+    acc = accumulate_gradients(engine, batch, phase, scorer)
     grad_norm, lr = optimizer_step(engine)
     return StepResult(acc.loss, grad_norm, acc.temperature, lr, acc.n_queries, acc.n_tokens)
 
@@ -101,7 +104,7 @@ def optimizer_step(engine) -> tuple[float | None, float]:
     return norm, lr
 
 
-def accumulate_gradients(engine, batch: BatchLike, phase: Phase) -> Accumulated:
+def accumulate_gradients(engine, batch: BatchLike, phase: Phase, scorer: Scorer = TORCH) -> Accumulated:
     loss_fn = loss_for(phase.kind)
     model: ColBERTForTraining = engine.module
     device = engine.device
@@ -127,7 +130,7 @@ def accumulate_gradients(engine, batch: BatchLike, phase: Phase) -> Accumulated:
         q_feat = _rows(queries, slice(k * per_group, (k + 1) * per_group))
         d_feat = _rows(documents, slice(k * per_group * n_docs, (k + 1) * per_group * n_docs))
         common = dict(engine=engine, model=model, n_docs=n_docs, phase=phase, denominator=n / scale,
-                      last_group=k == groups - 1)
+                      last_group=k == groups - 1, scorer=scorer)
         if loss_fn.in_batch_negatives and phase.gradcache_mini_batch is not None:
             loss, temperature = _gradcache_group(q_feat, d_feat, **common)
         else:
@@ -148,7 +151,8 @@ def accumulate_gradients(engine, batch: BatchLike, phase: Phase) -> Accumulated:
 
 
 # ----------------------------------------------------------------------------- paths
-def _direct_group(queries, documents, teacher, loss_fn: Loss, *, engine, model, n_docs, phase, denominator, last_group):
+def _direct_group(queries, documents, teacher, loss_fn: Loss, *, engine, model, n_docs, phase, denominator, last_group,
+                  scorer):
     """Forward + loss + backward with grad. Contrastive: the whole group at once (the loss couples all queries).
     Distillation: chunks of gradcache_mini_batch queries, exact because the loss is a sum over queries."""
     n = queries["input_ids"].shape[0]
@@ -169,13 +173,14 @@ def _direct_group(queries, documents, teacher, loss_fn: Loss, *, engine, model, 
             teacher_scores=None if teacher is None else teacher[i : i + step],
             gather=phase.gather_across_ranks,
             denominator=denominator,
+            scorer=scorer,
         )
         engine.backward(loss, scale_wrt_gas=False)
         total += loss.detach()
     return total, out_q["temperature"].detach()
 
 
-def _gradcache_group(queries, documents, *, engine, model, n_docs, phase, denominator, last_group):
+def _gradcache_group(queries, documents, *, engine, model, n_docs, phase, denominator, last_group, scorer):
     """GradCache for the contrastive loss (the one loss with in-batch negatives, so the one that needs it)."""
     n, m = queries["input_ids"].shape[0], phase.gradcache_mini_batch
     chunks = [
@@ -211,6 +216,7 @@ def _gradcache_group(queries, documents, *, engine, model, n_docs, phase, denomi
         n_docs=n_docs,
         gather=phase.gather_across_ranks,
         denominator=denominator,
+        scorer=scorer,
     )
     del q_all, d_all
 
@@ -230,7 +236,7 @@ def _gradcache_group(queries, documents, *, engine, model, n_docs, phase, denomi
     return loss, temperature
 
 
-def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs, gather, denominator):
+def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs, gather, denominator, scorer):
     """Contrastive loss on cached embeddings → (loss, dL/dq, dL/d(this rank's documents), dL/dtemperature or None).
 
     Scored in query chunks (`score_chunk`), the gradients written by hand along MaxSim's argmax
@@ -250,7 +256,7 @@ def _cached_contrastive(q, q_mask, d, d_mask, temperature, *, learnable, n_docs,
     # `d` is this step's cache (or its gathered copy), read by nothing after the loss: its masked tokens are zeroed
     # in place rather than in a copy of every document.
     total, q_grad, d_grad, t_grad = contrastive_sum_and_grads(q, q_mask, d, d_mask, labels, temperature, denominator,
-                                                              zero_masked_in_place=True)
+                                                              zero_masked_in_place=True, scorer=scorer)
     if distributed:
         tdist.all_reduce(d_grad)
     return total, q_grad, d_grad[own, :doc_len], t_grad if learnable else None

@@ -14,6 +14,11 @@ It is then resumed (torchrun again) until it finishes. A trial is identical when
 the exported weights equal the reference's exactly. Counted: manifests unreadable after a kill (corrupt), complete
 checkpoints that could not be resumed from (lost). Then a full disk: the run dir on a tmpfs with room for one
 checkpoint; the second save must fail the phase with the reason, and the first checkpoint must still resume.
+Last, manifest writes caught in the act (a phase's writes are too short for a random kill to land in one): a process
+replaces the manifest in a loop (`Manifest.update_phase`, printing each counter once it returns) and is SIGKILLed
+`--manifest-kills` times at random moments; after each kill the manifest must read and hold the last acknowledged
+counter or the one after it (the kill fell between replace and print). Counted: kills inside a write (its temp file
+left behind), torn manifests, acknowledged writes lost.
 Goal: every trial identical, 0 lost, 0 corrupt.
 """
 
@@ -209,6 +214,45 @@ def disk_full(out: Path, shards: Path) -> dict:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+_WRITER = """
+import sys
+from colbertzero.manifest import Manifest
+m, i = Manifest(sys.argv[1]), 0
+start = m.read()["phases"][sys.argv[2]].get("chaos_counter", 0)
+while True:
+    i += 1
+    m.update_phase(sys.argv[2], lambda p: p.update(chaos_counter=start + i))
+    print(start + i, flush=True)
+"""
+
+
+def manifest_kills(out: Path, shards: Path, kills: int, rng: random.Random) -> dict:
+    """SIGKILL a process that does nothing but replace the manifest, ``kills`` times; what each kill left."""
+    from colbertzero.manifest import Manifest, ManifestError
+
+    run = _new_run(out, "manifest-kills", shards, 1)
+    caught = torn = lost = 0
+    for _ in range(kills):
+        job = subprocess.Popen([sys.executable, "-c", _WRITER, str(run), PHASE], cwd=ROOT, env=_env(),
+                               stdout=subprocess.PIPE, text=True)
+        first = job.stdout.readline()  # started writing
+        time.sleep(rng.uniform(0.0, 0.3))
+        job.kill()
+        rest = job.communicate()[0]
+        acked = [int(x) for x in (first + rest).split()]
+        caught += any(p.name.startswith(".tmp-manifest") or p.name.startswith(".manifest") for p in run.iterdir())
+        for p in run.iterdir():  # what a kill leaves is never read; the next writer's temp file has another name
+            if p.name.startswith((".tmp-manifest", ".manifest")):
+                p.unlink()
+        try:
+            counter = Manifest(run).read()["phases"][PHASE].get("chaos_counter", 0)
+        except (ManifestError, ValueError):
+            torn += 1
+            continue
+        lost += not (acked[-1] <= counter <= acked[-1] + 1)
+    return {"kills": kills, "inside_a_write": caught, "torn": torn, "acknowledged_lost": lost}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10, help="trials per ZeRO stage")
@@ -217,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--modes", default=",".join(MODES), help="kill points drawn from")
     ap.add_argument("--no-disk-full", action="store_true")
+    ap.add_argument("--manifest-kills", type=int, default=100, help="kills of a process replacing the manifest")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     stages = [int(s) for s in a.stages.split(",")]
@@ -237,9 +282,11 @@ def main(argv: list[str] | None = None) -> int:
               f"corruptions; per stage {summary['per_stage']}; modes {summary['modes']}")
         if summary["disk_full"]:
             print(f"disk full: {summary['disk_full']}")
+        print(f"manifest kills: {summary['manifest_kills']}")
     full = summary["disk_full"]
     ok = summary["identical"] == summary["trials"] and not summary["checkpoints_lost"] \
-        and not summary["manifest_corruptions"] and (not full or full.get("skipped")
+        and not summary["manifest_corruptions"] and not summary["manifest_kills"].get("torn") \
+        and not summary["manifest_kills"].get("acknowledged_lost") and (not full or full.get("skipped")
                                                      or (full["state"] == "failed" and full["says_no_space"]
                                                          and full["checkpoint_usable_step"]))
     return 0 if ok else 1
@@ -266,6 +313,7 @@ def run(a, stages: list[int], modes: tuple[str, ...], seed: int, rng: random.Ran
                       f"{res['attempts']} attempts, {'identical' if res['identical'] else 'DIFFERENT'}",
                       file=sys.stderr, flush=True)
         full = None if a.no_disk_full else disk_full(out, shards)
+        storm = manifest_kills(out, shards, a.manifest_kills, rng) if a.manifest_kills else {}
     finally:
         if not a.out:
             shutil.rmtree(out, ignore_errors=True)
@@ -277,7 +325,7 @@ def run(a, stages: list[int], modes: tuple[str, ...], seed: int, rng: random.Ran
         "per_stage": {s: {"trials": sum(r["stage"] == s for r in results),
                           "identical": sum(r["identical"] for r in results if r["stage"] == s)} for s in stages},
         "modes": {m: sum(r["mode"] == m for r in results) for m in MODES},
-        "disk_full": full, "results": results, "wall_s": round(time.time() - t0, 1),
+        "disk_full": full, "manifest_kills": storm, "results": results, "wall_s": round(time.time() - t0, 1),
     }
 
 

@@ -3,7 +3,7 @@
 
     bash tools/bench/gpu.sh                              # on the GPU machine: install, then this, JSON into $OUT
     python tools/bench/gpu.py [--out DIR] [--batch N]    # the same, once installed
-    python tools/bench/gpu.py --device cpu --tiny        # toy shapes on CPU: the script's own check (the suite runs it)
+    python tools/bench/gpu.py --device cpu --tiny        # toy shapes on CPU: the script's own check, by hand
 
 The model is ModernBERT-base's architecture with random weights and a byte-level BPE tokenizer of its kind
 (`builtin:modernbert-base`: the hub is out of reach; speed depends on the shapes, not the weights). bf16 on GPU.
@@ -18,6 +18,10 @@ The model is ModernBERT-base's architecture with random weights and a byte-level
 Per step kind: pairs/s/GPU, tokens/s, model TFLOP/s and MFU (`metering.FlopCounter`: GradCache's re-forward and MaxSim
 counted), peak GPU memory; unsupervised: the ratio to PyLate and to the paper's derived ~177 pairs/s/GPU (408
 GH200-hours for 239M pairs, ~90 % of the budget in that phase). Goals: ≥ 3× the paper, ≥ 35 % MFU, ≥ 1.2× PyLate.
+The MaxSim backends (`colbertzero.scoring`): steps run with the phase's `scores_backend: auto` (the fused
+late-interaction-kernels kernel when installed, named in the JSON), and `scoring_check` compares the fused kernel with
+PyLate's torch path on embeddings at the phase shapes: the contrastive loss and its hand-written gradients, the
+distillation scores and their autograd gradients, relative differences and each side's time.
 One JSON object to `--out`/gpu.json (and stdout with --json).
 """
 
@@ -98,6 +102,60 @@ def prepare(kind: str, shapes: tuple, work: Path, model: str, steps: int, device
     return r, rows
 
 
+def scoring_check(device: str, queries: int = 256, docs: int = 2048, dim: int = 128) -> dict:
+    """The fused kernel against PyLate's torch path on the same bf16-rounded embeddings (what a bf16 encoder hands
+    the loss): unsupervised-shaped contrastive (hand-written gradients) and distillation-shaped KD scores."""
+    import torch
+
+    from colbertzero import scoring
+    from colbertzero.train.losses import contrastive_labels, contrastive_sum_and_grads
+
+    lik = scoring.select("auto", device, dim)
+    if lik.name != "lik":
+        return {"skipped": lik.why}
+    torch_ = scoring.TORCH
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def emb(*shape):
+        x = torch.nn.functional.normalize(torch.randn(*shape, dim, generator=g, device=device), dim=-1)
+        return x.bfloat16().float()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    q, d = emb(queries, 39), emb(docs, 187)
+    q_mask, d_mask = None, torch.rand(docs, 187, generator=g, device=device) > 0.2
+    labels = contrastive_labels(queries, docs // queries, 0, q.device)
+    t = torch.tensor([0.02], device=device)
+    out = {"backend": lik.why, "contrastive": {"queries": queries, "documents": docs}}
+    results = {}
+    for sc in (torch_, lik, lik):  # the kernel twice: its first call compiles and autotunes
+        results[sc.name], seconds = timed(lambda: contrastive_sum_and_grads(q, q_mask, d.clone(), d_mask, labels, t,
+                                                                            float(queries), scorer=sc))
+        out["contrastive"][f"{sc.name}_s"] = round(seconds, 4)
+    (l0, q0, d0, t0), (l1, q1, d1, t1) = results["torch"], results["lik"]
+    out["contrastive"].update(loss_torch=float(l0), loss_lik=float(l1), loss_rel=rel(l1, l0), q_grad_rel=rel(q1, q0),
+                              d_grad_rel=rel(d1, d0), temperature_grad_rel=rel(t1, t0))
+    kq, kd = emb(32, 39), emb(32, 32, 519)
+    kd_mask = torch.rand(32, 32, 519, generator=g, device=device) > 0.2
+    grads = {}
+    for sc in (torch_, lik):
+        qq, dd = kq.clone().requires_grad_(), kd.clone().requires_grad_()
+        scores = sc.kd_scores(qq, None, dd, kd_mask)
+        (scores.square().sum()).backward()
+        grads[sc.name] = (scores.detach(), qq.grad, dd.grad)
+    (s0, gq0, gd0), (s1, gq1, gd1) = grads["torch"], grads["lik"]
+    out["distillation"] = {"scores_rel": rel(s1, s0), "q_grad_rel": rel(gq1, gq0), "d_grad_rel": rel(gd1, gd0)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -126,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                     "model": "ModernBERT-base architecture, random weights, BPE tokenizer", "steps": args.steps,
                     "paper_pairs_per_s_per_gpu": PAPER_PAIRS_PER_GPU, "kinds": {}}
+    result["scoring_check"] = scoring_check(args.device)
+    S.log(f"scoring check: {json.dumps(result['scoring_check'])}")
     for kind, sh in shapes.items():
         r, rows = prepare(kind, sh, work, model, args.steps, args.device)
         res = S.run_worker("gpu", {"model": model, "recipe": r.resolved(), "device": args.device,

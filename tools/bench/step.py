@@ -259,16 +259,17 @@ def _engine_for(r, init_path: str, rt):
     return engine, loader, flops
 
 
-def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1) -> dict:
+def _timed_steps(engine, loader, phase, flops, steps: int, warmup: int = 1, scorer=None) -> dict:
     import torch
 
+    from colbertzero.scoring import TORCH
     from colbertzero.train.step import train_step
 
     ends, cpu, first, total_flops, pairs, tokens = [], [], None, 0.0, 0, 0
     it = iter(loader)
     for i in range(steps + warmup):
         batch = next(it)
-        res = train_step(engine, batch, phase)
+        res = train_step(engine, batch, phase, scorer or TORCH)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         ends.append(time.perf_counter())
@@ -323,14 +324,18 @@ def worker_memory(spec: dict) -> dict:
 def worker_gpu(spec: dict) -> dict:
     import torch
 
+    from colbertzero import scoring
     from colbertzero.recipe import recipe_from_dict
     from colbertzero.train.dist import init_distributed
     from colbertzero.train.metering import peak_flops
 
     r = recipe_from_dict(spec["recipe"])
-    rt = init_distributed(bf16=r.phase("bench").bf16, device="cuda:0" if spec["device"] == "cuda" else "cpu")
+    phase = r.phase("bench")
+    rt = init_distributed(bf16=phase.bf16, device="cuda:0" if spec["device"] == "cuda" else "cpu")
     engine, loader, flops = _engine_for(r, spec["model"], rt)
-    res = _timed_steps(engine, loader, r.phase("bench"), flops, spec["steps"])
+    scorer = scoring.select(phase.scores_backend, rt.device, r.model.embedding_size)  # as the phase runner does
+    res = _timed_steps(engine, loader, phase, flops, spec["steps"], scorer=scorer)
+    res["scores_backend"] = {"backend": scorer.name, "why": scorer.why}
     peak = peak_flops(rt.device, rt.dtype)
     res.update(
         device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
