@@ -240,10 +240,12 @@ def manifest_kills(out: Path, shards: Path, kills: int, rng: random.Random) -> d
         job.kill()
         rest = job.communicate()[0]
         acked = [int(x) for x in (first + rest).split()]
-        caught += any(p.name.startswith(".tmp-manifest") or p.name.startswith(".manifest") for p in run.iterdir())
-        for p in run.iterdir():  # what a kill leaves is never read; the next writer's temp file has another name
-            if p.name.startswith((".tmp-manifest", ".manifest")):
-                p.unlink()
+        if not acked:
+            raise SystemExit(f"chaos: the manifest writer on {run} never wrote (exit {job.returncode}); see above")
+        left = [p for p in run.iterdir() if p.name.startswith((".tmp-manifest", ".manifest"))]  # temp files
+        caught += bool(left)
+        for p in left:  # what a kill leaves is never read; the next writer's temp file has another name
+            p.unlink()
         try:
             counter = Manifest(run).read()["phases"][PHASE].get("chaos_counter", 0)
         except (ManifestError, ValueError):
