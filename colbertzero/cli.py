@@ -1,4 +1,5 @@
-"""`colbertzero` command line: argument parsing only; every command is a thin call into its module.
+"""`colbertzero` command line: argument parsing, then one call into the module that does the work and owns its
+messages (the checks, tables and summaries printed here are made there).
 
 Each command imports its module when it runs, not at start-up: `plan`, `validate` and `status` answer on a login node
 in a fraction of a second, without loading torch, DeepSpeed or PyLate.
@@ -37,86 +38,34 @@ def _recipe(args):
     return load_recipe(args.recipe, getattr(args, "overrides", None) or [])
 
 
-def _print_findings(findings, stream=None) -> None:
-    for f in findings:
-        print(f"  {f}", file=stream or sys.stderr)  # looked up now: sys.stderr may have been replaced since import
-
-
-# ------------------------------------------------------------------ foundation commands
-def cmd_plan(args) -> int:
-    from . import preflight
-    from .manifest import Manifest
-
-    recipe = _recipe(args)
-    mdata = Manifest(args.run_dir).snapshot() if args.run_dir and Manifest(args.run_dir).exists() else None
-    bench = preflight.read_gpu_bench(args.gpu_bench) if args.gpu_bench else None
-    p = preflight.plan(recipe, mdata, bench)
-    if args.json:
-        print(json.dumps(p, indent=2))
-        return 0
-    print(format_plan(p))
+def _out(obj, as_json: bool, lines) -> int:
+    """Print ``obj`` as JSON, or the human form: ``lines(obj)`` (a string or lines)."""
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        text = lines(obj)
+        text = text if isinstance(text, str) else "\n".join(text)
+        if text:
+            print(text)
     return 0
 
 
-def format_plan(p: dict) -> str:
-    ref = p["reference"]
-    lines = [f"recipe {p['recipe']}  (hash {p['recipe_hash'][:12]})"]
-    if ref.get("beir_ndcg10") is not None:
-        lines.append(f"paper: {ref['beir_ndcg10']} nDCG@10 on BEIR, ~{ref.get('gpu_hours') or '?'} "
-                     f"{ref.get('hardware') or 'GPU'}-hours")
-    hdr = (f"{'phase':<14}{'kind':<14}{'lr':>9}{'batch':>7}{'temp':>6}{'gc':>5}{'q/d len':>10}{'prompts':>8}"
-           f"{'GPUs':>6}{'steps':>8}{'proj GPU-h':>11}{'budget':>8}")
-    lines += ["", hdr, "-" * len(hdr)]
-    for name, ph in p["phases"].items():
-        h = ph["hyperparameters"]
-        lengths = f"{h['effective_query_length']}/{h['effective_document_length']}"
-        steps = ph["total_steps"] if ph["total_steps"] is not None else "?"
-        budget = ph["budget_gpu_hours"] if ph["budget_gpu_hours"] is not None else "-"
-        lines.append(
-            f"{name:<14}{ph['kind']:<14}{h['lr']:>9.1e}{h['global_batch_size']:>7}{h['temperature']:>6g}"
-            f"{h['gradcache_mini_batch'] or '-':>5}{lengths:>10}{'on' if h['prompts']['enabled'] else 'off':>8}"
-            f"{ph['gpus']:>6}{steps:>8}{ph['projected_gpu_hours']:>11.1f}{budget:>8}"
-        )
-    lines.append("")
-    for name, ph in p["phases"].items():
-        h = ph["hyperparameters"]
-        r = h["resources"]
-        init = h["init"] if isinstance(h["init"], str) else f"export of phase {h['init']['from']!r}"
-        lines.append(f"{name}: init {init}; {len(h['sources'])} source(s), {h['sampling']}; {ph['rows'] or '?'} rows "
-                     f"({ph['rows_from']})")
-        lines.append(
-            f"  {r['nodes']} node(s) × {r['gpus_per_node'] or 'CPU'} GPUs, {r['time_limit']}, partition "
-            f"{r['partition'] or 'default'}"
-            f", ZeRO-{h['zero_stage']}; projection: {ph['projected_from']}"
-        )
-    b = p["budget_gpu_hours"]
-    lines.append(f"\nprojected {p['projected_gpu_hours']:.1f} GPU-hours for the run; budget "
-                 f"{b if b is not None else 'none'}")
-    return "\n".join(lines)
+# ------------------------------------------------------------------ plan, validate, status, report
+def cmd_plan(args) -> int:
+    from . import plan
+    from .manifest import Manifest
+
+    mdata = Manifest(args.run_dir).snapshot() if args.run_dir and Manifest(args.run_dir).exists() else None
+    bench = plan.read_gpu_bench(args.gpu_bench) if args.gpu_bench else None
+    return _out(plan.plan(_recipe(args), mdata, bench), args.json, plan.plan_table)
 
 
 def cmd_validate(args) -> int:
     from . import preflight
 
-    recipe = _recipe(args)
-    findings = preflight.check(recipe, paths=not args.no_path_checks)
-    errs = preflight.errors(findings)
-    warns = [f for f in findings if f.level != "error"]
-    if errs:
-        print(f"{args.recipe}: refused ({len(errs)} error(s)); nothing was written", file=sys.stderr)
-        _print_findings(errs)
-        _print_findings(warns)
-        return Exit.REFUSED
-    if not (args.no_path_checks or args.no_hashes):
-        bad, hashed = preflight.shard_hashes(recipe, progress=sys.stderr.isatty())
-        if bad:
-            print(f"{args.recipe}: refused: {len(bad)} prepared shard(s) do not match their index", file=sys.stderr)
-            _print_findings(bad)
-            return Exit.REFUSED
-        if hashed["shards"]:
-            print(f"shards: {hashed['shards']} hashed ({hashed['bytes'] / 1e9:.2f} GB), all match their indexes")
-    _print_findings(warns)
-    print(f"{args.recipe}: ok ({len(recipe.phases)} phase(s): {', '.join(recipe.phases)})")
+    lines = preflight.validate(_recipe(args), args.recipe, paths=not args.no_path_checks, hashes=not args.no_hashes,
+                               progress=sys.stderr.isatty())
+    print("\n".join(lines))
     return 0
 
 
@@ -124,164 +73,113 @@ def cmd_status(args) -> int:
     from .report import read_run_manifest, status_json, status_table
 
     data = read_run_manifest(args.run_dir)  # lock-free: works on read-only or other people's run dirs
-    if args.json:
-        print(json.dumps(status_json(data), indent=2))
-    else:
-        print(status_table(data))
+    return _out(status_json(data), args.json, lambda _: status_table(data))
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    print(f"report: {build_report(args.run_dirs, args.out)}")
     return 0
 
 
-# ------------------------------------------------------------------ data / train / eval
+# ------------------------------------------------------------------ data
 def cmd_prepare(args) -> int:
-    from .data.prepare import index_recipe, prepare_recipe
+    from .data.prepare import index_recipe, prepare_recipe, verify_lines
 
     if args.array_task is not None and args.array_task >= args.array_tasks:
         raise RecipeError(f"--array-task {args.array_task}: outside 0..{args.array_tasks - 1} (--array-tasks "
                           f"{args.array_tasks}); Slurm's SLURM_ARRAY_TASK_ID is the task's number")
     recipe = _recipe(args)
     if args.index_only:  # after the array tasks: check every shard is there, write the indexes
-        summary = index_recipe(recipe, phases=args.phase or None)
-        if args.json:
-            print(json.dumps(summary, indent=2, default=str))
-        return 0
-    shard_range = None
-    if args.array_task is not None:
-        shard_range = (args.array_task, args.array_tasks)
-    summary = prepare_recipe(
-        recipe, phases=args.phase or None, workers=args.workers, verify=args.verify, shard_range=shard_range
-    )
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-    elif args.verify:
-        for phase, sources in summary.items():
-            for name, s in sources.items():
-                v = s.get("verify") or {}
-                bad = v.get("altered_rebuilt") or []
-                print(f"{phase}/{name}: {v.get('hashed', 0)} shard(s) hashed, {len(bad)} altered and rebuilt"
-                      + "".join(f"\n  rebuilt {b}" for b in bad))
-    return 0
+        return _out(index_recipe(recipe, phases=args.phase or None), args.json, lambda _: [])
+    shard_range = None if args.array_task is None else (args.array_task, args.array_tasks)
+    summary = prepare_recipe(recipe, phases=args.phase or None, workers=args.workers, verify=args.verify,
+                             shard_range=shard_range)
+    return _out(summary, args.json, verify_lines if args.verify else lambda _: [])
 
 
 def cmd_fetch(args) -> int:
-    from .data.hub import fetch
+    from .data.hub import fetch, fetch_lines
 
     report = fetch(_recipe(args), phases=args.phase or None, dry_run=args.dry_run, workers=args.workers)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    total = 0
-    for where, e in report.items():
-        total += e["bytes"]
-        print(f"{where}: {e['repo']}@{(e['revision'] or 'main')[:12]} {e['pattern']}: {len(e['files'])} file(s), "
-              f"{e['bytes'] / 2**30:.2f} GiB (listed from the {e['listed_from']}) -> {e['local_dir']}")
-        for f in e["files"] if args.dry_run else []:
-            print(f"    {f['path']}  {f['bytes']:,} B")
-    print(f"{'would fetch' if args.dry_run else 'fetched'} {total / 2**30:.2f} GiB in all")
-    return 0
+    return _out(report, args.json, lambda r: fetch_lines(r, args.dry_run))
 
 
+def _run_work(args, spec) -> int:
+    """Local: the shards here (or one, --array-task), merging when none is left. Slurm: an array of the missing
+    shards, the last task merging."""
+    if args.executor == "slurm":
+        from .launcher.work import array_options, submit_array, submitted_line
+
+        opts = array_options(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+                             gpus_per_task=args.gpus_per_task, mem=args.mem)
+        r = submit_array(spec, args.out, args.shards, opts)
+        return _out(r, args.json, lambda r: submitted_line(r, args.out, args.shards))
+    from .mining import run_line, run_shards
+
+    r = run_shards(spec, args.out, args.shards, task=args.array_task, show_progress=not args.json)
+    return _out(r, args.json, lambda r: run_line(r, args.shards))
+
+
+def cmd_mine(args) -> int:
+    from .mining import MineSpec
+
+    return _run_work(args, MineSpec(
+        input=args.input, name=args.name, retriever=args.retriever, negatives=args.negatives, depth=args.depth,
+        skip_top=args.skip_top, skip_overlapping=args.skip_overlapping, teacher=args.teacher, margin=args.margin,
+        corpus=args.corpus, corpus_column=args.corpus_column, query_column=args.query_column,
+        document_column=args.document_column, max_length=args.max_length))
+
+
+def cmd_score(args) -> int:
+    from .mining import ScoreSpec
+
+    return _run_work(args, ScoreSpec(
+        input=args.input, teacher=args.teacher, docs_per_query=args.docs_per_query, sample=args.sample,
+        seed=args.seed, query_column=args.query_column, documents=args.documents, max_length=args.max_length,
+        drop_short=args.drop_short))
+
+
+# ------------------------------------------------------------------ inside jobs: train, after-phase, eval-job, chain
 def cmd_train(args) -> int:
-    from .train.runner import run_phase
+    from .runtime import HeldSignals
 
-    return run_phase(args.run_dir, args.phase)
+    held = HeldSignals()  # a stop signal while torch loads is kept for the runner, not fatal to this rank
+    try:
+        from .train.runner import run_phase
+
+        return run_phase(args.run_dir, args.phase)
+    finally:
+        held.close()
 
 
 def cmd_after_phase(args) -> int:
     from .launcher.requeue import after_phase_in_job
 
-    return after_phase_in_job(args.run_dir, args.phase, args.exit_code, is_main=True)
+    return after_phase_in_job(args.run_dir, args.phase, args.exit_code, acts=True)
 
 
 def cmd_eval_job(args) -> int:
     from .manifest import Manifest
     from .train.evaluation import run_eval_job
 
-    rec = run_eval_job(Manifest(args.run_dir), args.phase, args.step, args.attempt)
-    print(json.dumps(rec))
+    print(json.dumps(run_eval_job(Manifest(args.run_dir), args.phase, args.step, args.attempt)))
     return 0
+
+
+def cmd_local_chain(args) -> int:
+    from .launcher.local import run_chain
+
+    return run_chain(args.run_dir, args.lock_fd)
 
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table
 
-    res = evaluate(
-        args.model,
-        args.beir,
-        prompts=not args.no_prompts,
-        batch_size=args.batch_size,
-        max_corpus=args.max_corpus,
-        cache_dir=args.cache_dir,
-        index=args.index,
-        runs_dir=args.runs_dir,
-    )
-    print(json.dumps(res, indent=2) if args.json else format_table(res))
-    return 0
-
-
-def cmd_report(args) -> int:
-    from .report import build_report
-
-    path = build_report(args.run_dirs, args.out)
-    print(f"report: {path}")
-    return 0
-
-
-def _run_work(args, spec) -> int:
-    """Local: the shards here (or one, --array-task), merging when none is left. Slurm: an array of the missing
-    shards, the last task merging."""
-    from .mining import run_shards
-
-    if args.executor == "slurm":
-        from .launcher.work import array_options, submit_array
-
-        opts = array_options(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
-                             gpus_per_task=args.gpus_per_task, mem=args.mem)
-        r = submit_array(spec, args.out, args.shards, opts)
-        if args.json:
-            print(json.dumps(r, indent=2))
-        elif r["job"] is None:
-            print(f"{args.out}: already complete from the same settings; nothing submitted")
-        else:
-            print(f"submitted array job {r['job']}: shard(s) {', '.join(map(str, r['tasks']))} of {args.shards}; "
-                  f"the last to finish writes {args.out} (logs in {r['folder']})")
-        return 0
-    r = run_shards(spec, args.out, args.shards, task=args.array_task, show_progress=not args.json)
-    if args.json:
-        print(json.dumps(r, indent=2))
-    elif r["merged"]:
-        print(f"{r['out']}: " + ", ".join(f"{k} {v}" for k, v in r["stats"].items()))
-    else:
-        print(f"shard(s) {', '.join(map(str, r['ran']))} done; {len(r['missing'])} of {args.shards} still to run "
-              f"({', '.join(map(str, r['missing'][:10]))}{' …' if len(r['missing']) > 10 else ''})")
-    return 0
-
-
-def cmd_mine(args) -> int:
-    from .mining import MineSpec
-    from .recipe.schema import safe_name
-
-    if (args.teacher is None) != (args.margin is None):
-        raise RecipeError("--teacher and --margin go together: the teacher scores, the margin drops negatives it "
-                          "scores above positive − margin")
-    try:
-        safe_name(args.name, "--name")
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
-    spec = MineSpec(input=args.input, name=args.name, retriever=args.retriever, negatives=args.negatives,
-                    depth=max(args.depth, args.negatives + args.skip_top), skip_top=args.skip_top,
-                    skip_overlapping=args.skip_overlapping, teacher=args.teacher, margin=args.margin,
-                    corpus=args.corpus, corpus_column=args.corpus_column, query_column=args.query_column,
-                    document_column=args.document_column, max_length=args.max_length)
-    return _run_work(args, spec)
-
-
-def cmd_score(args) -> int:
-    from .mining import ScoreSpec
-
-    spec = ScoreSpec(input=args.input, teacher=args.teacher, docs_per_query=args.docs_per_query, sample=args.sample,
-                     seed=args.seed, query_column=args.query_column, documents=args.documents,
-                     max_length=args.max_length, drop_short=args.drop_short)
-    return _run_work(args, spec)
+    res = evaluate(args.model, args.beir, prompts=not args.no_prompts, batch_size=args.batch_size,
+                   max_corpus=args.max_corpus, cache_dir=args.cache_dir, index=args.index, runs_dir=args.runs_dir)
+    return _out(res, args.json, format_table)
 
 
 # ------------------------------------------------------------------ launcher
@@ -301,13 +199,19 @@ def cmd_resume(args) -> int:
     return run.returncode or 0
 
 
+def cmd_cancel(args) -> int:
+    from .launcher.api import cancel
+
+    cancelled = cancel(args.run_dir)
+    print(f"cancelled: {', '.join(cancelled)}" if cancelled else f"{args.run_dir}: nothing queued or running")
+    return 0
+
+
 def cmd_sbatch(args) -> int:
     from .launcher.sbatch import write_sbatch_scripts
 
-    recipe = _recipe(args)
-    paths = write_sbatch_scripts(recipe, args.run_dir, out_dir=args.out)
-    for p in paths:
-        print(p)
+    paths = write_sbatch_scripts(_recipe(args), args.run_dir, out_dir=args.out)
+    print("\n".join(map(str, paths)))
     print(f"submit them chained with `bash {paths[-1]}`, or one by one with --dependency=afterok:JOBID "
           "(slurm/README.md)", file=sys.stderr)
     return 0
@@ -320,27 +224,21 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="colbertzero",
-        description="SLURM-native training of ColBERT (multi-vector) retrieval models: the ColBERT-Zero pipelines as "
-                    "recipes.",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+def _recipe_args(sp) -> None:
+    sp.add_argument("recipe", help="recipe YAML (see recipes/)")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. phases.supervised.lr=1e-5")
 
-    def recipe_args(sp):
-        sp.add_argument("recipe", help="recipe YAML (see recipes/)")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. phases.supervised.lr=1e-5")
 
+def _plan_commands(sub) -> None:
     sp = sub.add_parser("plan", help="resolved phases, hyper-parameters, resources and projected GPU-hours")
-    recipe_args(sp)
+    _recipe_args(sp)
     sp.add_argument("--run-dir", help="use the throughput measured in this run dir")
     sp.add_argument("--gpu-bench", help="before a run: project from tools/bench/gpu.sh's gpu.json (pairs/s per GPU)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("validate", help="every check that needs no cluster; exits 2 and writes nothing on refusal")
-    recipe_args(sp)
+    _recipe_args(sp)
     sp.add_argument("--no-path-checks", action="store_true", help="skip checks of local data/model paths")
     sp.add_argument("--no-hashes", action="store_true", help="skip the sha256 of prepared shards")
     sp.set_defaults(fn=cmd_validate)
@@ -350,8 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_status)
 
+    sp = sub.add_parser("report", help="Markdown + PNG report of one or several run dirs")
+    sp.add_argument("run_dirs", nargs="+")
+    sp.add_argument("--out", default=None)
+    sp.set_defaults(fn=cmd_report)
+
+
+def _data_commands(sub) -> None:
     sp = sub.add_parser("prepare", help="tokenize each phase's sources into Arrow shards")
-    recipe_args(sp)
+    _recipe_args(sp)
     sp.add_argument("--phase", action="append", help="only this phase (repeatable)")
     sp.add_argument("--workers", type=_at_least(1), default=max(1, min(8, os.cpu_count() or 1)))
     sp.add_argument("--verify", action="store_true", help="full sha256 check of existing shards")
@@ -363,32 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_prepare)
 
     sp = sub.add_parser("fetch", help="download each source's Hub files (on a node with internet)")
-    recipe_args(sp)
+    _recipe_args(sp)
     sp.add_argument("--phase", action="append", help="only this phase (repeatable)")
     sp.add_argument("--dry-run", action="store_true", help="list the files and sizes per source; download nothing")
     sp.add_argument("--workers", type=_at_least(1), default=8, help="parallel downloads")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_fetch)
 
-    def work_args(sp):
-        sp.add_argument("input", help="JSONL or parquet file, folder or glob of parquet shards, save_to_disk folder")
-        sp.add_argument("--out", required=True, help="output folder (written whole when the last shard is done)")
-        sp.add_argument("--query-column", default="query")
-        sp.add_argument("--max-length", type=_at_least(8), default=None, help="tokens per text for dense/cross "
-                        "encoders (default: the model's)")
-        sp.add_argument("--shards", type=_at_least(1), default=1, help="query ranges (Slurm array tasks)")
-        sp.add_argument("--array-task", type=_at_least(0), default=None,
-                        help="run this shard only (in your own sbatch array: $SLURM_ARRAY_TASK_ID)")
-        sp.add_argument("--executor", choices=["local", "slurm"], default="local")
-        sp.add_argument("--partition", default=None, help="Slurm: partition of the array tasks")
-        sp.add_argument("--time", default="1:00:00", help="Slurm: time limit of one array task")
-        sp.add_argument("--cpus-per-task", type=_at_least(1), default=4)
-        sp.add_argument("--gpus-per-task", type=_at_least(0), default=0)
-        sp.add_argument("--mem", default=None)
-        sp.add_argument("--json", action="store_true")
 
+def _work_args(sp) -> None:
+    sp.add_argument("input", help="JSONL or parquet file, folder or glob of parquet shards, save_to_disk folder")
+    sp.add_argument("--out", required=True, help="output folder (written whole when the last shard is done)")
+    sp.add_argument("--query-column", default="query")
+    sp.add_argument("--max-length", type=_at_least(8), default=None, help="tokens per text for dense/cross "
+                    "encoders (default: the model's)")
+    sp.add_argument("--shards", type=_at_least(1), default=1, help="query ranges (Slurm array tasks)")
+    sp.add_argument("--array-task", type=_at_least(0), default=None,
+                    help="run this shard only (in your own sbatch array: $SLURM_ARRAY_TASK_ID)")
+    sp.add_argument("--executor", choices=["local", "slurm"], default="local")
+    sp.add_argument("--partition", default=None, help="Slurm: partition of the array tasks")
+    sp.add_argument("--time", default="1:00:00", help="Slurm: time limit of one array task")
+    sp.add_argument("--cpus-per-task", type=_at_least(1), default=4)
+    sp.add_argument("--gpus-per-task", type=_at_least(0), default=0)
+    sp.add_argument("--mem", default=None)
+    sp.add_argument("--json", action="store_true")
+
+
+def _mining_commands(sub) -> None:
     sp = sub.add_parser("mine", help="hard negatives for (query, positive) pairs → the supervised layout")
-    work_args(sp)
+    _work_args(sp)
     sp.add_argument("--name", required=True, help="the source name (the split and file name of the output)")
     sp.add_argument("--document-column", default="document", help="the positive (text or list: first is written)")
     sp.add_argument("--retriever", default="bm25", help="bm25, minilm, dense:PATH or colbert:PATH")
@@ -406,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_mine)
 
     sp = sub.add_parser("score", help="teacher scores of each query's candidates → the distillation layout")
-    work_args(sp)
+    _work_args(sp)
     sp.add_argument("--documents", default="document,negative", help="candidate columns, in order")
     sp.add_argument("--teacher", default="minilm", help="minilm, dense:PATH, colbert:PATH, cross-encoder:PATH, bm25")
     sp.add_argument("--docs-per-query", type=_at_least(1), default=None, help="score the first K candidates")
@@ -416,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop rows with fewer than --docs-per-query candidates (counted) instead of refusing")
     sp.set_defaults(fn=cmd_score)
 
+
+def _job_commands(sub) -> None:
+    """What runs inside jobs (started by srun, torchrun, submitit, the local executor)."""
     sp = sub.add_parser("train", help="run one phase in this process (one per GPU; started by srun/torchrun/submitit)")
     sp.add_argument("run_dir")
     sp.add_argument("--phase", required=True)
@@ -434,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--attempt", default="")
     sp.set_defaults(fn=cmd_eval_job)
 
+    sp = sub.add_parser("local-chain", help="(started by the local executor) the run's chain on this machine")
+    sp.add_argument("run_dir")
+    sp.add_argument("--lock-fd", type=int, default=None)
+    sp.set_defaults(fn=cmd_local_chain)
+
     sp = sub.add_parser("evaluate", help="nDCG@10, MRR@10, recall@100, MAP@100 of a PyLate model on BEIR-layout data")
     sp.add_argument("model")
     sp.add_argument("--beir", nargs="+", required=True, help="BEIR-layout or NanoBEIR-parquet folders")
@@ -446,31 +362,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_evaluate)
 
-    sp = sub.add_parser("report", help="Markdown + PNG report of one or several run dirs")
-    sp.add_argument("run_dirs", nargs="+")
-    sp.add_argument("--out", default=None)
-    sp.set_defaults(fn=cmd_report)
 
-    sp = sub.add_parser("launch", help="validate, then submit prepare and the phase chain (Slurm or local)")
-    recipe_args(sp)
+def _launcher_commands(sub) -> None:
+    sp = sub.add_parser("launch", help="validate, then start prepare and the phase chain (Slurm or local)")
+    _recipe_args(sp)
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--executor", choices=["slurm", "local"], default=None, help="default: slurm when sbatch exists")
     sp.add_argument("--budget", type=float, default=None, help="raise the run's GPU-hour budget")
-    sp.add_argument("--wait", action="store_true", help="stay until the chain ends (always true for local)")
+    sp.add_argument("--wait", action="store_true", help="stay until the chain ends; Ctrl-C then stops a local chain "
+                    "at a checkpoint")
     sp.set_defaults(fn=cmd_launch)
 
-    sp = sub.add_parser("resume", help="resubmit a run from where its manifest says it is")
+    sp = sub.add_parser("resume", help="start a run again from where its manifest says it is")
     sp.add_argument("run_dir")
     sp.add_argument("--executor", choices=["slurm", "local"], default=None)
     sp.add_argument("--budget", type=float, default=None, help="raise the run's GPU-hour budget")
-    sp.add_argument(
-        "--phase-budget", action="append", default=[], metavar="PHASE=HOURS", help="raise one phase's budget"
-    )
+    sp.add_argument("--phase-budget", action="append", default=[], metavar="PHASE=HOURS",
+                    help="raise one phase's budget")
     sp.add_argument("--wait", action="store_true")
     sp.set_defaults(fn=cmd_resume)
 
+    sp = sub.add_parser("cancel", help="cancel a run's jobs (a local chain stops at a checkpoint)")
+    sp.add_argument("run_dir")
+    sp.set_defaults(fn=cmd_cancel)
+
     sp = sub.add_parser("sbatch", help="write plain sbatch scripts (one per phase + a prepare array)")
-    recipe_args(sp)
+    _recipe_args(sp)
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--out", default=None, help="folder for the scripts (default RUN_DIR/sbatch)")
     sp.set_defaults(fn=cmd_sbatch)
@@ -479,9 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--model", choices=["minilm", "tiny-modernbert"], default="minilm")
     sp.set_defaults(fn=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="colbertzero",
+        description="SLURM-native training of ColBERT (multi-vector) retrieval models: the ColBERT-Zero pipelines as "
+                    "recipes.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for commands in (_plan_commands, _data_commands, _mining_commands, _job_commands, _launcher_commands):
+        commands(sub)
     return p
 
 
+# ------------------------------------------------------------------ errors
 def _user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input or a refused command: one message, exit 2, never a traceback."""
     from .data.shards import DataError
@@ -489,10 +418,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .evaluate.beir import DatasetError
     from .launcher.slurm import LaunchError
     from .manifest import ManifestError
-    from .mining import TeacherError, WorkError
+    from .mining import WorkError
+    from .retrieval import ModelSpecError
     from .scoring import ScoringUnavailable
 
-    return (RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, TeacherError, WorkError,
+    return (RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, ModelSpecError, WorkError,
             ScoringUnavailable)
 
 
@@ -529,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _user_errors()):
             print(f"colbertzero {args.cmd}: {e}", file=sys.stderr)
             return Exit.REFUSED
-        if args.cmd in ("train", "after-phase"):
+        if args.cmd in ("train", "after-phase", "local-chain"):
             raise  # inside a job: the whole traceback belongs in the job's log (and the manifest has it)
         where = _crash_report(args.cmd, e)
         print(f"colbertzero {args.cmd}: unexpected error: {type(e).__name__}: {e}\n  full traceback: {where} "

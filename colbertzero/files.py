@@ -12,7 +12,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,90 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(Path(dirpath))
 
 
+# Temporary files and folders are named `.<final name>.<random>.tmp` beside what they become (same filesystem, so the
+# rename is atomic): hidden, recognisable as the temp of one target (`writes_in_progress`), never read as data.
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}."
+
+
 def temp_beside(final: Path) -> Path:
-    """A unique temporary file name beside ``final`` (same filesystem, so the rename is atomic)."""
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    """A new, empty temporary file beside ``final``."""
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=TEMP_SUFFIX, dir=final.parent)
     os.close(fd)
     return Path(name)
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A new, empty temporary folder beside ``final`` (its parent is created if missing)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=TEMP_SUFFIX, dir=final.parent))
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the finished folder ``tmp`` in place of ``final``, whole: a reader sees the old folder or the new one,
+    never a mix (an old ``final`` is renamed aside, the new one renamed in, then the old one removed)."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = temp_dir_beside(final)
+        os.replace(final, old)  # over an empty folder: allowed
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def file_replacing(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file path beside ``final`` for any writer (pyarrow, numpy) to fill; when the block ends it is
+    flushed and renamed over ``final``. On an error it is removed and ``final`` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(final)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def folder_replacing(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``final`` to fill; when the block ends it replaces ``final`` whole (`replace_dir`).
+    On an error it is removed and ``final`` is left as it was."""
+    final = Path(final)
+    tmp = temp_dir_beside(final)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writes_in_progress(final: str | os.PathLike) -> list[Path]:
+    """The temporary files and folders of writes of ``final`` under way, or left by a writer that was killed."""
+    final = Path(final)
+    try:
+        return [final.parent / e.name for e in os.scandir(final.parent)
+                if e.name.startswith(_temp_prefix(final)) and e.name.endswith(TEMP_SUFFIX)]
+    except FileNotFoundError:
+        return []
+
+
+def temps_in(folder: str | os.PathLike) -> list[Path]:
+    """Every temporary file or folder directly in ``folder`` (what killed writers leave behind)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [folder / e.name for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX)]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -67,7 +148,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

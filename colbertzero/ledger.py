@@ -8,8 +8,8 @@ entry in it (``data["phases"][name]``). Functions named as verbs change the reco
 ``Manifest.update_phase``); the others only read.
 
 Rules:
-- One attempt is one run of a phase job (a requeue is a new attempt). GPU-hours = nodes × GPUs per node × elapsed
-  hours; CPU-only attempts (``gpus_per_node`` 0) count their tasks as GPUs.
+- One attempt is one run of a phase job (a requeue is a new attempt). GPU-hours = units × elapsed hours, the units
+  being nodes × GPUs per node, or, CPU-only (``gpus_per_node`` 0), the tasks (`units_of`, `gpu_hours`).
 - An attempt's elapsed time is at least the allocation's as Slurm accounts it (``merge_sacct``): the runner's own
   clock stops before export and evaluation, and a job killed while starting has no runner clock at all.
 - A budget raised on the command line (``resume --phase-budget``/``--budget``) wins over the recipe's.
@@ -23,13 +23,36 @@ import os
 from typing import Any
 
 from .files import now_iso
-
+from .runtime import resume_command
 
 # ---------------------------------------------------------------------------------------------- attempts
+# An attempt's exit_state when a rank's watchdog found the phase hung: it is run again like a requeue, and keeps that
+# state whatever its ranks report after it (a stuck rank woken to be killed fails in its broken collective: an echo).
+HANG = "hang"
+
+
+def is_hung(record: dict, attempt_id: str | None) -> bool:
+    return any(a["id"] == attempt_id and a.get("exit_state") == HANG for a in record.get("attempts") or [])
+
+
+def units_of(nodes: int, gpus_per_node: int, tasks: int) -> int:
+    """What an allocation is charged for: its GPUs (nodes × GPUs per node), or, CPU-only, its tasks."""
+    return nodes * gpus_per_node if gpus_per_node else max(1, tasks)
+
+
+def phase_units(resources) -> int:
+    """The units a phase's `resources` hold (one rank per GPU, or per CPU task: `Resources.world_size`)."""
+    return units_of(resources.nodes, resources.gpus_per_node, resources.world_size)
+
+
+def gpu_hours(units: int, seconds: float) -> float:
+    """GPU-hours of ``units`` held for ``seconds``: the one conversion."""
+    return units * float(seconds) / 3600.0
+
+
 def attempt_gpu_hours(a: dict) -> float:
-    """GPU-hours of one attempt = nodes × GPUs per node × elapsed hours (CPU-only attempts count tasks)."""
-    per_node = a["gpus_per_node"] if a["gpus_per_node"] else max(1, a["tasks"] // max(1, a["nodes"]))
-    return a["nodes"] * per_node * float(a.get("elapsed_s") or 0.0) / 3600.0
+    """GPU-hours of one attempt: its units (`units_of`) × its elapsed time."""
+    return gpu_hours(units_of(a["nodes"], a["gpus_per_node"], a["tasks"]), a.get("elapsed_s") or 0.0)
 
 
 def open_attempt(record: dict, *, job_id: str | None, executor: str, nodes: int, gpus_per_node: int, tasks: int,
@@ -60,7 +83,7 @@ def tick_attempt(record: dict, attempt_id: str, *, elapsed_s: float, step: int, 
             a["elapsed_s"] = float(elapsed_s)
             a["gpu_hours"] = attempt_gpu_hours(a)
             a["step_end"] = step
-            if end_state is not None:
+            if end_state is not None and a["exit_state"] != HANG:
                 a["exit_state"] = end_state
                 a["end"] = now_iso()
             return a
@@ -118,7 +141,7 @@ def crosses_budget(budget: float | None, used_before: float, elapsed_s: float, n
     attempts; ``units``: GPUs (or CPU tasks) this attempt holds."""
     if budget is None:
         return False
-    return used_before + (elapsed_s + next_step_s) * units / 3600.0 > budget
+    return used_before + gpu_hours(units, elapsed_s + next_step_s) > budget
 
 
 def budget_refusals(data: dict, phases: list[str], run_dir: str) -> list[str]:
@@ -130,11 +153,11 @@ def budget_refusals(data: dict, phases: list[str], run_dir: str) -> list[str]:
         if data["phases"][n]["state"] == "over-budget" or (budget is not None and used >= budget):
             of = f" of {budget:g}" if budget is not None else ""
             out.append(f"phase {n!r} is over its GPU-hour budget ({used:.3g}{of} used); continue it with a raised "
-                       f"budget: colbertzero resume {run_dir} --phase-budget {n}=HOURS")
+                       f"budget: {resume_command(run_dir, phase_budgets=[n])}")
     rb, used = run_budget(data), run_gpu_hours(data)
     if rb is not None and used >= rb:
         out.append(f"the run used {used:.3g} of its {rb:g} GPU-hours; continue it with a raised budget: "
-                   f"colbertzero resume {run_dir} --budget HOURS")
+                   f"{resume_command(run_dir, run_budget=True)}")
     return out
 
 

@@ -19,7 +19,9 @@ from filelock import FileLock
 
 from . import ledger
 from .files import atomic_write_bytes, atomic_write_json, now_iso
+from .layout import RunLayout
 from .recipe import dump_recipe, no_control_characters, recipe_from_dict
+from .runtime import resume_command
 
 FORMAT = "colbertzero-manifest/1"
 STATES = ("pending", "running", "done", "failed", "over-budget")
@@ -86,8 +88,9 @@ class Manifest:
     """
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.run_dir = Path(run_dir).resolve()
-        self.path = self.run_dir / MANIFEST
+        self.layout = RunLayout.of(run_dir)
+        self.run_dir = self.layout.root
+        self.path = self.layout.manifest
         self.lock = FileLock(str(self.path) + ".lock", timeout=120)
 
     # -- creation ------------------------------------------------------------
@@ -109,7 +112,7 @@ class Manifest:
                     raise ManifestError(
                         f"{m.path}: this run dir holds recipe {data['recipe']['name']!r} with another configuration "
                         f"(hash {data['recipe_hash'][:12]} ≠ {recipe.hash()[:12]}). Use a new --run-dir, or "
-                        f"`colbertzero resume {m.run_dir}` to continue the run as it was."
+                        f"`{resume_command(m.run_dir)}` to continue the run as it was."
                     )
                 return m
             data = {
@@ -122,7 +125,7 @@ class Manifest:
                 "budget_gpu_hours": None,
             }
             m._store(data)
-            atomic_write_bytes(m.run_dir / "recipe.yaml", dump_recipe(recipe).encode())
+            atomic_write_bytes(m.layout.recipe_file, dump_recipe(recipe).encode())
         return m
 
     def exists(self) -> bool:
@@ -201,7 +204,7 @@ class Manifest:
     # -- checkpoints and exports -------------------------------------------------
     def add_checkpoint(self, name: str, path: str | os.PathLike, step: int, sha256: str, keep_last: int) -> list[str]:
         """Register a COMPLETE checkpoint; returns the paths (relative) that fall out of keep_last, to delete."""
-        rel = os.path.relpath(Path(path).resolve(), self.run_dir)
+        rel = self.layout.relative(path)
 
         def f(p):
             p["checkpoints"] = [c for c in p["checkpoints"] if c["path"] != rel]
@@ -218,7 +221,7 @@ class Manifest:
         e = self.phase(name).get("export")
         if not e:
             return None
-        return str(self.run_dir / e["path"])
+        return str(self.layout.resolve(e["path"]))
 
 
 def resolve_init(manifest: Manifest | None, recipe, phase_name: str) -> str:
@@ -233,6 +236,6 @@ def resolve_init(manifest: Manifest | None, recipe, phase_name: str) -> str:
     if p["state"] != "done" or not p.get("export"):
         raise ManifestError(
             f"phase {phase_name!r} starts from phase {src!r}, which is {p['state']} with no export yet; "
-            f"run {src!r} first (`colbertzero resume {manifest.run_dir}`)"
+            f"run {src!r} first (`{resume_command(manifest.run_dir)}`)"
         )
-    return str(manifest.run_dir / p["export"]["path"])
+    return str(manifest.layout.resolve(p["export"]["path"]))

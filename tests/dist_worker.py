@@ -234,9 +234,11 @@ def worker(mode: str, work: Path, model_path: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from colbertzero.files import temp_dir_beside
+    from colbertzero.layout import RunLayout
     from colbertzero.manifest import Manifest
     from colbertzero.recipe import recipe_from_dict
-    from colbertzero.train.checkpoint import checkpoints_dir, load_latest_checkpoint, save_checkpoint
+    from colbertzero.train.checkpoint import load_latest_checkpoint, save_checkpoint
     from colbertzero.train.export import consolidated_state_dict, export_model
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -306,7 +308,7 @@ def worker(mode: str, work: Path, model_path: str) -> None:
 
             r["B1"] = _train(engine, 0, SPLIT, rank, on_step=save)
             if rank == 0:  # a writer killed mid-save leaves this behind: it must be ignored and cleaned
-                stale = checkpoints_dir(run_b, PHASE) / ".tmp-step-00000004" / "deepspeed"
+                stale = temp_dir_beside(RunLayout.of(run_b).phase(PHASE).checkpoint(4)) / "deepspeed"
                 stale.mkdir(parents=True)
                 (stale / "mp_rank_00_model_states.pt").write_bytes(b"partial")
         else:

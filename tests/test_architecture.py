@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,73 @@ def test_the_import_walk_sees_the_package():
 
 def test_no_import_cycle_in_the_package():
     assert _cycles(_imports()) == []
+
+
+def _package(module: str) -> str:
+    """colbertzero.evaluate.dense -> colbertzero.evaluate; top-level modules stand for themselves."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_cycle_between_the_packages():
+    """Subpackages too (an import inside a function is an edge: it runs when the function does). A cycle between
+    packages is a module that belongs below both."""
+    graph: dict[str, set[str]] = {}
+    for mod, deps in _imports().items():
+        graph.setdefault(_package(mod), set()).update(_package(d) for d in deps if _package(d) != _package(mod))
+    for deps in list(graph.values()):
+        for d in deps:
+            graph.setdefault(d, set())
+    assert _cycles(graph) == []
+
+
+# (what, regex, the one file allowed to hold it): each rule's home; nothing else in the package rebuilds it.
+ONE_HOME = [
+    ("run dir layout", r'"phases"\s*/|/\s*"phases"|/\s*"checkpoints"|/\s*"export"\b|"train\.jsonl"|"eval\.jsonl"',
+     "layout.py"),
+    ("step folder names", r"step-\{|step-%|:08d\}", "layout.py"),
+    ("shard folders and indexes", r"shards_dir\)\s*/|\"index\.json\"", "data/shards.py"),
+    ("the resume command", r"f\"colbertzero resume|`colbertzero resume \{", "runtime.py"),
+    ("GPU-hours", r"/\s*3600\.0\s*(>|$)|\*\s*3600\.0", "ledger.py"),
+    ("temporary names", r"mkdtemp|mkstemp|\.tmp-", "files.py"),
+]
+
+
+@pytest.mark.parametrize("what,pattern,home", ONE_HOME, ids=[w for w, _, _ in ONE_HOME])
+def test_each_rule_has_one_home(what, pattern, home):
+    found = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
+             for p in sorted(PACKAGE.rglob("*.py")) if str(p.relative_to(PACKAGE)) != home
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(pattern, line)]
+    assert not found, f"{what} is rebuilt outside colbertzero/{home}:\n" + "\n".join(found)
+
+
+def test_folder_swaps_go_through_files():
+    """A folder replaced whole is `files.replace_dir` / `files.folder_replacing`; the renames left elsewhere are a
+    shard's own order (sidecar before rename) and an embeddings cache entry another process may have finished."""
+    allowed = {"files.py", "data/shards.py", "retrieval/embeddings.py"}
+    found = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if str(p.relative_to(PACKAGE)) not in allowed and re.search(r"os\.replace\(|\.rename\(", p.read_text())]
+    assert not found, found
+
+
+def test_the_architecture_page_names_only_modules_that_exist():
+    """docs/architecture.md's map names every module of the package (package rows as `module.py`), and only those."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text[text.index("## The map"):text.index("## Principles")]
+    named: set[str] = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        cell, rest = row.split("|")[1].strip().strip("`"), row.split("|", 2)[2]
+        if cell == "tools/":
+            continue
+        if cell.endswith("/"):
+            named |= {f"{cell}{m}" for m in re.findall(r"`(\w+)\.py`", rest)}
+        else:
+            named.add(cell.removesuffix(".py"))
+    modules = {str(p.relative_to(PACKAGE).with_suffix("")) for p in PACKAGE.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    assert named - modules == set(), f"the page names modules that do not exist: {sorted(named - modules)}"
+    assert modules - named == set(), f"modules the page does not name: {sorted(modules - named)}"
 
 
 def test_trainer_never_imports_the_launcher():

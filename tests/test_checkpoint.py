@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import MICRO_BATCH, PHASE, SPLIT, STAGES, STEPS, WORLD, recipe_dict, zero_runs  # noqa: E402
 
+from colbertzero.layout import RunLayout, step_name  # noqa: E402
 from colbertzero.manifest import Manifest  # noqa: E402
 from colbertzero.recipe import recipe_from_dict  # noqa: E402
 from colbertzero.train.checkpoint import (  # noqa: E402
@@ -23,7 +24,6 @@ from colbertzero.train.checkpoint import (  # noqa: E402
     DS_TAG,
     TRAINER_STATE,
     capture_rng_state,
-    checkpoints_dir,
     find_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -61,10 +61,10 @@ def test_resume_is_bit_identical(runs, stage):
 def test_checkpoint_folder_and_manifest(runs, stage):
     run_b = runs / f"zero{stage}" / "B"
     phase = Manifest(run_b).phase(PHASE)
-    root = checkpoints_dir(run_b, PHASE)
+    root = RunLayout.of(run_b).phase(PHASE).checkpoints
     # keep_last=1: the step-2 checkpoint was registered, then dropped from the manifest and the disk
     assert [c["step"] for c in phase["checkpoints"]] == [SPLIT] and phase["step"] == SPLIT
-    assert sorted(p.name for p in root.iterdir()) == [f"step-{SPLIT:08d}"]  # the stale .tmp-* was cleaned at load
+    assert sorted(p.name for p in root.iterdir()) == [step_name(SPLIT)]  # the stale temp folder was cleaned at load
     ck = run_b / phase["checkpoints"][0]["path"]
     marker = json.loads((ck / COMPLETE).read_text())
     assert marker["step"] == SPLIT and marker["world_size"] == WORLD and marker["zero_stage"] == stage
@@ -88,7 +88,7 @@ def test_no_checkpoint_loads_none(runs):
 # ---------------------------------------------------------------- single-process checks (no engine needed)
 def _fake_checkpoint(m: Manifest, step: int, payload: bytes) -> Path:
     """A folder with the layout save_checkpoint writes (the DeepSpeed file's content does not matter here)."""
-    ck = checkpoints_dir(m.run_dir, PHASE) / f"step-{step:08d}"
+    ck = m.layout.phase(PHASE).checkpoint(step)
     (ck / DS_TAG).mkdir(parents=True)
     (ck / DS_TAG / "mp_rank_00_model_states.pt").write_bytes(payload)
     sha = weights_sha256(ck)
@@ -124,7 +124,7 @@ def test_save_refuses_bad_state_before_touching_anything(tmp_path, tiny_modernbe
         save_checkpoint(None, m.run_dir, PHASE, 1, loader_state={"x": object()}, **kw)
     with pytest.raises(ValueError, match="run dir"):
         save_checkpoint(None, tmp_path / "elsewhere", PHASE, 1, **kw)
-    assert not checkpoints_dir(m.run_dir, PHASE).exists()
+    assert not m.layout.phase(PHASE).checkpoints.exists()
 
 
 def test_rng_state_round_trip(tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from colbertzero.data import DataError, GlobalBatchLoader, index_recipe, prepare_recipe
 from colbertzero.data.tokenize import tokenizer_source
+from colbertzero.files import temp_beside, temps_in
 from colbertzero.recipe import recipe_from_dict
 
 FLAG = "train/flagembedding-examples"
@@ -477,13 +478,14 @@ def test_prepare_restart_parallel_and_array(shared_data, corpus_sources, tmp_pat
     folder = tmp_path / "one/u/a"
     (folder / "shard-00001.arrow").unlink()
     (folder / "shard-00002.meta.json").unlink()
-    (folder / ".tmp-shard-00003.arrow.x").write_bytes(b"partial")
+    stray = temp_beside(folder / "shard-00003.arrow")  # what a killed writer leaves
+    stray.write_bytes(b"partial")
     (folder / "index.json").unlink()
     s2 = prepare_recipe(one, workers=1, progress=False)
     assert (s2["u"]["a"]["written"], s2["u"]["a"]["skipped"]) == (2, 2)
     assert s2["k"]["nq"]["status"] == "up to date"
     assert _shas(tmp_path / "one") == ref  # deterministic shards
-    assert not list(folder.glob(".tmp-*"))
+    assert not stray.exists() and not temps_in(folder)
 
     # two worker processes give the same bytes
     par = _prep_recipe(shared_data, corpus_sources, tmp_path / "par", minilm)

@@ -10,6 +10,7 @@ import pytest
 
 from colbertzero.demo.data import SOURCES, build_demo_data, read_jsonl
 from colbertzero.demo.pydocs import MAX_DOC_WORDS, DemoDataError, norm_query
+from colbertzero.files import temps_in
 
 DATA_FILES = [f"train/pairs/{s}.jsonl" for s in SOURCES] + [
     "beir/pydocs/corpus.jsonl",
@@ -51,7 +52,7 @@ def test_shapes(built):
     lic = Path(built["license"]).read_text()
     assert "Python Software Foundation License Version 2" in lic and "Zero-Clause BSD" in lic
     assert "pydoc_data" in Path(built["readme"]).read_text()
-    assert not [p for p in root.parent.iterdir() if p.name.startswith(".data.tmp-")]
+    assert not temps_in(root.parent)
 
 
 def test_eval_set_is_beir_and_consistent(built):
@@ -112,7 +113,7 @@ def test_deterministic_and_idempotent(built, tmp_path):
     c = build_demo_data(tmp_path / "a", eval_queries=150)
     info = json.loads(Path(c["info"]).read_text())
     assert info["params"]["eval_queries"] == 150 and info["counts"]["eval/queries"] <= 150
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".a.tmp-", ".a.old-"))]
+    assert not temps_in(tmp_path)
 
     # a damaged build (a file lost) is not taken as complete
     Path(c["pairs"]["topics"]).unlink()

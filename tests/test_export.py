@@ -17,7 +17,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import DOCUMENTS, EXPORT_STAGES, PHASE, QUERIES, STEPS, WORLD, recipe_dict, zero_runs  # noqa: E402
 
-from colbertzero.files import sha256_tree  # noqa: E402
+from colbertzero.files import sha256_tree, temps_in  # noqa: E402
 from colbertzero.manifest import Manifest  # noqa: E402
 from colbertzero.recipe import recipe_from_dict  # noqa: E402
 from colbertzero.train.export import ExportError, export_model, read_card_info, update_model_card  # noqa: E402
@@ -74,7 +74,7 @@ def test_export_config_tokenizer_card_and_manifest(runs, stage):
     assert (cfg["query_prefix"], cfg["document_prefix"]) == ("[Q] ", "[D] ")
     assert cfg["do_query_expansion"] is True and cfg["attend_to_expansion_tokens"] is False
     assert (out / "model.safetensors").is_file() and (out / "1_Dense" / "model.safetensors").is_file()
-    assert not list(out.parent.glob(".tmp-*"))
+    assert not temps_in(out.parent)
 
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok.convert_tokens_to_ids(["[Q] ", "[D] "])
@@ -150,7 +150,7 @@ def test_export_of_a_plain_module_without_prompts(tmp_path, tiny_modernbert):
     assert m.phase(PHASE)["export"]["path"] == "exported"
     # re-export replaces the folder atomically; a template with other prefixes is refused
     export_model(model, tiny_modernbert, out, recipe=recipe, phase_name=PHASE, manifest=None, lineage={}, step=1)
-    assert read_card_info(out)["step"] == 1 and not list(out.parent.glob(".tmp-*"))
+    assert read_card_info(out)["step"] == 1 and not temps_in(out.parent)
     other = ColBERT(tiny_modernbert, device="cpu", embedding_size=32, query_prefix="[unused0]")
     with pytest.raises(ExportError, match="query_prefix"):
         export_model(other, other, tmp_path / "x", recipe=recipe, phase_name=PHASE, manifest=None, lineage={}, step=0)

@@ -13,6 +13,10 @@ jobs overlap on the two nodes; the tests then wait for their scenario and check 
              then continues with the budget raised; a `scancel` mid-phase is not requeued, and two concurrent
              `resume` submit once, from the newest checkpoint
   byhand     the `colbertzero sbatch` scripts submitted by hand with --dependency=afterok
+  hang       one phase, 2 nodes, launched through submitit; its rank 0 is frozen (SIGSTOP) mid-phase: rank 1's
+             watchdog records the hang and requeues the job, which runs again from the newest checkpoint
+  hang-byhand  the same under the plain sbatch scripts (srun reports the killed step's code; `after-phase` reads the
+             hang from the ledger)
 
 Slurm checks time limits every 30 s, so the warning comes 20 to 50 s into the job: late enough that every task has
 started Python and holds its handlers (a signal before that kills the task, as it would any program), early enough
@@ -30,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -259,6 +264,39 @@ def drive_byhand(recipe: Path):
     return go
 
 
+def freeze_rank0(job: str) -> psutil.Process:
+    """SIGSTOP the job's task with SLURM_PROCID 0 (a stuck process, as a lost node or a driver hang looks)."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == "0" and "python" in (p.info["cmdline"] or
+                                                                                              [""])[0]:
+            p.suspend()
+            return p
+    raise AssertionError(f"no rank 0 process of job {job} found")
+
+
+def drive_hang(recipe: Path, by_hand: bool):
+    def go(run: Path) -> dict:
+        if by_hand:
+            res = cz("sbatch", recipe, "--run-dir", run)
+            assert res.returncode == 0, res.stderr
+            job = run_cmd("sbatch", "--parsable", str(run / "sbatch" / "unsupervised.sbatch")).split(";")[0]
+        else:
+            _launch(recipe, run)
+            job = job_of(run)
+        out = {"job": job, "frozen_at": wait(lambda: (s := logged_step(run)) >= 12 and s, "12 steps")}
+        freeze_rank0(job)
+        wait(lambda: held_or_gone(job), "the requeue after the hang")
+        out["after_hang"] = record(run)
+        out["resume"] = cz("resume", run)  # releases the job Slurm holds after a requeue
+        wait(lambda: not queued(job), "the requeued job to end", poll=1)
+        return out
+    return go
+
+
 def drive_python(recipe: Path):
     """The Python API a login-node script or notebook uses: the same objects as the CLI."""
     def go(run: Path) -> dict:
@@ -294,6 +332,9 @@ def runs(local_slurm, tmp_path_factory):
                                                            "supervised": {**NO_EVAL, "max_steps": 2},
                                                            "distillation": None}),
         "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {**NO_EVAL, "max_steps": 2}}),
+        **{name: write_recipe(root, f"lt-{name}", shards, {**one, "unsupervised": {
+            **NO_EVAL, "data": {"epochs": 20}, "cadence": {"save_every": 10},
+            "watchdog": {"min_seconds": 8, "step_factor": 5}}}) for name in ("hang", "hang-byhand")},
     }
     dirs = {name: root / f"run-{name}" for name in recipes}
     _launch(recipes["chain"], dirs["chain"])
@@ -302,7 +343,8 @@ def runs(local_slurm, tmp_path_factory):
     assert sacct_runs(index_job) == ["COMPLETED"], logs(dirs["chain"])
     drivers = {"chain": drive_chain, "interrupt": drive_interrupt(recipes["interrupt"]),
                "budget": drive_budget(recipes["budget"]), "byhand": drive_byhand(recipes["byhand"]),
-               "python": drive_python(recipes["python"])}
+               "python": drive_python(recipes["python"]), "hang": drive_hang(recipes["hang"], by_hand=False),
+               "hang-byhand": drive_hang(recipes["hang-byhand"], by_hand=True)}
     scenarios = {name: Scenario(name, fn, dirs[name]) for name, fn in drivers.items()}
     for s in scenarios.values():
         s.start()
@@ -437,6 +479,28 @@ def test_sbatch_scripts_submitted_by_hand_run_the_chain(runs):
     assert data["phases"]["supervised"]["lineage"]["init"] == str(export)
     a = data["phases"]["unsupervised"]["attempts"][0]
     assert (a["job_id"], a["nodes"], a["tasks"]) == (out["jobs"]["unsupervised"], 2, 2)
+
+
+@pytest.mark.parametrize("name", ["hang", "hang-byhand"])
+def test_a_hung_rank_requeues_the_job_and_the_phase_completes_from_its_checkpoint(runs, name):
+    """Under submitit and under the plain scripts alike: rank 0 frozen, rank 1's watchdog dumps its stacks, records
+    the attempt as hung and the job is requeued (not failed); the second run starts from the newest checkpoint, and
+    the ledger counts both runs."""
+    run = runs["dirs"][name]
+    out = runs["scenarios"][name].outcome()
+    job = out["job"]
+    first = out["after_hang"]["attempts"][0]
+    assert (first["id"], first["exit_state"]) == (f"{job}-0", "hang"), out["after_hang"]["attempts"]
+    assert out["resume"].returncode == 0, out["resume"].stdout + out["resume"].stderr
+    p = record(run)
+    assert p["state"] == "done" and p["step"] == p["total_steps"], logs(run)
+    hung, *_, last = p["attempts"]
+    assert last["id"] == f"{job}-1" and last["exit_state"] == "completed", p["attempts"]
+    assert 10 <= last["step_start"] <= hung["step_end"]  # the newest checkpoint before the hang
+    assert sacct_runs(job) == ["REQUEUED", "COMPLETED"]
+    assert all(a["gpu_hours"] > 0 for a in p["attempts"])
+    dumps = list((run / "phases" / "unsupervised" / "hangs").glob(f"rank-00001-{job}-0.txt"))
+    assert dumps and "no step finished for" in dumps[0].read_text()
 
 
 # --------------------------------------------------------------------------------------------------- refusals

@@ -280,13 +280,13 @@ def test_a_recipe_derives_its_data_before_prepare(pairs, tiny_modernbert, tmp_pa
     assert "unknown setting(s) nmae" in err and "missing name" in err, err
 
     run = tmp_path / "run"
-    assert main(["launch", str(path), "--run-dir", str(run), "--executor", "local"]) == 0
+    assert main(["launch", str(path), "--run-dir", str(run), "--executor", "local", "--wait"]) == 0
     assert len(_rows(mined, "topics")) == len(read_jsonl(pairs["topics"]))
     assert len(_rows(scored, config="train")) == 16
     status = json.loads((run / "manifest.json").read_text())
     assert [p["state"] for p in status["phases"].values()] == ["done", "done"]
     before = (mined / "colbertzero.json").stat().st_mtime_ns, (scored / "colbertzero.json").stat().st_mtime_ns
     capfd.readouterr()
-    assert main(["launch", str(path), "--run-dir", str(run), "--executor", "local"]) == 0
+    assert main(["launch", str(path), "--run-dir", str(run), "--executor", "local", "--wait"]) == 0
     assert "derive" not in capfd.readouterr().err
     assert before == ((mined / "colbertzero.json").stat().st_mtime_ns, (scored / "colbertzero.json").stat().st_mtime_ns)

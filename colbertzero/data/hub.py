@@ -159,3 +159,14 @@ def fetched_revisions(recipe, phase_name: str) -> dict[str, str]:
                 continue
             out[f"{src.name}.{field}"] = f"{record['repo']}@{record['revision']}"
     return out
+
+
+def fetch_lines(report: dict, dry_run: bool) -> list[str]:
+    """What `colbertzero fetch` prints: each source's listing, and the total."""
+    lines, total = [], 0
+    for where, e in report.items():
+        total += e["bytes"]
+        lines.append(f"{where}: {e['repo']}@{(e['revision'] or 'main')[:12]} {e['pattern']}: {len(e['files'])} "
+                     f"file(s), {e['bytes'] / 2**30:.2f} GiB (listed from the {e['listed_from']}) -> {e['local_dir']}")
+        lines += [f"    {f['path']}  {f['bytes']:,} B" for f in e["files"]] if dry_run else []
+    return lines + [f"{'would fetch' if dry_run else 'fetched'} {total / 2**30:.2f} GiB in all"]

@@ -246,13 +246,13 @@ class GlobalBatchLoader:
         data = phase.data
         self.phase_name = phase_name
         self.rank, self.world_size = int(rank), int(world_size)
-        self.global_batch_size = G = phase.global_batch_size
+        self.global_batch_size = batch = phase.global_batch_size
         if not (0 <= self.rank < self.world_size):
             raise DataError(f"rank {rank} is outside world size {world_size}")
-        if G % self.world_size:
-            raise DataError(f"phases.{phase_name}.global_batch_size {G} is not divisible by the world size "
+        if batch % self.world_size:
+            raise DataError(f"phases.{phase_name}.global_batch_size {batch} is not divisible by the world size "
                             f"{world_size}")
-        self.local_batch_size = G // self.world_size
+        self.local_batch_size = batch // self.world_size
         self.seed = phase.seed if seed is None else int(seed)
         self.block_rows = int(block_rows)
         self.bucketing = data.length_bucketing
@@ -265,7 +265,7 @@ class GlobalBatchLoader:
         self.sources: list[_Source] = []
         self._indexes: list[dict] = []
         for i, src in enumerate(data.sources):
-            folder = Path(data.shards_dir) / src.name
+            folder = S.source_dir(data, src.name)
             what = f"phase {phase_name}, source {src.name}"
             index = S.read_index(folder, what)
             self._check(index, phase, i, settings.as_dict(), expected_tok, folder, what)
@@ -273,16 +273,16 @@ class GlobalBatchLoader:
             self._indexes.append(index)
             self.sources.append(_Source(src.name, folder, index))
         for s in self.sources:
-            if s.rows < G:
+            if s.rows < batch:
                 raise DataError(
-                    f"phase {phase_name}, source {s.name}: {s.rows} rows, fewer than one global batch ({G}); "
+                    f"phase {phase_name}, source {s.name}: {s.rows} rows, fewer than one global batch ({batch}); "
                     "drop the source or lower global_batch_size"
                 )
         self._orders = [
             BlockOrder([e["rows"] for e in ix["shards"]], self.block_rows, self.seed, name_salt(s.name))
             for s, ix in zip(self.sources, self._indexes)
         ]
-        self._bpe = np.array([s.rows // G for s in self.sources], dtype=np.int64)
+        self._bpe = np.array([s.rows // batch for s in self.sources], dtype=np.int64)
         self._make_schedule(data, phase)
         self._window: tuple[tuple[int, int, int], np.ndarray, np.ndarray] | None = None
         self.step = 0
@@ -357,10 +357,6 @@ class GlobalBatchLoader:
     def total_steps(self) -> int:
         return len(self.schedule)
 
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name for s in self.sources]
-
     def source_at(self, step: int) -> str:
         return self.sources[int(self.schedule[step])].name
 
@@ -377,21 +373,21 @@ class GlobalBatchLoader:
             raise IndexError(f"step {step} outside 0..{self.total_steps - 1}")
         s = int(self.schedule[step])
         j = int(self.ordinal[step])
-        G, bpe = self.global_batch_size, int(self._bpe[s])
-        epoch, jj = divmod(j, bpe)
-        if jj == 0 and epoch > 0:
+        batch, per_epoch = self.global_batch_size, int(self._bpe[s])
+        epoch, in_epoch = divmod(j, per_epoch)
+        if in_epoch == 0 and epoch > 0:
             log.info("phase %s: source %s starts epoch %d at step %d; consumed %s",
                      self.phase_name, self.sources[s].name, epoch, step, self.consumed(step))
         order = self._orders[s]
         if not self.bucketing:
-            return s, order.rows(epoch, jj * G + np.arange(G))
-        w, slot = divmod(jj, BUCKET_BATCHES)
+            return s, order.rows(epoch, in_epoch * batch + np.arange(batch))
+        w, slot = divmod(in_epoch, BUCKET_BATCHES)
         key = (s, epoch, w)
         if self._window is None or self._window[0] != key:
             first = w * BUCKET_BATCHES
-            nb = min(BUCKET_BATCHES, bpe - first)
-            rows = order.rows(epoch, first * G + np.arange(nb * G))
-            rows = rows[np.argsort(self.sources[s].max_doc_len(rows), kind="stable")].reshape(nb, G)
+            nb = min(BUCKET_BATCHES, per_epoch - first)
+            rows = order.rows(epoch, first * batch + np.arange(nb * batch))
+            rows = rows[np.argsort(self.sources[s].max_doc_len(rows), kind="stable")].reshape(nb, batch)
             self._window = (key, rows, seeded_rng(self.seed, self._orders[s].salt, epoch, 3, w).permutation(nb))
         _, rows, perm = self._window
         return s, rows[perm[slot]]
@@ -438,10 +434,6 @@ class GlobalBatchLoader:
             k = self.step
             self.step += 1
             yield self.batch(k)
-
-    @property
-    def remaining(self) -> int:
-        return self.total_steps - self.step
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:

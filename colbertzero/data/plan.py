@@ -35,7 +35,7 @@ from colbertzero.data.sources import (
     schema_names,
 )
 from colbertzero.data.tokenize import PhaseTokenizer
-from colbertzero.files import atomic_write_json, now_iso
+from colbertzero.files import atomic_write_json, now_iso, temps_in
 
 
 @dataclass
@@ -167,7 +167,7 @@ def plan_source(recipe, phase_name: str, i: int, tok: PhaseTokenizer, tok_key: s
     data = phase.data
     src = data.sources[i]
     where = f"phases.{phase_name}.data.sources[{i}] ({src.name})"
-    folder = Path(data.shards_dir) / src.name
+    folder = S.source_dir(data, src.name)
     cols = resolve_columns(phase.kind, src, where)
     path = snapshot.resolve(src.path, (src.hub or {}).get("path"), folder / S.WORK, where)
     inp = scan_input(path, src.format, data.rows_per_shard, src.max_rows, where, folder / S.WORK / "rows.scan.json")
@@ -338,5 +338,5 @@ def _remove_strays(plan: SourcePlan) -> None:
                 continue
             if k >= n:
                 S.remove_shard(p)
-        for p in sub.glob(".tmp-*"):
+        for p in temps_in(sub):  # shards a killed task was writing
             p.unlink(missing_ok=True)

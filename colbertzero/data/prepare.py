@@ -343,3 +343,15 @@ def _run(jobs: list[Job], tokenizers: dict[str, PhaseTokenizer], workers: int, p
     finally:
         bar.close()
     return [metas[k] for k in range(len(jobs))]
+
+
+def verify_lines(summary: dict) -> list[str]:
+    """What `colbertzero prepare --verify` prints: per source, shards hashed and the altered ones rebuilt."""
+    lines = []
+    for phase, sources in summary.items():
+        for name, s in sources.items():
+            v = s.get("verify") or {}
+            bad = v.get("altered_rebuilt") or []
+            lines.append(f"{phase}/{name}: {v.get('hashed', 0)} shard(s) hashed, {len(bad)} altered and rebuilt")
+            lines += [f"  rebuilt {b}" for b in bad]
+    return lines

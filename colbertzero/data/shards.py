@@ -112,8 +112,21 @@ def open_table(path: Path) -> pa.Table:
 
 
 # ---------------------------------------------------------------- index
+def source_dir(data, name: str) -> Path:
+    """Where one source of a phase's data (``data``: the phase's ``data`` settings) keeps its shards and index: the one
+    place this path is made."""
+    return Path(data.shards_dir) / name
+
+
 def index_path(folder: Path) -> Path:
     return Path(folder) / INDEX
+
+
+def unprepared(recipe, phases: list[str]) -> list[str]:
+    """Those of ``phases`` with a source that has no index yet (what `prepare` still has to do)."""
+    return [n for n in phases
+            if any(not index_path(source_dir(recipe.phase(n).data, s.name)).exists()
+                   for s in recipe.phase(n).data.sources)]
 
 
 def read_index(folder: Path, what: str) -> dict:

@@ -6,10 +6,9 @@ work folder, so the rest of prepare reads them as any folder of shards (in the c
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from ..files import folder_replacing
 from .shards import DataError
 
 
@@ -60,10 +59,7 @@ def resolve(path: str, hub, work: Path, where: str) -> str:
     want = [(f"{i:05d}-{f.name}", str(f.resolve())) for i, f in enumerate(files)]
     if dest.is_dir() and sorted((x.name, os.readlink(x)) for x in dest.iterdir()) == want:
         return str(dest)
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=work))
-    for name, target in want:
-        (tmp / name).symlink_to(target)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with folder_replacing(dest) as tmp:
+        for name, target in want:
+            (tmp / name).symlink_to(target)
     return str(dest)

@@ -33,15 +33,14 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from filelock import FileLock
 
+from ..files import folder_replacing
 from .pydocs import (
     STDLIB_MODULES,
     DemoDataError,
@@ -241,22 +240,11 @@ def build_demo_data(
             return _paths(root)
         if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / INFO).exists())):
             raise DemoDataError(f"{root}: exists and is not a demo data folder; refusing to overwrite it")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
+        with folder_replacing(root) as tmp:  # an older or other-parameter build is replaced whole
             counts = _build(tmp, params)
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             info = {**want, "counts": counts, "files": {rel: _sha256(tmp / rel) for rel in files}}
             (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-            old = None
-            if root.exists():  # an older or other-parameter build: move it aside, swap, then delete it
-                old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-                os.replace(root, old / "data")
-            os.replace(tmp, root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return _paths(root)
 
 

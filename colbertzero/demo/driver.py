@@ -30,10 +30,11 @@ from pathlib import Path
 import yaml
 
 from ..files import atomic_write_json
+from ..layout import RunLayout
 from ..manifest import Manifest, ManifestError
 from ..models import colbert_for, resolve_model_ref
 from ..recipe import load_recipe
-from ..report import INIT_EVAL, build_report, status_table
+from ..report import build_report, status_table
 from .derived import recipe_sources
 
 MODELS = {"minilm": "builtin:minilm", "tiny-modernbert": "builtin:tiny-modernbert"}
@@ -135,7 +136,7 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
         raise ValueError(f"phase {first!r} starts from another phase; there is no separate starting model")
     if not phase.eval.beir:
         raise ValueError(f"phase {first!r} has no eval.beir datasets to evaluate the starting model on")
-    path = m.run_dir / INIT_EVAL
+    path = m.layout.eval_init
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
@@ -165,7 +166,7 @@ def ndcg_by_stage(run_dir: str | os.PathLike) -> dict[str, dict[str, float | Non
     """``{dataset: {"init": x, phase: y, ...}}``, nDCG@10 in percent, from eval-init.json and the manifest."""
     run_dir = Path(run_dir)
     stages: list[tuple[str, dict | None]] = []
-    init = run_dir / INIT_EVAL
+    init = RunLayout.of(run_dir).eval_init
     stages.append(("init", json.loads(init.read_text()) if init.is_file() else None))
     stages += [(n, p.get("eval")) for n, p in Manifest(run_dir).read()["phases"].items()]
     datasets = dict.fromkeys(ds for _, ev in stages for ds in ((ev or {}).get("datasets") or {}))
@@ -222,9 +223,9 @@ def run_demo(out_dir: str = "runs/demo", model: str = "minilm") -> int:
 
     print(f"[demo] evaluating the starting model ({MODELS[model]}, fresh ColBERT projection)", flush=True)
     init = evaluate_init(run_dir)
-    print(f"[demo] init nDCG@10 {100 * init['average']['ndcg@10']:.2f} → {run_dir / INIT_EVAL}", flush=True)
+    print(f"[demo] init nDCG@10 {100 * init['average']['ndcg@10']:.2f} → {RunLayout.of(run_dir).eval_init}", flush=True)
 
-    code = launch(str(paths["recipe"]), str(run_dir), executor="local").returncode
+    code = launch(str(paths["recipe"]), str(run_dir), executor="local", wait=True).returncode
     if code != 0:
         print(f"[demo] the pipeline stopped (exit {code}); `colbertzero status {run_dir}` shows where; run the same "
               f"command again to continue from the newest checkpoint", file=sys.stderr)
@@ -241,6 +242,6 @@ def run_demo(out_dir: str = "runs/demo", model: str = "minilm") -> int:
     print(f"  run dir : {run_dir}")
     print(f"  model   : {m.export_path(last)}   (pylate.models.ColBERT(path) loads it)")
     print(f"  report  : {report}")
-    print(f"  init    : {run_dir / INIT_EVAL}   (the starting model's evaluation)")
+    print(f"  init    : {RunLayout.of(run_dir).eval_init}   (the starting model's evaluation)")
     print(f"  status  : colbertzero status {run_dir}")
     return 0

@@ -1,8 +1,8 @@
 """Retrieval quality of a PyLate ColBERT model on local BEIR / NanoBEIR folders.
 
 ``evaluate(model_path, datasets)`` runs, per dataset folder (its name is the folder's name): load (``beir.py``) ->
-judged queries, optional corpus subsample -> document embeddings, cached on disk (``embeddings.py``) -> query
-embeddings -> exact MaxSim top-100 or an index for very large corpora (``search.py``) -> nDCG@10, MRR@10,
+judged queries, optional corpus subsample -> document embeddings, cached on disk (``retrieval/embeddings.py``) -> query
+embeddings -> exact MaxSim top-100 or an index for very large corpora (``retrieval/search.py``) -> nDCG@10, MRR@10,
 recall@100, MAP@100 (``metrics.py``, trec_eval semantics).
 
 Prompts: unless ``prompts=False``, queries get the model's ``prompts["query"]`` and documents its
@@ -24,8 +24,7 @@ import numpy as np
 from pylate import models
 
 from ..files import atomic_write_bytes
-from .beir import DatasetError, DatasetWarning, load_beir, subsample_corpus
-from .embeddings import (
+from ..retrieval.embeddings import (
     CACHE_ENV,
     DocumentEmbeddings,
     document_embeddings,
@@ -35,8 +34,9 @@ from .embeddings import (
     model_hash_or_none,
     resolve_prompts,
 )
+from ..retrieval.search import EXACT_MAX_DOCS, choose_backend, exact_search, index_search
+from .beir import DatasetError, DatasetWarning, load_beir, subsample_corpus
 from .metrics import METRICS, compute_metrics, max_cutoff, rank, without_identical_ids
-from .search import EXACT_MAX_DOCS, choose_backend, exact_search, index_search
 
 __all__ = [
     "DatasetError",

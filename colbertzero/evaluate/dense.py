@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..mining.teachers import Model, ModelSpec
+from ..retrieval import Model, ModelSpec
 from .beir import load_beir, subsample_corpus
 from .metrics import METRICS, compute_metrics, max_cutoff, without_identical_ids
 

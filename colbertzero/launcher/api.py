@@ -1,9 +1,10 @@
 """`launch` and `resume` → a :class:`Run`: the objects both the Python API (`colbertzero.launch`) and the CLI use.
 
-A launch validates, creates the run dir, then runs prepare and the phase chain on Slurm (`submit.py`, submitit) or
-on this machine (`local.py`). It refuses, submitting nothing, on: validation errors (for a new run nothing is written
-either), Slurm refusing a job's resources (`sbatch --test-only`), a phase over its GPU-hour budget, jobs of the run
-still queued, another launch/resume of the same run dir at the same moment (`RUN_DIR/launch.lock`).
+A launch validates, creates the run dir, then hands prepare and the phase chain to an executor (`executors.py`:
+Slurm through submitit, or the local chain process) and returns the jobs it started. It refuses, submitting nothing,
+on: validation errors (for a new run nothing is written either), the executor refusing (Slurm's `sbatch --test-only`,
+GPUs this machine does not have), a phase over its GPU-hour budget, jobs of the run still queued or running, another
+launch/resume of the same run dir at the same moment (`RUN_DIR/launch.lock`).
 
 `resume` also merges Slurm's accounting into the ledger (`ledger.merge_sacct`) and releases a job Slurm holds after a
 requeue (Slurm 22.05 holds it ~120 s, BeginTime; the job cannot shorten that itself).
@@ -11,42 +12,50 @@ requeue (Slurm 22.05 holds it ~120 s, BeginTime; the job cannot shorten that its
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from .. import ledger, preflight
+from ..data.shards import unprepared
 from ..manifest import Manifest
 from ..models import resolve_model_ref
 from ..recipe import Recipe, load_recipe
 from ..report import build_report, status_json
-from ..runtime import Exit
-from . import sbatch as sb
-from . import slurm, submit
-from .local import run_local
+from ..runtime import Exit, resume_command
+from . import slurm
+from .executors import Executor, Job, SlurmExecutor, alive_jobs, executor_for
 from .slurm import LaunchError
 
-LOCK_WAIT_S = 60.0  # a submission takes seconds; longer means a local run holds the lock
+LOCK_WAIT_S = 60.0  # a submission takes seconds; longer means another launch/resume hangs
 
 
 class Run:
     """A run dir and the jobs working on it, as submitit's Job is to one job.
 
-    ``returncode``: the chain's exit code once known here (a local run, or ``wait``); None while Slurm runs it.
+    ``jobs``: {step: Job} this call started or found running; ``returncode``: the chain's exit code once known here
+    (``wait``), None while it runs.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, jobs: dict[str, str] | None = None,
+    def __init__(self, run_dir: str | os.PathLike, jobs: dict[str, Job] | None = None,
                  returncode: int | None = None) -> None:
         self.manifest = Manifest(run_dir)
         self.run_dir = self.manifest.run_dir
-        self.jobs: dict[str, str] = dict(jobs or {})
+        self.jobs: dict[str, Job] = dict(jobs or {})
         self.returncode = returncode
 
     def __repr__(self) -> str:
-        return f"Run({str(self.run_dir)!r}, jobs={self.jobs}, returncode={self.returncode})"
+        return f"Run({str(self.run_dir)!r}, jobs={self.job_ids}, returncode={self.returncode})"
+
+    @property
+    def job_ids(self) -> dict[str, str]:
+        return {step: job.job_id for step, job in self.jobs.items()}
 
     def status(self) -> dict:
         """`colbertzero status --json`: phases, states, steps, checkpoints, GPU-hours, last evaluation."""
@@ -56,17 +65,32 @@ class Run:
         return all(p["state"] == "done" for p in self.manifest.snapshot()["phases"].values())
 
     def wait(self, poll: float = 5.0) -> int:
-        """Stay until the run's jobs have left the queue, printing each phase's progress; 0 when every phase is
-        done."""
+        """Stay until the run's jobs have ended, showing their progress (a local chain's log as it grows); 0 when
+        every phase is done. SIGINT/SIGTERM while waiting stop a local chain at a checkpoint (waiting on until it has
+        stopped); Slurm jobs run on."""
         if self.returncode is None:
-            self.returncode = _wait_for(self.manifest, list(self.jobs.values()), poll)
+            here = [j for j in self.jobs.values() if j.runs_here]
+            with _stop_forwarded(here):
+                if here:
+                    for job in here:
+                        job.wait(follow=sys.stderr)
+                else:
+                    _follow(self.manifest, list(self.jobs.values()), poll)
+            reconcile(self.manifest)
+            codes = [j.exit_code() for j in self.jobs.values() if j.exit_code() is not None]
+            self.returncode = codes[-1] if codes else _chain_code(self.manifest)
         return self.returncode
+
+    def cancel(self) -> None:
+        """Cancel the run's jobs (a local chain stops at a checkpoint; Slurm jobs are scancelled)."""
+        for job in self.jobs.values():
+            job.cancel()
 
     @property
     def exports(self) -> dict[str, str]:
         """{phase: path of its exported PyLate model} for the phases done so far."""
-        return {n: str(self.run_dir / p["export"]["path"]) for n, p in self.manifest.snapshot()["phases"].items()
-                if p.get("export")}
+        phases = self.manifest.snapshot()["phases"]
+        return {n: str(self.manifest.layout.resolve(p["export"]["path"])) for n, p in phases.items() if p.get("export")}
 
     def report(self, out_dir: str | None = None) -> Path:
         """Markdown + PNG report (``RUN_DIR/report/`` by default); returns report.md's path."""
@@ -76,23 +100,23 @@ class Run:
 # ================================================================================================ entry points
 def launch(recipe: str | os.PathLike, run_dir: str | os.PathLike, overrides: list[str] | None = None,
            executor: str | None = None, budget: float | None = None, wait: bool = False) -> Run:
-    """Validate RECIPE, create RUN_DIR, then submit prepare (if shards are missing) and every phase.
+    """Validate RECIPE, create RUN_DIR, then start prepare (if shards are missing) and every phase.
 
-    ``executor``: "slurm" or "local" (default: Slurm when sbatch is here); a local run returns when the chain ends.
+    ``executor``: "slurm" or "local" (default: Slurm when sbatch is here). Both return once the jobs are started;
+    ``wait=True`` (or `Run.wait()`) stays until they end.
     """
     recipe = load_recipe(recipe, overrides or [])
     if budget is not None and budget <= 0:
         raise LaunchError(f"--budget {budget}: a GPU-hour budget is > 0")
     preflight.refuse_invalid(recipe, "nothing was submitted", budget)
-    executor = _choose_executor(executor)
-    if executor == "slurm":
-        phases = list(recipe.phases)
-        submit.preflight(recipe, phases, prepare=bool(_missing_shards(recipe, phases)))
+    ex = executor_for(executor)
+    phases = list(recipe.phases)
+    ex.preflight(recipe, phases, prepare=bool(unprepared(recipe, phases)))
     # Everything above refuses before the run dir exists: a refused launch writes nothing.
     m = Manifest.create(run_dir, recipe)
     if budget is not None:
         m.raise_budget(None, budget)
-    return _submit(m, executor, wait)
+    return _submit(m, ex, wait)
 
 
 def resume(run_dir: str | os.PathLike, executor: str | None = None, budget: float | None = None,
@@ -122,19 +146,26 @@ def resume(run_dir: str | os.PathLike, executor: str | None = None, budget: floa
         m.raise_budget(None, budget)
     if executor is None and data.get("sbatch_scripts") and not data.get("executor"):
         executor = "slurm"  # scripts written by `colbertzero sbatch`: the rest goes through Slurm too
-    return _submit(m, executor or data.get("executor") or _choose_executor(None), wait)
+    return _submit(m, executor_for(executor or data.get("executor")), wait)
+
+
+def cancel(run_dir: str | os.PathLike) -> list[str]:
+    """Cancel every job of the run still queued or running, whichever executor started it; ``step=job id`` of each."""
+    run = Run(run_dir, alive_jobs(Manifest(run_dir)))
+    run.cancel()
+    return [f"{step}={job_id}" for step, job_id in run.job_ids.items()]
 
 
 # ================================================================================================ one submission
-def _submit(m: Manifest, executor: str, wait: bool) -> Run:
-    lock = FileLock(str(m.run_dir / "launch.lock"))
+def _submit(m: Manifest, ex: Executor, wait: bool) -> Run:
+    lock = FileLock(str(m.layout.launch_lock))
     try:
         lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
-        raise LaunchError(f"{m.run_dir}/launch.lock is held by another launch/resume of this run (a local run in "
-                          "progress, or a submission that hangs); nothing submitted") from None
+        raise LaunchError(f"{m.layout.launch_lock} is held by another launch/resume of this run (a submission that "
+                          "hangs); nothing submitted") from None
     try:
-        run = _submit_locked(m, executor)
+        run = _submit_locked(m, ex)
     finally:
         lock.release()
     if run.returncode is None:
@@ -145,17 +176,17 @@ def _submit(m: Manifest, executor: str, wait: bool) -> Run:
     return run
 
 
-def _submit_locked(m: Manifest, executor: str) -> Run:
-    alive = _alive_jobs(m)
+def _submit_locked(m: Manifest, ex: Executor) -> Run:
+    alive = alive_jobs(m)
     if alive:
-        held = slurm.release_held(list(alive.values()))
-        listed = ", ".join(f"{k}={job} {state}" for k, (job, state, _) in alive.items())
+        held = SlurmExecutor.release_held({k: j for k, j in alive.items() if not j.runs_here})
+        listed = ", ".join(f"{k}={job.job_id} {job.state()}" for k, job in alive.items())
         print(f"{m.run_dir}: already in flight ({listed}); nothing submitted")
         if held:
             print(f"released job(s) {', '.join(held)} held after a requeue (Slurm's BeginTime); they start now")
-        return Run(m.run_dir, {k: job for k, (job, _, _) in alive.items()})
+        return Run(m.run_dir, alive)
     with m.update() as d:
-        d["inflight"] = {}  # whatever was submitted before has left the queue
+        d["inflight"] = {}  # whatever was submitted before has ended
     reconcile(m)
     recipe = m.recipe()
     data = m.read()
@@ -166,19 +197,15 @@ def _submit_locked(m: Manifest, executor: str) -> Run:
     refusals = ledger.budget_refusals(data, phases, str(m.run_dir)) + preflight.path_refusals(recipe, phases)
     if refusals:
         raise LaunchError(f"{m.run_dir}: refused; nothing was submitted\n" + "\n".join(f"  {r}" for r in refusals))
-    missing = _missing_shards(recipe, phases)
-    if executor == "slurm":
-        submit.preflight(recipe, phases, prepare=bool(missing))
-
+    missing = unprepared(recipe, phases)
+    ex.preflight(recipe, phases, prepare=bool(missing))
     with m.update() as d:
-        d["executor"] = executor
+        d["executor"] = ex.name
         for n in phases:  # a phase that failed or was cut off starts again from its newest checkpoint
             if d["phases"][n]["state"] in ("failed", "running"):
                 d["phases"][n]["state"] = "pending"
     _make_builtin_models(recipe, phases)
-    if executor == "local":
-        return Run(m.run_dir, returncode=run_local(m, recipe, phases, missing))
-    return Run(m.run_dir, submit.submit_chain(m, recipe, phases, missing))
+    return Run(m.run_dir, ex.submit(m, recipe, phases, missing))
 
 
 def _make_builtin_models(recipe: Recipe, phases: list[str]) -> None:
@@ -190,35 +217,28 @@ def _make_builtin_models(recipe: Recipe, phases: list[str]) -> None:
             resolve_model_ref(init)
 
 
-def _missing_shards(recipe: Recipe, phases: list[str]) -> list[str]:
-    """Phases with a source that has no shard index yet (`prepare` is idempotent: it redoes only what is missing)."""
-    return [n for n in phases
-            if any(not (Path(recipe.phase(n).data.shards_dir) / s.name / "index.json").exists()
-                   for s in recipe.phase(n).data.sources)]
+@contextlib.contextmanager
+def _stop_forwarded(jobs: list[Job]):
+    """While waiting on jobs that run on this machine: SIGINT/SIGTERM cancel them (a checkpointed stop)."""
+    if not jobs or threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def handler(signum, frame):
+        print(f"[colbertzero] {signal.Signals(signum).name}: stopping the local chain at a checkpoint; nothing "
+              "after the running phase starts", file=sys.stderr, flush=True)
+        for job in jobs:
+            job.cancel()
 
-def _choose_executor(executor: str | None) -> str:
-    if executor:
-        return executor
-    return "slurm" if slurm.available() else "local"
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # ================================================================================================ queue and ledger
-def _alive_jobs(m: Manifest) -> dict[str, tuple[str, str, str]]:
-    """{step: (job id, state, reason)} for this run's jobs still pending or running, however they were submitted
-    (found by job name, which carries the run's tag). Resubmitting then would run a phase twice."""
-    data = m.read()
-    if not (data.get("submissions") or data.get("sbatch_scripts") or data.get("executor") == "slurm"):
-        return {}  # this run never went through Slurm
-    if not slurm.available():
-        raise LaunchError(f"{m.run_dir} was submitted to Slurm and there is no Slurm client here to ask whether its "
-                          "jobs still run: resume it from the login node")
-    recipe = m.recipe()
-    steps = ("prepare", "prepare-index", *(f"derive-{d.name}" for d in recipe.derive), *recipe.phases)
-    names = {sb.job_name(recipe, step, m.run_dir): step for step in steps}
-    return {names[name]: v for name, v in slurm.queued_by_name(list(names)).items()}
-
-
 def reconcile(m: Manifest) -> None:
     """The ledger against Slurm's accounting (`ledger.merge_sacct`), then local attempts nobody runs any more."""
     data = m.read()
@@ -241,24 +261,28 @@ def reconcile(m: Manifest) -> None:
         ledger.close_lost_attempts(d)
 
 
-def _wait_for(m: Manifest, job_ids: list[str], poll: float = 5.0) -> int:
+def _follow(m: Manifest, jobs: list[Job], poll: float = 5.0) -> None:
+    """Print each phase's progress as the manifest records it, until every job has ended."""
     seen: dict[str, tuple] = {}
     while True:
-        queued = slurm.queued(job_ids)
+        running = [j for j in jobs if not j.done()]
         for n, p in m.read()["phases"].items():
             now = (p["state"], p["step"], p["total_steps"])
             if seen.get(n) != now:
                 seen[n] = now
                 print(f"[colbertzero] {n}: {p['state']} (step {p['step']}/{p['total_steps'] or '?'})", flush=True)
-        if not queued:
-            break
+        if not running:
+            return
         time.sleep(poll)
-    reconcile(m)
+
+
+def _chain_code(m: Manifest) -> int:
+    """The chain's exit code from the manifest: 0 when every phase is done; else what to do, and 1."""
     states = {n: p["state"] for n, p in m.read()["phases"].items()}
     if all(s == "done" for s in states.values()):
         return Exit.DONE
     over = [n for n, s in states.items() if s == "over-budget"]
-    how = f"colbertzero resume {m.run_dir}" + "".join(f" --phase-budget {n}=HOURS" for n in over)
     print(f"colbertzero: the chain stopped ({', '.join(f'{n}: {s}' for n, s in states.items())}); see "
-          f"`colbertzero status {m.run_dir}`, continue with `{how}`", file=sys.stderr)
+          f"`colbertzero status {m.run_dir}`, continue with `{resume_command(m.run_dir, phase_budgets=over)}`",
+          file=sys.stderr)
     return Exit.FAILED

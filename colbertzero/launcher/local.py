@@ -1,29 +1,41 @@
-"""The local executor: the same chain on this machine, no Slurm.
+"""The local executor's chain process (`colbertzero local-chain RUN_DIR`, started by `executors.LocalExecutor`): derive
+and prepare what is missing, then each phase not done yet as `world_size` processes of `colbertzero train`
+(torch.distributed on 127.0.0.1), run again as the requeue policy says (`requeue.decide` and `requeue.apply`, as
+inside a Slurm job).
 
-Prepare runs in-process, then each phase as `world_size` processes of `colbertzero train` (torch.distributed on
-127.0.0.1), run again from its checkpoint as the requeue policy (`requeue.decide`) says. SIGINT/SIGTERM to the
-launcher reach the ranks as SIGTERM (they checkpoint and exit 3) and the chain stops there.
+SIGTERM or SIGINT stops the chain the way a time limit stops a Slurm job: the running phase's ranks get SIGTERM (they
+checkpoint and exit 3) and nothing after them starts; during derive and prepare (both resume where they stopped) it
+stops at once. When a rank leaves (a crash, or its watchdog found the phase hung) the others get the watchdog's own
+limit to leave by themselves; those still there are hung (stopped, stuck in a collective) and are killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 from ..data.prepare import prepare_recipe
+from ..data.shards import unprepared
+from ..files import now_iso
 from ..manifest import Manifest
 from ..mining import derive_task, finished
 from ..recipe import Recipe
-from ..runtime import Exit, free_port
-from .requeue import continue_hint, decide
+from ..runtime import Exit, free_port, resume_command
+from . import requeue
 
-# After one rank crashed, the others may wait in a collective forever: they get this long to leave by themselves.
-CRASH_GRACE_S = 30
+# After one rank left, the others get at most this long (less when the phase's watchdog limit is shorter).
+RANK_GRACE_S = 30.0
+LEFT = (Exit.DONE, Exit.REQUEUE, Exit.OVER_BUDGET)  # a rank's own way out; anything else is a crash
+
+
+class StopRequested(Exception):
+    """A stop signal while no rank runs: the chain ends before starting anything else."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -33,82 +45,122 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-class _LocalStop:
-    """SIGINT/SIGTERM to the local launcher: forwarded to the ranks as SIGTERM, and the chain stops there."""
+class _Stop:
+    """SIGINT/SIGTERM: forwarded to the running ranks as SIGTERM; during derive and prepare (``interruptible``) the
+    chain ends at once; otherwise it starts nothing after what runs."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.procs: list[subprocess.Popen] = []
-        main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-        self.old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        self.interruptible = False
+        self.ranks: list[subprocess.Popen] = []
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
-        for p in self.procs:
+        for p in self.ranks:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        if self.interruptible:
+            raise StopRequested(f"{signal.Signals(signum).name} during derive/prepare")
 
-    def restore(self) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
+    @contextlib.contextmanager
+    def interruptible_work(self):
+        if self.requested:
+            raise StopRequested("stop asked for")
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
 
 
-def run_local(m: Manifest, recipe: Recipe, phases: list[str], missing_shards: list[str]) -> int:
-    """Derive and prepare what is missing, then run the phases in order; the chain's exit code."""
-    for step in recipe.derive:
-        if not finished(step.kind, step.args, step.out):
-            print(f"[colbertzero] derive {step.name}: colbertzero {step.kind} → {step.out}", file=sys.stderr)
-            derive_task(step.kind, step.args, step.out, step.shards, None)
-    if missing_shards:
-        prepare_recipe(recipe, phases=missing_shards, workers=min(recipe.prepare.workers, os.cpu_count() or 1))
-    stop = _LocalStop()
+def run_chain(run_dir: str, lock_fd: int | None = None) -> int:
+    """The chain; its exit code (the last phase's outcome: 0 when every phase is done)."""
+    m = Manifest(run_dir)
+    if lock_fd is None:  # started by hand rather than by LocalExecutor.submit: take the lock here
+        lock_fd = os.open(m.layout.chain_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        for n in phases:
-            r = recipe.phase(n).resources
-            tries = 0
-            while True:
-                code = _attempt(m, n, r.world_size, f"local-{time.strftime('%Y%m%dT%H%M%S')}-{tries}", stop)
-                outcome = decide(code, restarts=tries, max_requeues=r.max_requeues, stop_requested=stop.requested)
-                if outcome.action == "done":
-                    break
-                if outcome.action == "requeue":
-                    tries += 1
-                    print(f"[colbertzero] phase {n}: {outcome.reason}", file=sys.stderr)
-                    continue
-                print(f"[colbertzero] phase {n}: {outcome.reason}; the chain stops here. See `colbertzero status "
-                      f"{m.run_dir}`; continue with `{continue_hint(str(m.run_dir), n, outcome)}`", file=sys.stderr)
-                return outcome.exit_code
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the launcher's lock, inherited: already ours
+    except BlockingIOError:
+        print(f"[colbertzero] {run_dir}: another local chain is running", file=sys.stderr)
+        return Exit.REFUSED
+    with m.update() as d:
+        d["local_chain"] = {"pid": os.getpid(), "started": now_iso(), "exit_code": None, "ended": None}
+    stop = _Stop()
+    code = Exit.FAILED
+    try:
+        code = _chain(m, m.recipe(), stop)
+    except StopRequested as e:
+        print(f"[colbertzero] {e}: the chain stops before starting anything else; continue with "
+              f"`{resume_command(m.run_dir)}`", file=sys.stderr)
+        code = Exit.REQUEUE
     finally:
-        stop.restore()
+        with m.update() as d:
+            d["local_chain"].update(exit_code=code, ended=now_iso())
+    return code
+
+
+def _chain(m: Manifest, recipe: Recipe, stop: _Stop) -> int:
+    data = m.read()
+    phases = [n for n in recipe.phases if data["phases"][n]["state"] != "done"]
+    with stop.interruptible_work():  # both resume where they stopped
+        for step in recipe.derive:
+            if not finished(step.kind, step.args, step.out):
+                print(f"[colbertzero] derive {step.name}: colbertzero {step.kind} → {step.out}", file=sys.stderr)
+                derive_task(step.kind, step.args, step.out, step.shards, None)
+        missing = unprepared(recipe, phases)
+        if missing:
+            prepare_recipe(recipe, phases=missing, workers=min(recipe.prepare.workers, os.cpu_count() or 1))
+    for n in phases:
+        if stop.requested:
+            raise StopRequested(f"stop asked for before phase {n!r}")
+        ph = recipe.phase(n)
+        grace = min(RANK_GRACE_S, ph.watchdog.min_seconds)
+        tries = 0
+        while True:
+            attempt = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{tries}"
+            code = _attempt(m, n, ph.resources.world_size, attempt, stop, grace)
+            outcome = requeue.decide(code, restarts=tries, max_requeues=ph.resources.max_requeues,
+                                     stop_requested=stop.requested, hung=requeue.attempt_hung(m, n, attempt))
+            code = requeue.apply(outcome, m, n)  # the local executor runs a requeued phase again itself
+            if outcome.action == "done":
+                break
+            if outcome.action != "requeue":
+                return code
+            tries += 1
     return Exit.DONE
 
 
-def _attempt(m: Manifest, phase: str, world: int, attempt_id: str, stop: _LocalStop) -> int:
+def _attempt(m: Manifest, phase: str, world: int, attempt_id: str, stop: _Stop, grace: float) -> int:
+    """Run one attempt's ranks until every one has left (or was killed as hung); the attempt's exit code."""
     port = free_port()
-    # Slurm variables of an enclosing allocation would make the runner think it is a Slurm job.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
-    stop.procs = []
+    stop.ranks = []
     for rank in range(world):
-        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COLBERTZERO_ATTEMPT_ID=attempt_id)
-        # Own session: a Ctrl-C reaches the launcher only, which turns it into a checkpointed stop.
-        stop.procs.append(subprocess.Popen([sys.executable, "-m", "colbertzero", "train", str(m.run_dir), "--phase",
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   COLBERTZERO_ATTEMPT_ID=attempt_id)
+        # Own session: a Ctrl-C in a terminal reaches the chain only, which turns it into a checkpointed stop.
+        stop.ranks.append(subprocess.Popen([sys.executable, "-m", "colbertzero", "train", str(m.run_dir), "--phase",
                                             phase], env=env, start_new_session=True, preexec_fn=_die_with_parent))
-    codes: dict[int, int] = {}
-    deadline = None
-    expected = (Exit.DONE, Exit.REQUEUE, Exit.OVER_BUDGET)
+    codes: dict[int, int] = {}  # ranks that left by themselves
+    first_left = None
     while len(codes) < world:
-        for i, p in enumerate(stop.procs):
+        for i, p in enumerate(stop.ranks):
             if i not in codes and p.poll() is not None:
                 codes[i] = p.returncode
-        if deadline is None and any(c not in expected for c in codes.values()):
-            deadline = time.monotonic() + CRASH_GRACE_S
-        if deadline is not None and time.monotonic() > deadline:
-            for i, p in enumerate(stop.procs):
-                if i not in codes:
-                    p.kill()
+        if codes and first_left is None:
+            first_left = time.monotonic()
+        if first_left is not None and len(codes) < world and time.monotonic() - first_left > grace:
+            hung = [i for i, p in enumerate(stop.ranks) if i not in codes]
+            print(f"[colbertzero] phase {phase}: rank(s) {hung} still there {grace:g} s after rank(s) "
+                  f"{sorted(codes)} left: hung, killed", file=sys.stderr, flush=True)
+            for i in hung:
+                stop.ranks[i].kill()
+                stop.ranks[i].wait()
+            break
         time.sleep(0.2)
-    for c in codes.values():
-        if c not in expected:
-            return c if c > 0 else Exit.FAILED
+    crashes = [c for c in codes.values() if c not in LEFT]
+    if crashes:
+        return crashes[0] if crashes[0] > 0 else Exit.FAILED
     return max(codes.values())

@@ -1,16 +1,19 @@
 """The requeue policy: what happens after a phase's processes exit — the one owner of that rule.
 
-`decide` turns a phase's exit code into an outcome. Every executor applies it: the submitit task (`task.py`), the
-plain sbatch scripts (they call `colbertzero after-phase`, which runs `after_phase_in_job` below: no second copy of
-the rule in bash) and the local executor (`local.py`, which restarts the phase itself).
+`decide` turns a phase's exit code into an outcome; `apply` turns the outcome into actions (the phase marked failed,
+the requeue asked for, the message with the command that continues the run). Every executor calls both: the submitit
+task (`task.py`), the plain sbatch scripts (they call `colbertzero after-phase`, which runs `after_phase_in_job`
+below: no second copy of the rule in bash), a rank's watchdog that found a hang (through the same function), and the
+local executor (`local.py`, which runs the phase again itself).
 
 - exit 0: the phase is done;
-- exit 3 (stopped at a checkpoint on a stop signal): run again from that checkpoint, unless the phase was stopped
-  `max_requeues` times already (it is then marked failed, and `resume` continues it), the stop was asked for (Ctrl-C
-  of a local run), or Slurm is ending the job itself (`scancel`, the time limit, a preemption it requeues on its
-  own: a cancel must not turn into a requeue);
+- exit 3 (stopped at a checkpoint on a stop signal, or a rank found the phase hung): run again from that checkpoint,
+  unless the phase was stopped `max_requeues` times already (it is then marked failed, and `resume` continues it),
+  the stop was asked for (Ctrl-C of a local run), or Slurm is ending the job itself (`scancel`, the time limit, a
+  preemption it requeues on its own: a cancel must not turn into a requeue);
 - exit 4 (stopped at a checkpoint over its GPU-hour budget): stop; `resume --phase-budget` continues it;
-- anything else: the phase failed.
+- anything else: the phase failed — except when the attempt recorded a hang: a rank that leaves a hung phase exits 3,
+  but what the executor reports for the job (srun kills the stuck ranks) may be another code.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
+from .. import ledger
 from ..files import now_iso
 from ..manifest import Manifest
-from ..runtime import Exit, restart_count
+from ..runtime import Exit, restart_count, resume_command
 from . import slurm
 
 # Slurm ends every task of a requeued job (SIGTERM, then SIGKILL); a task that returned instead would report a result
@@ -40,60 +46,91 @@ class Outcome:
 
 
 def decide(code: int, *, restarts: int, max_requeues: int, stop_requested: bool = False,
-           job_state: str | None = None) -> Outcome:
+           job_state: str | None = None, hung: bool = False) -> Outcome:
     """``restarts``: times the phase was run again already; ``job_state``: the Slurm job's state (None outside
-    Slurm)."""
+    Slurm); ``hung``: the attempt recorded a hang (its exit code is then a requeue, whatever the executor saw)."""
+    if hung and code not in (Exit.DONE, Exit.OVER_BUDGET):
+        code = Exit.REQUEUE
     if code == Exit.DONE:
         return Outcome("done", Exit.DONE, "the phase is done")
     if code == Exit.OVER_BUDGET:
         return Outcome("stop", Exit.OVER_BUDGET, "stopped at a checkpoint over its GPU-hour budget")
     if code != Exit.REQUEUE:
         return Outcome("fail", code if code > 0 else Exit.FAILED, f"failed (exit {code})")
+    what = "hung; left to be run again from its newest checkpoint" if hung else "stopped at a checkpoint"
     if stop_requested:
-        return Outcome("stop", Exit.REQUEUE, "stopped at a checkpoint, as asked")
+        return Outcome("stop", Exit.REQUEUE, f"{what}, and a stop was asked for")
     if restarts >= max_requeues:
-        return Outcome("stop", Exit.REQUEUE, f"stopped at a checkpoint {restarts + 1} time(s); "
-                       f"max_requeues={max_requeues} reached", mark_failed=True)
+        return Outcome("stop", Exit.REQUEUE, f"{what} {restarts + 1} time(s); max_requeues={max_requeues} reached",
+                       mark_failed=True)
     if job_state is not None and job_state != "RUNNING":
-        return Outcome("stop", Exit.REQUEUE, f"stopped at a checkpoint; the job is {job_state or 'gone'}, so Slurm "
-                       "is ending it: not requeued")
-    return Outcome("requeue", Exit.REQUEUE, f"stopped at a checkpoint; run again ({restarts + 1} of at most "
-                   f"{max_requeues})")
+        return Outcome("stop", Exit.REQUEUE, f"{what}; the job is {job_state or 'gone'}, so Slurm is ending it: not "
+                       "requeued")
+    return Outcome("requeue", Exit.REQUEUE, f"{what}; run again ({restarts + 1} of at most {max_requeues})")
 
 
-def continue_hint(run_dir: str, phase: str, outcome: Outcome) -> str:
-    how = f"colbertzero resume {run_dir}"
-    if outcome.exit_code == Exit.OVER_BUDGET:
-        how += f" --phase-budget {phase}=HOURS"
-    return how
+def attempt_hung(m: Manifest, phase: str, attempt_id: str | None) -> bool:
+    """Did this attempt record a hang (a rank's watchdog fired)?"""
+    return bool(attempt_id) and ledger.is_hung(m.phase(phase), attempt_id)
 
 
-def after_phase_in_job(run_dir: str, phase: str, code: int, *, is_main: bool) -> int:
-    """Apply the policy inside a Slurm job after the phase's processes ended with ``code``; returns the job's exit
-    code. A requeue is asked for by ``is_main`` alone (`scontrol requeue`); every task then waits to be ended."""
+def apply(outcome: Outcome, m: Manifest, phase: str, *, requeue: Callable[[], str | None] | None = None) -> int:
+    """Carry out a decision; returns the exit code of the job or chain. ``requeue`` asks the executor to run the
+    phase again (Slurm: `scontrol requeue`; None when the caller runs it again itself, as the local executor does)
+    and returns None, or why it could not."""
+    if outcome.mark_failed:
+        m.update_phase(phase, lambda p: p.update(state="failed", failure={
+            "step": p["step"], "source": None, "reason": outcome.reason, "time": now_iso()}))
+    hint = resume_command(m.run_dir, phase_budgets=[phase] if outcome.exit_code == Exit.OVER_BUDGET else [])
+    if outcome.action == "requeue":
+        problem = requeue() if requeue is not None else None
+        if problem:
+            print(f"[colbertzero] phase {phase}: {outcome.reason}, but the requeue failed: {problem}. Continue with: "
+                  f"{hint}", file=sys.stderr, flush=True)
+        else:
+            print(f"[colbertzero] phase {phase}: {outcome.reason}", file=sys.stderr, flush=True)
+        return Exit.REQUEUE
+    if outcome.action != "done":
+        print(f"[colbertzero] phase {phase}: {outcome.reason}; the chain stops here. See `colbertzero status "
+              f"{m.run_dir}`; continue with `{hint}`", file=sys.stderr, flush=True)
+    return outcome.exit_code
+
+
+def after_phase_in_job(run_dir: str, phase: str, code: int, *, acts: bool) -> int:
+    """Apply the policy inside a Slurm job after the phase's processes ended with ``code`` (or a rank found the phase
+    hung); returns the job's exit code. The task that ``acts`` (rank 0 after the phase; the rank that found a hang;
+    the batch script of `colbertzero sbatch`) marks, requeues and reports; every task then waits to be ended."""
     m = Manifest(run_dir)
     limit = m.recipe().phase(phase).resources.max_requeues
     job = os.environ.get("SLURM_JOB_ID")
-    state = slurm.job_state(job) if (job and code == Exit.REQUEUE and is_main) else ("RUNNING" if job else "")
-    outcome = decide(code, restarts=restart_count(), max_requeues=limit, job_state=state)
-    hint = continue_hint(run_dir, phase, outcome)
-    if outcome.mark_failed and is_main:
-        m.update_phase(phase, lambda p: p.update(state="failed", failure={
-            "step": p["step"], "source": None, "reason": outcome.reason, "time": now_iso()}))
-    if outcome.action != "requeue":
-        if outcome.action != "done":
-            print(f"[colbertzero] phase {phase}: {outcome.reason}. Continue with: {hint}", file=sys.stderr, flush=True)
-        return outcome.exit_code
-    if is_main:
-        r = slurm.requeue(job)
-        if r.returncode != 0 and slurm.job_state(job) == "RUNNING":
-            print(f"[colbertzero] phase {phase}: `scontrol requeue {job}` failed: {r.stderr.strip()}. Continue "
-                  f"with: {hint}", file=sys.stderr, flush=True)
-            return Exit.REQUEUE
-        print(f"[colbertzero] phase {phase}: requeued job {job} ({outcome.reason})", file=sys.stderr, flush=True)
-    # On SIGTERM leave at once rather than wait for the SIGKILL.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    hung = attempt_hung(m, phase, f"{job}-{restart_count()}" if job else None)
+    requeuing = code == Exit.REQUEUE or hung
+    state = slurm.job_state(job) if (job and requeuing and acts) else ("RUNNING" if job else "")
+    outcome = decide(code, restarts=restart_count(), max_requeues=limit, job_state=state, hung=hung)
+    refused: list[str] = []
+
+    def ask() -> str | None:
+        problem = _requeue(job)
+        refused.extend([problem] if problem else [])
+        return problem
+
+    code = apply(outcome, m, phase, requeue=ask) if acts else outcome.exit_code
+    if outcome.action != "requeue" or refused:
+        return code
+    # Slurm ends this task as it requeues the job; leave at once on its SIGTERM rather than wait for the SIGKILL
+    # (a handler can only be set from the main thread: a watchdog's thread waits for the SIGKILL).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     time.sleep(REQUEUE_WAIT_S)
     print(f"[colbertzero] job {job} stopped at a checkpoint but Slurm did not end this task within "
           f"{REQUEUE_WAIT_S} s", file=sys.stderr, flush=True)
     return Exit.REQUEUE
+
+
+def _requeue(job: str | None) -> str | None:
+    if not job:
+        return "not inside a Slurm job"
+    r = slurm.requeue(job)
+    if r.returncode != 0 and slurm.job_state(job) == "RUNNING":  # another rank's requeue of the same job went first
+        return f"`scontrol requeue {job}`: {r.stderr.strip()}"
+    return None

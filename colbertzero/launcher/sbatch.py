@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..files import atomic_write_bytes
+from ..layout import RunLayout
 from ..manifest import Manifest
 from ..preflight import refuse_invalid
 from ..recipe import PrepareResources, Recipe, RecipeError, Resources, parse_time_limit
@@ -139,7 +140,7 @@ def _setup(lines: list[str]) -> str:
 
 def _prepare_scripts(recipe: Recipe, run_dir: Path, logs: Path) -> dict[str, str]:
     pr = recipe.prepare
-    recipe_file = shlex.quote(str(run_dir / "recipe.yaml"))
+    recipe_file = shlex.quote(str(RunLayout.of(run_dir).recipe_file))
     opts = prepare_options(recipe)
     n = pr.array_tasks
     array = "\n".join(directives({"job-name": job_name(recipe, "prepare", run_dir), **opts, "array": f"0-{n - 1}",
@@ -213,8 +214,8 @@ def write_sbatch_scripts(recipe: Recipe, run_dir: str | os.PathLike, out_dir: st
         phase_options(recipe.phase(n).resources, f"phases.{n}.resources")
     prepare_options(recipe)
     m = Manifest.create(run_dir, recipe)
-    out = Path(out_dir).resolve() if out_dir else m.run_dir / "sbatch"
-    logs = m.run_dir / "slurm"
+    out = Path(out_dir).resolve() if out_dir else m.layout.sbatch
+    logs = m.layout.slurm_logs
     out.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     scripts = _prepare_scripts(recipe, m.run_dir, logs)

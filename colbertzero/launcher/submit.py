@@ -44,7 +44,7 @@ def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
 
 
 def _executor(m: Manifest, step: str) -> submitit.SlurmExecutor:
-    return submitit.SlurmExecutor(folder=str(m.run_dir / "slurm" / step), max_num_timeout=0)
+    return submitit.SlurmExecutor(folder=str(m.layout.slurm(step)), max_num_timeout=0)
 
 
 def _params(name: str, opts: dict, dependency: str | None, setup: list[str], **extra) -> dict:
@@ -100,7 +100,8 @@ def _submit_derive(m: Manifest, recipe: Recipe, step, dependency: str | None, jo
     ex.update_parameters(**_params(sb.job_name(recipe, name, m.run_dir), _derive_options(step), dependency,
                                    list(recipe.prepare.setup)))
     with ex.batch():
-        tasks = [ex.submit(derive_task, step.kind, step.args, step.out, step.shards, i) for i in range(step.shards)]
+        tasks = [ex.submit(derive_task, step.kind, step.args, step.out, step.shards, task=i)
+                 for i in range(step.shards)]
     jobs[name] = tasks[0].job_id.split("_")[0]
     return jobs[name]
 
@@ -114,9 +115,10 @@ def _submit_prepare(m: Manifest, recipe: Recipe, phases: list[str], jobs: dict, 
     ex.update_parameters(**_params(sb.job_name(recipe, "prepare", m.run_dir), opts, dependency, setup))
     n = pr.array_tasks
     with ex.batch():
-        shares = [ex.submit(prepare_recipe, recipe, phases, pr.workers, False, (i, n), False) for i in range(n)]
+        shares = [ex.submit(prepare_recipe, recipe, phases, workers=pr.workers, shard_range=(i, n), progress=False)
+                  for i in range(n)]
     jobs["prepare"] = shares[0].job_id.split("_")[0]
     ex.update_parameters(**_params(sb.job_name(recipe, "prepare-index", m.run_dir), opts,
                                    f"afterok:{jobs['prepare']}", setup))
-    jobs["prepare-index"] = ex.submit(index_recipe, recipe, phases, False).job_id
+    jobs["prepare-index"] = ex.submit(index_recipe, recipe, phases, progress=False).job_id
     return jobs["prepare-index"]

@@ -2,12 +2,14 @@
 
 The runner's signal handlers replace submitit's (submitit would checkpoint and requeue from rank 0 alone, inside its
 handler): every rank stops at the same step and checkpoints together, and the runner returns `Exit.REQUEUE`; the
-policy (`requeue.py`) then decides, and rank 0 asks Slurm to requeue the job.
+policy (`requeue.py`) then decides, and rank 0 asks Slurm to requeue the job. A rank whose watchdog finds the phase
+hung cannot return (its main thread is stuck): the runner calls the same policy from the watchdog, and that rank asks
+for the requeue.
 """
 
 from __future__ import annotations
 
-from ..runtime import Exit, HeldSignals, detect
+from ..runtime import Exit, HeldSignals, detect, resume_command
 from .requeue import after_phase_in_job
 
 
@@ -22,12 +24,15 @@ class PhaseTask:
             # Imported here, inside the job: the login node that pickles this task needs no torch.
             from ..train.runner import run_phase
 
-            code = run_phase(self.run_dir, self.phase)
+            code = run_phase(self.run_dir, self.phase, on_hang=self._hung)
         finally:
             held.close()
-        code = after_phase_in_job(self.run_dir, self.phase, code, is_main=detect().is_main)
+        code = after_phase_in_job(self.run_dir, self.phase, code, acts=detect().is_main)
         if code == Exit.DONE:
             return "done"
         # A failed job: Slurm never starts the phases that depend on it (afterok) and cancels them.
         raise RuntimeError(f"phase {self.phase!r} ended with exit {code}; see `colbertzero status {self.run_dir}`, "
-                           f"continue with `colbertzero resume {self.run_dir}`")
+                           f"continue with `{resume_command(self.run_dir)}`")
+
+    def _hung(self, code: int) -> int:
+        return after_phase_in_job(self.run_dir, self.phase, code, acts=True)

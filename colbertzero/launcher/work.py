@@ -57,7 +57,14 @@ def submit_array(spec: MineSpec | ScoreSpec, out: str, shards: int, opts: dict) 
         | {"time": opts["time"]},
     )
     with ex.batch():
-        jobs = [ex.submit(run_shards, spec, str(out), shards, i, False) for i in todo]
+        jobs = [ex.submit(run_shards, spec, str(out), shards, task=i, show_progress=False) for i in todo]
     master = jobs[0].job_id.split("_")[0]
     return {"job": master, "tasks": todo, "folder": str(folder)}
 
+
+def submitted_line(r: dict, out: str, shards: int) -> str:
+    """What `mine`/`score --executor slurm` print (``submit_array``'s result)."""
+    if r["job"] is None:
+        return f"{out}: already complete from the same settings; nothing submitted"
+    return (f"submitted array job {r['job']}: shard(s) {', '.join(map(str, r['tasks']))} of {shards}; the last to "
+            f"finish writes {out} (logs in {r['folder']})")

@@ -12,11 +12,10 @@ from filelock import FileLock
 
 from .mine import MineSpec, mine_shard, write_mined
 from .score import ScoreSpec, score_shard, write_scored
-from .teachers import ModelSpec, TeacherError
 from .work import Work, WorkError
 
-__all__ = ["MineSpec", "ModelSpec", "ScoreSpec", "TeacherError", "WorkError", "derive_task", "run_shards",
-           "finished", "spec_from", "work_for"]
+__all__ = ["MineSpec", "ScoreSpec", "WorkError", "derive_task", "finished", "run_line", "run_shards", "spec_from",
+           "work_for"]
 
 
 def work_for(spec: MineSpec | ScoreSpec, out: str | os.PathLike, shards: int) -> Work:
@@ -76,3 +75,12 @@ def finished(kind: str, args: dict, out: str) -> bool:
 def _stats(out: Path) -> dict:
     path = Path(out) / "stats.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_line(r: dict, shards: int) -> str:
+    """What `mine`/`score` print after a local run (``run_shards``' result)."""
+    if r["merged"]:
+        return f"{r['out']}: " + ", ".join(f"{k} {v}" for k, v in r["stats"].items())
+    more = " …" if len(r["missing"]) > 10 else ""
+    return (f"shard(s) {', '.join(map(str, r['ran']))} done; {len(r['missing'])} of {shards} still to run "
+            f"({', '.join(map(str, r['missing'][:10]))}{more})")

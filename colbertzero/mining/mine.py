@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from ..recipe.schema import safe_name
+from ..retrieval import Model, ModelSpec, ModelSpecError
 from .inputs import input_fingerprint, read_corpus, read_pairs, resolve_input
-from .teachers import Model, ModelSpec, TeacherError
 from .work import Work, shard_range
 
 STAT_KEYS = ("rows", "rows_without_negatives", "rows_short", "negatives", "dropped_positive", "dropped_overlapping",
@@ -47,11 +48,19 @@ class MineSpec:
     document_column: str = "document"
     max_length: int | None = None
 
-    def __post_init__(self):  # a bad model or input is refused before any work starts
+    def __post_init__(self):  # a bad model, name or input is refused before any work starts
+        if (self.teacher is None) != (self.margin is None):
+            raise ModelSpecError("--teacher and --margin go together: the teacher scores, the margin drops negatives "
+                                 "it scores above positive − margin")
+        try:
+            safe_name(self.name, "--name")
+        except ValueError as e:
+            raise ModelSpecError(str(e)) from None
+        object.__setattr__(self, "depth", max(self.depth, self.negatives + self.skip_top))
         object.__setattr__(self, "input", resolve_input(self.input, "mine input"))
         if ModelSpec.parse(self.retriever, "--retriever").kind == "cross-encoder":
-            raise TeacherError(f"--retriever {self.retriever}: a cross-encoder scores candidates, it cannot rank a "
-                               f"corpus; mine with bm25, minilm, dense:PATH or colbert:PATH, filter with --teacher")
+            raise ModelSpecError(f"--retriever {self.retriever}: a cross-encoder scores candidates, it cannot rank a "
+                                 f"corpus; mine with bm25, minilm, dense:PATH or colbert:PATH, filter with --teacher")
         if self.corpus:
             object.__setattr__(self, "corpus", resolve_input(self.corpus, "mine corpus"))
         if self.teacher:

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..data.sources import DataError
+from ..retrieval import Model, ModelSpec
 from .inputs import input_fingerprint, read_pairs, resolve_input
-from .teachers import Model, ModelSpec
 from .work import Work, shard_range
 
 CONFIGS = ("train", "queries", "documents")

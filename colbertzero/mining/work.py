@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, file_replacing, folder_replacing
 
 
 class WorkError(ValueError):
@@ -67,9 +66,8 @@ class Work:
         return [i for i in range(self.shards) if not self.part(i).is_file()]
 
     def write_part(self, i: int, table: pa.Table) -> None:
-        tmp = self.part(i).with_name(f".{self.part(i).name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.part(i))
+        with file_replacing(self.part(i)) as tmp:
+            pq.write_table(table, tmp)
 
     def read_parts(self) -> pa.Table:
         missing = self.missing()
@@ -81,22 +79,10 @@ class Work:
     def merge(self, write: Callable[[pa.Table, Path], None]) -> Path:
         """``write(parts, tmp_folder)`` fills a temp folder that then replaces OUT whole."""
         table = self.read_parts()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        try:
+        with folder_replacing(self.out) as tmp:
             write(table, tmp)
             atomic_write_json(tmp / "colbertzero.json", {"spec": self.spec, "shards": self.shards,
                                                          "rows": table.num_rows})
-            old = None
-            if self.out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-                os.replace(self.out, old / "out")
-            os.replace(tmp, self.out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.folder, ignore_errors=True)
         return self.out
 

@@ -19,7 +19,8 @@ class RecipeError(ValueError):
 
 # A name that becomes a folder or part of a job name: letters, digits, '_', '.', '-', not '.'/'..', no leading '-'.
 _SAFE_NAME = re.compile(r"(?!\.{1,2}$)(?!-)[A-Za-z0-9_.\-]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and Unicode's line and paragraph separators: whatever some reader takes for the end of a line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def safe_name(v: str, what: str) -> str:
@@ -158,10 +159,6 @@ class Resources(_Strict):
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
 
-    @property
-    def time_limit_hours(self) -> float:
-        return parse_time_limit(self.time_limit) / 3600.0
-
     @field_validator("partition", "account", "qos", "constraint", "extra_sbatch")
     @classmethod
     def _sbatch_strings(cls, v, info):
@@ -169,7 +166,7 @@ class Resources(_Strict):
 
     @field_validator("time_limit", mode="before")
     @classmethod
-    def _tl(cls, v) -> str:
+    def _time_limit(cls, v) -> str:
         v = str(v) if isinstance(v, int) else v  # `time_limit=90` means 90 minutes, as for sbatch
         parse_time_limit(v)
         return v
@@ -198,7 +195,7 @@ class PrepareResources(_Strict):
 
     @field_validator("time_limit")
     @classmethod
-    def _tl(cls, v: str) -> str:
+    def _time_limit(cls, v: str) -> str:
         parse_time_limit(v)
         return v
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import ledger
 from ..files import atomic_write_bytes, now_iso
+from ..layout import RunLayout
 from .figures import attempt_rows, gpu_hours_figure, ndcg_figure, png, series_figure
 from .results import results_markdown, results_rows
 from .status import budget_cell, status_json, status_table
@@ -302,7 +303,7 @@ def build_report(run_dirs: list[str] | str, out_dir: str | None = None) -> Path:
         raise ReportError("several run dirs: say where the comparison goes (out_dir / --out)")
     runs = [load_run(d) for d in run_dirs]
     _labels_unique(runs)
-    out = Path(out_dir) if out_dir is not None else runs[0].run_dir / "report"
+    out = Path(out_dir) if out_dir is not None else RunLayout(runs[0].run_dir).report
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)

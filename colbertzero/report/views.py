@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..files import parse_iso
-from ..manifest import MANIFEST, Manifest, ManifestError
+from ..layout import RunLayout
+from ..manifest import Manifest, ManifestError
 
 DASH = "—"
 REPORT_FORMAT = "colbertzero-report/1"
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 # Every figure this module may write; stale ones from an earlier report are removed when not produced again.
 FIGURES = ("loss.png", "lr.png", "throughput.png", "gpu_hours.png", "ndcg10.png", "ndcg10_in_training.png")
-# The starting model's evaluation (written by `colbertzero demo`); shown as an "init" row when of this recipe.
-INIT_EVAL = "eval-init.json"
 
 
 class ReportError(ManifestError):
@@ -284,15 +283,16 @@ def load_run(run_dir: str | Path, logs: bool = True) -> RunView:
         data = Manifest(p).snapshot()
     except ManifestError as e:
         raise ReportError(str(e)) from None
-    run = RunView(run_dir=p.resolve(), label=p.resolve().name, data=check_manifest_data(data, str(p / MANIFEST)))
+    layout = RunLayout.of(p)
+    run = RunView(run_dir=layout.root, label=layout.root.name, data=check_manifest_data(data, str(layout.manifest)))
     for name in run.phases if logs else ():
-        run.logs[name], run.bad_lines[name] = read_train_log(p / "phases" / name / "logs" / "train.jsonl")
-        evals, _ = read_train_log(p / "phases" / name / "logs" / "eval.jsonl")
+        run.logs[name], run.bad_lines[name] = read_train_log(layout.phase(name).train_log)
+        evals, _ = read_train_log(layout.phase(name).eval_log)
         run.eval_logs[name] = [{"step": e["step"], "ndcg@10": (EvalView.of(e).average.get("ndcg@10") if
                                 EvalView.of(e) else None), "attempt": e.get("attempt")} for e in evals]
-    if logs and (p / INIT_EVAL).is_file():
+    if logs and layout.eval_init.is_file():
         try:
-            init = json.loads((p / INIT_EVAL).read_text())
+            init = json.loads(layout.eval_init.read_text())
         except (OSError, json.JSONDecodeError):
             init = None  # unreadable: no init row rather than no report
         if isinstance(init, dict) and init.get("recipe_hash") == data.get("recipe_hash"):

@@ -10,8 +10,9 @@ One checkpoint is one folder, ``RUN_DIR/phases/<phase>/checkpoints/step-XXXXXXXX
     COMPLETE                   # written last: step, sha256 of DeepSpeed's state files, world size, ZeRO stage
 
 Protocol (every rank calls :func:`save_checkpoint`; the run dir is on a filesystem all nodes share):
-rank 0 clears stale ``.tmp-*`` folders and creates ``.tmp-step-XXXXXXXX/``; all ranks write into it (each its own
-files) and fsync them; after a barrier rank 0 writes ``COMPLETE`` and renames the folder to ``step-XXXXXXXX/``, then
+rank 0 clears stale temporary folders and creates ``.step-XXXXXXXX.<random>.tmp/`` (`files.temp_dir_beside`), whose
+name it hands every rank; all ranks write into it (each its own files) and fsync them; after a barrier rank 0 writes
+``COMPLETE`` and puts the folder in place as ``step-XXXXXXXX/`` (`files.replace_dir`), then
 registers it in the manifest and deletes what falls out of ``keep_last``. A ``step-*`` folder therefore always is
 complete, and the manifest lists only complete checkpoints. Rank 0 broadcasts its outcome so that every rank either
 returns the path or raises the same error (no rank is left waiting at a barrier).
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_write_json, fsync_dir, fsync_tree, now_iso, sha256_tree
+from ..files import atomic_write_json, fsync_tree, now_iso, replace_dir, sha256_tree, temp_dir_beside, temps_in
 from ..manifest import Manifest
 from . import dist
 
@@ -45,7 +46,6 @@ DS_TAG = "deepspeed"  # DeepSpeed's checkpoint tag: the sub-folder holding its f
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_STATE_FORMAT = "colbertzero-trainer-state/1"
-TMP_PREFIX = ".tmp-"
 # Keys the trainer state sets itself; extra_state may not override them.
 _RESERVED = ("format", "phase", "step", "time", "world_size", "zero_stage", "loader", "loader_per_rank", "temperature")
 
@@ -55,14 +55,6 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------- paths
-def checkpoints_dir(run_dir: str | os.PathLike, phase_name: str) -> Path:
-    return Path(run_dir) / "phases" / phase_name / "checkpoints"
-
-
-def step_dirname(step: int) -> str:
-    return f"step-{int(step):08d}"
-
-
 def weights_sha256(ckpt: str | os.PathLike) -> str:
     """The hash the manifest records: all of DeepSpeed's state files in the checkpoint.
 
@@ -72,14 +64,10 @@ def weights_sha256(ckpt: str | os.PathLike) -> str:
 
 
 def clean_stale(ckpt_root: str | os.PathLike) -> list[Path]:
-    """Remove ``.tmp-*`` folders a killed writer left behind. Call only when no save is under way (rank 0)."""
-    root = Path(ckpt_root)
-    removed = []
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    """Remove the temporary folders a killed writer left behind. Call only when no save is under way (rank 0)."""
+    removed = sorted(temps_in(ckpt_root))
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
     if removed:
         log.warning("removed %d stale partial checkpoint folder(s): %s", len(removed),
                     ", ".join(p.name for p in removed))
@@ -158,17 +146,16 @@ def save_checkpoint(
     loader_json = _to_json(loader_state, "loader_state")
     _to_json(extra_state, "extra_state")
 
-    root = checkpoints_dir(run_dir, phase_name)
-    name = step_dirname(step)
-    tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    final = manifest.layout.phase(phase_name).checkpoint(step)
+    root = final.parent
 
     def prepare():
         root.mkdir(parents=True, exist_ok=True)
         clean_stale(root)  # no other writer can be active: a phase runs as one job
         _check_space(root, engine, manifest, phase_name, step)
-        tmp.mkdir()
+        return str(temp_dir_beside(final))
 
-    dist.rank0_outcome(prepare, f"preparing {tmp}", CheckpointError)
+    tmp = Path(dist.rank0_outcome(prepare, f"preparing the checkpoint of step {step} in {root}", CheckpointError))
 
     # DeepSpeed writes its own files: rank 0 the module/scheduler states, every rank its ZeRO partition.
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=True)
@@ -202,18 +189,10 @@ def save_checkpoint(
         sha = weights_sha256(tmp)
         atomic_write_json(tmp / COMPLETE, {"step": step, "sha256": sha, "world_size": world,
                                            "zero_stage": _zero_stage(engine), "time": now_iso()})
-        if final.exists():
-            # The same step saved again (e.g. after resuming from an older checkpoint): replace it.
-            old = root / f"{TMP_PREFIX}replaced-{name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        replace_dir(tmp, final)  # the same step saved again (resumed from an older checkpoint) replaces it
         dropped = manifest.add_checkpoint(phase_name, final, step, sha, keep_last)
         for rel in dropped:
-            p = (manifest.run_dir / rel).resolve()
+            p = manifest.layout.resolve(rel).resolve()
             if p != final.resolve() and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
         return str(final)
@@ -226,9 +205,9 @@ def _check_space(root: Path, engine, manifest: Manifest, phase_name: str, step: 
     reported by torch as an iostream error on one rank while the others wait in a collective. The need is the
     newest checkpoint's size, or (the first save) 16 bytes a parameter: fp32 weights, master copy, Adam's two
     moments."""
-    done = [c for c in manifest.phase(phase_name)["checkpoints"] if (manifest.run_dir / c["path"]).is_dir()]
+    done = [c for c in manifest.phase(phase_name)["checkpoints"] if manifest.layout.resolve(c["path"]).is_dir()]
     if done:
-        folder = manifest.run_dir / done[-1]["path"]
+        folder = manifest.layout.resolve(done[-1]["path"])
         need = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     else:
         need = 16 * sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
@@ -269,7 +248,7 @@ def find_latest_checkpoint(manifest: Manifest, phase_name: str, *, verify_hash: 
             skipped.append({"path": c["path"], "step": c["step"], "reason": reason})
 
     for c in reversed(manifest.phase(phase_name)["checkpoints"]):
-        path = manifest.run_dir / c["path"]
+        path = manifest.layout.resolve(c["path"])
         marker = path / COMPLETE
         if not marker.is_file():
             skip(c, path, "listed in the manifest but missing or incomplete")
@@ -298,7 +277,7 @@ def load_latest_checkpoint(engine, run_dir: str | os.PathLike, phase_name: str, 
     _check_run_dir(run_dir, manifest)
 
     def choose():
-        clean_stale(checkpoints_dir(run_dir, phase_name))
+        clean_stale(manifest.layout.phase(phase_name).checkpoints)
         skipped: list[dict] = []
         chosen = find_latest_checkpoint(manifest, phase_name, skipped=skipped)
         if skipped:  # the run's record says which checkpoints were not resumed from, and why

@@ -13,7 +13,7 @@
   ceil(warmup_ratio x total_steps)), a LambdaLR over the AdamW above. It is given to DeepSpeed, so `engine.step()`
   steps it (do not step it again) and DeepSpeed checkpoints carry it.
 - Config: `train_micro_batch_size_per_gpu` = queries per rank per optimizer step and `gradient_accumulation_steps` = 1:
-  accumulation (GradCache chunks, `phase.gradient_accumulation` groups) is driven by gradcache.py with
+  accumulation (GradCache chunks, `phase.gradient_accumulation` groups) is driven by step.py with
   `set_gradient_accumulation_boundary`, because the number of backwards per step varies. ZeRO stage and offload from
   `phase.deepspeed`; bf16 when the runtime computes in bf16 (GPU + phase.bf16), fp32 otherwise, with fp32 master
   weights, optimizer state and gradient accumulation (ZeRO 1-3; bf16 on ZeRO-0 is refused); gradient clipping from

@@ -20,10 +20,9 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from ..evaluate import evaluate
-from ..files import now_iso
+from ..files import folder_replacing, now_iso
 from ..runtime import detach
 from . import dist
 from .checkpoint import capture_rng_state, restore_rng_state
@@ -34,19 +33,15 @@ class EvalError(RuntimeError):
     pass
 
 
-def evals_dir(run_dir, phase_name: str, step: int) -> Path:
-    return Path(run_dir) / "phases" / phase_name / "evals" / f"step-{step:08d}"
-
-
 def record_eval(manifest, phase_name: str, step: int, attempt: str, res: dict, seconds: float, where: str,
                 sinks=()) -> dict:
     """The one record of an in-training evaluation: eval.jsonl, the sinks (TensorBoard), the manifest."""
     datasets = {n: {k: v for k, v in r.items() if k != "retrieval"} for n, r in res["datasets"].items()}
     rec = {"time": now_iso(), "phase": phase_name, "step": step, "attempt": attempt, "where": where,
            "seconds": round(seconds, 3), "average": res["average"], "datasets": datasets}
-    logs = Path(manifest.run_dir) / "phases" / phase_name / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "eval.jsonl", "a") as f:  # one short line, one write: appends from two processes stay whole
+    log = manifest.layout.phase(phase_name).eval_log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:  # one short line, one write: appends from two processes stay whole
         f.write(json.dumps(rec) + "\n")
     ndcg = {n: r["ndcg@10"] for n, r in res["datasets"].items()}
     scalars = {f"eval/{name}/ndcg@10": v for name, v in ndcg.items()}
@@ -107,12 +102,9 @@ class Evaluator:
 
     def _dispatch(self, model, step: int, attempt: str) -> None:
         """Rank 0: save the weights, start the job; a job that cannot start is recorded, training goes on."""
-        folder = evals_dir(self.manifest.run_dir, self.phase_name, step)
-        shutil.rmtree(folder, ignore_errors=True)  # a resumed attempt's re-evaluation of the same step
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(str(tmp / "model"))
-        tmp.rename(folder)
+        folder = self.manifest.layout.phase(self.phase_name).eval_dir(step)
+        with folder_replacing(folder) as tmp:  # a resumed attempt's re-evaluation of the same step replaces it
+            model.save(str(tmp / "model"))
         job = self.phase.eval.job
         gpus = job.gpus if job.gpus is not None else (1 if self.phase.resources.gpus_per_node else 0)
         sbatch = {"partition": job.partition, "cpus-per-task": job.cpus_per_task, "time": job.time_limit,
@@ -138,7 +130,7 @@ def run_eval_job(manifest, phase_name: str, step: int, attempt: str = "") -> dic
     from .metering import eval_sinks
 
     phase = manifest.recipe().phase(phase_name)
-    folder = evals_dir(manifest.run_dir, phase_name, step)
+    folder = manifest.layout.phase(phase_name).eval_dir(step)
     if not (folder / "model").is_dir():
         raise EvalError(f"{folder / 'model'}: no saved weights for step {step} of phase {phase_name}")
     _set_job(manifest, phase_name, step, state="running")
@@ -148,7 +140,7 @@ def run_eval_job(manifest, phase_name: str, step: int, attempt: str = "") -> dic
         res = evaluate(str(folder / "model"), phase.eval.in_training, batch_size=phase.eval.batch_size,
                        max_corpus=phase.eval.max_corpus, device=device, cache_dir=str(folder / "cache"),
                        show_progress=False)
-        sinks = eval_sinks(manifest.recipe().report_to, Path(manifest.run_dir) / "phases" / phase_name / "logs")
+        sinks = eval_sinks(manifest.recipe().report_to, manifest.layout.phase(phase_name))
         try:
             rec = record_eval(manifest, phase_name, step, attempt, res, time.perf_counter() - t0, "job", sinks)
         finally:

@@ -23,7 +23,6 @@ import math
 import numbers
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from pylate.models import ColBERT
 from torch import nn
 
 from .. import ledger
-from ..files import atomic_write_bytes, fsync_tree, now_iso, sha256_tree
+from ..files import atomic_write_bytes, folder_replacing, fsync_tree, now_iso, sha256_tree, writes_in_progress
 from ..manifest import Manifest
 from ..models import colbert_for, settings_for
 from . import dist
@@ -173,11 +172,9 @@ def export_model(
         container = trained_colbert(full, prefix, model_template, recipe, phase_name)
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in container.parameters()})
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f".tmp-{out.name}-*"):  # left by a killed exporter
+        for stale in writes_in_progress(out):  # left by a killed exporter
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-        try:
+        with folder_replacing(out) as tmp:
             container.save(str(tmp), create_model_card=False, safe_serialization=True)
             rp = recipe.phase(phase_name)
             info = {
@@ -204,19 +201,8 @@ def export_model(
             atomic_write_bytes(tmp / "README.md", render_model_card(info, eval_results).encode())
             fsync_tree(tmp)
             sha = sha256_tree(tmp)
-            if out.exists():  # re-export: swap the old folder out, the new one in, then drop the old
-                old = out.parent / f".tmp-{out.name}-replaced"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         if manifest is not None:
-            entry = {"path": os.path.relpath(out, manifest.run_dir), "step": step, "sha256": sha, "time": now_iso()}
+            entry = {"path": manifest.layout.relative(out), "step": step, "sha256": sha, "time": now_iso()}
             manifest.update_phase(phase_name, lambda p: p.__setitem__("export", entry))
         return str(out)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..files import now_iso
+from ..layout import PhaseLayout, RunLayout
 from .losses import loss_for
 
 # bf16 dense tensor-core peaks (FLOP/s, no sparsity) by device name, first match wins: more specific names first.
@@ -133,10 +134,10 @@ class _Window:
 
 
 class _TensorBoard:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, folder: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # optional package: imported only when asked for
 
-        self.writer = SummaryWriter(str(log_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(folder))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
@@ -162,24 +163,24 @@ class _WandB:
         self.run.finish()
 
 
-def _sinks(report_to: list[str], log_dir: Path, run_dir: Path, phase: str, config: dict) -> list:
+def _sinks(report_to: list[str], logs: PhaseLayout, run_dir: Path, phase: str, config: dict) -> list:
     sinks = []
-    for name, make in (("tensorboard", lambda: _TensorBoard(log_dir)),
-                       ("wandb", lambda: _WandB(log_dir, run_dir, phase, config))):
+    for name, make, extra in (("tensorboard", lambda: _TensorBoard(logs.tensorboard), "pip install '.[tensorboard]'"),
+                              ("wandb", lambda: _WandB(logs.logs, run_dir, phase, config), "pip install '.[wandb]'")):
         if name not in report_to:
             continue
         try:
             sinks.append(make())
         except ImportError:
             print(f"[colbertzero] report_to lists {name}, which is not installed here; its metrics are skipped "
-                  f"(pip install {name})", file=sys.stderr)
+                  f"({extra})", file=sys.stderr)
     return sinks
 
 
-def eval_sinks(report_to: list[str], log_dir: Path) -> list:
+def eval_sinks(report_to: list[str], logs: PhaseLayout) -> list:
     """What an evaluation job writes to: TensorBoard (another event file in the same folder, merged by TensorBoard
     on read). Not W&B: its run has one writer, the training process."""
-    return _sinks([r for r in report_to if r == "tensorboard"], log_dir, log_dir, "", {})
+    return _sinks([r for r in report_to if r == "tensorboard"], logs, logs.logs, "", {})
 
 
 class Metrics:
@@ -193,13 +194,13 @@ class Metrics:
         self.phase_name, self.total, self.log_every = phase_name, total, log_every
         self.max_grad_norm = max_grad_norm
         self.world_size, self.peak, self.write = world_size, peak, write
-        self.logs = Path(run_dir) / "phases" / phase_name / "logs"
+        self.layout = RunLayout.of(run_dir).phase(phase_name)
         self.window = _Window()
         self.last: dict | None = None  # the newest record (what the ledger's throughput reads)
         self.sinks = []
         if write:
-            self.logs.mkdir(parents=True, exist_ok=True)
-            self.sinks = _sinks(report_to, self.logs, Path(run_dir), phase_name, config)
+            self.layout.logs.mkdir(parents=True, exist_ok=True)
+            self.sinks = _sinks(report_to, self.layout, Path(run_dir), phase_name, config)
 
     def count(self, seconds: float, samples: int, tokens: int, flops: float) -> None:
         self.window.add(seconds, samples, tokens, flops)
@@ -229,7 +230,7 @@ class Metrics:
         self.window = _Window()
         self.last = rec
         if self.write:
-            with open(self.logs / "train.jsonl", "a") as f:
+            with open(self.layout.train_log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             scalars = {f"train/{k}": rec[k] for k in self.SCALARS if rec[k] is not None}
             scalars.update({f"consumed/{src}": rows for src, rows in consumed.items()})

@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .. import ledger, scoring
 from ..data.hub import fetched_revisions
 from ..data.loader import GlobalBatchLoader
-from ..data.shards import DataError
+from ..data.shards import DataError, index_path, source_dir
 from ..evaluate import evaluate
 from ..files import atomic_write_json, now_iso, sha256_file, sha256_tree
 from ..manifest import Manifest, resolve_init
@@ -69,7 +69,10 @@ class StepDecisions:
         return cls(bool(summed[0] > 0), bool(summed[1] > 0), bool(summed[2] > 0), counter.total(summed[3:]))
 
 
-def run_phase(run_dir: str, phase_name: str) -> int:
+def run_phase(run_dir: str, phase_name: str, on_hang: Callable[[int], int] | None = None) -> int:
+    """One attempt at the phase on this rank; the exit code (`runtime.Exit`). ``on_hang(code)``: what the caller
+    does with the exit code when this rank's watchdog finds the phase hung, from the watchdog's thread (the caller
+    cannot: its thread is stuck); it returns the code the process exits with."""
     stop = StopFlag().install()
     manifest = Manifest(run_dir)
     recipe = manifest.recipe()
@@ -82,7 +85,7 @@ def run_phase(run_dir: str, phase_name: str) -> int:
     clean = False
     rt = dist.init_distributed(bf16=phase.bf16, timeout=timedelta(seconds=phase.watchdog.collective_timeout_s))
     try:
-        code = PhaseRun(manifest, recipe, phase_name, rt, stop).start()
+        code = PhaseRun(manifest, recipe, phase_name, rt, stop, on_hang).start()
         clean = True
         return code
     finally:
@@ -93,8 +96,10 @@ def run_phase(run_dir: str, phase_name: str) -> int:
 class PhaseRun:
     """One attempt at one phase on this rank."""
 
-    def __init__(self, manifest: Manifest, recipe, phase_name: str, rt, stop: StopFlag) -> None:
+    def __init__(self, manifest: Manifest, recipe, phase_name: str, rt, stop: StopFlag,
+                 on_hang: Callable[[int], int] | None = None) -> None:
         self.manifest, self.recipe, self.phase_name, self.rt, self.stop = manifest, recipe, phase_name, rt, stop
+        self.on_hang = on_hang
         self.phase = recipe.phase(phase_name)
         self.main = rt.is_main
         self.clock = AttemptClock(query_slurm=self.main)
@@ -102,6 +107,7 @@ class PhaseRun:
         info = job_identity(tasks=rt.world_size, gpus_per_node=gpus)
         self.attempt_id = dist.broadcast_from_rank0(info.pop("attempt_id"))  # local ranks would each make one
         self.job_info = info
+        self.units = ledger.units_of(info["nodes"], info["gpus_per_node"], info["tasks"])  # what the ledger charges
         self.step = 0
         self.source: str | None = None
         self.attempt_open = False
@@ -141,8 +147,10 @@ class PhaseRun:
         self.evaluator = Evaluator(manifest=self.manifest, recipe=self.recipe, phase_name=self.phase_name,
                                    init_path=self.init_path, device=str(rt.device), metrics=self.metrics)
         w = phase.watchdog
-        self.watchdog = Watchdog(folder=self.manifest.run_dir / "phases" / self.phase_name / "hangs", rank=rt.rank,
-                                 attempt=self.attempt_id, step_factor=w.step_factor, min_seconds=w.min_seconds)
+        self.layout = self.manifest.layout.phase(self.phase_name)
+        self.watchdog = Watchdog(folder=self.layout.hangs, rank=rt.rank,
+                                 attempt=self.attempt_id, step_factor=w.step_factor, min_seconds=w.min_seconds,
+                                 on_fire=self._hung)
         state = self.checkpointer.load()
         if state is not None:
             self.step = int(state["step"])
@@ -221,7 +229,7 @@ class PhaseRun:
             return False
         per_step = (self.train_seconds + time.perf_counter() - t0) / (self.train_steps + 1)
         return ledger.crosses_budget(self.budget, self.used_before, self.clock.elapsed(), per_step,
-                                     units=max(1, self.rt.world_size))
+                                     units=self.units)
 
     def _save(self, temperature) -> None:
         with self.watchdog.paused():
@@ -241,7 +249,7 @@ class PhaseRun:
             p, self.attempt_id, elapsed_s=elapsed, step=self.step, end_state=end_state, throughput=throughput))
 
     def _lineage(self, init_ref: str) -> None:
-        idx = [Path(self.phase.data.shards_dir) / s.name / "index.json" for s in self.phase.data.sources]
+        idx = [index_path(source_dir(self.phase.data, s.name)) for s in self.phase.data.sources]
         lineage = {
             "init": init_ref,
             "init_sha256": sha256_tree(self.init_path) if os.path.isdir(self.init_path) else None,
@@ -253,6 +261,17 @@ class PhaseRun:
         }
         self.manifest.update_phase(self.phase_name, lambda p: p.update(lineage=lineage))
 
+    def _hung(self) -> int:
+        """From the watchdog's thread: close this attempt in the ledger as hung (whichever rank saw it: rank 0 may be
+        the stuck one), then hand the requeue code to the caller's policy."""
+        try:
+            elapsed = self.clock.elapsed()
+            self.manifest.update_phase(self.phase_name, lambda p: ledger.tick_attempt(
+                p, self.attempt_id, elapsed_s=elapsed, step=self.step, end_state=ledger.HANG))
+        except Exception as e:  # the attempt may not be registered yet (a hang before the first step)
+            print(f"[colbertzero] rank {self.rt.rank}: the hang could not be recorded: {e}", file=sys.stderr)
+        return self.on_hang(Exit.REQUEUE) if self.on_hang is not None else Exit.REQUEUE
+
     def _record_failure(self, reason: str, trace: str | None, exit_state: str) -> None:
         """Mark the phase failed. Any rank may write: the first failure of this attempt is the cause (a rank that
         raised), later ones are its echoes (the others' collectives breaking), so they do not overwrite it."""
@@ -262,7 +281,7 @@ class PhaseRun:
             failure["traceback"] = trace
 
         def mark(p):
-            if (p.get("failure") or {}).get("attempt") != self.attempt_id:
+            if (p.get("failure") or {}).get("attempt") != self.attempt_id and not ledger.is_hung(p, self.attempt_id):
                 p["state"] = "failed"
                 p["failure"] = failure
 
@@ -296,7 +315,7 @@ class PhaseRun:
 
     def _finish(self) -> None:
         phase, rt = self.phase, self.rt
-        out = self.manifest.run_dir / "phases" / self.phase_name / "export"
+        out = self.layout.export
         lineage = self.manifest.phase(self.phase_name).get("lineage", {})
         export_model(self.engine, self.init_path, out, recipe=self.recipe, phase_name=self.phase_name,
                      manifest=self.manifest, lineage=lineage, step=self.step)
@@ -305,8 +324,8 @@ class PhaseRun:
             if phase.eval.beir:
                 results = evaluate(str(out), phase.eval.beir, batch_size=phase.eval.batch_size,
                                    max_corpus=phase.eval.max_corpus, device=str(rt.device),
-                                   runs_dir=out.parent / "runs")
+                                   runs_dir=self.layout.runs)
                 update_model_card(out, dict(results["datasets"]))
-                atomic_write_json(out.parent / "eval.json", results)
+                atomic_write_json(self.layout.eval_json, results)
             self.manifest.set_state(self.phase_name, "done", eval=results)
         dist.barrier()

@@ -2,9 +2,11 @@
 
 A thread on every rank notes each finished step. When none has finished for longer than the limit — `step_factor` ×
 the running median step time, and at least `min_seconds` (the first steps warm up) — it writes every thread's Python
-stack to `phases/<phase>/hangs/rank-<r>-<attempt>.txt` and ends the process with `Exit.REQUEUE`: the launcher runs
-the phase again from its newest checkpoint (a stuck rank, a lost node, a collective that will never complete), where
-a silent stall would hold the GPUs until the time limit. Checkpoints, exports and evaluations pause the watch.
+stack to `phases/<phase>/hangs/rank-<r>-<attempt>.txt`, calls `on_fire` (the runner records the hang in the ledger
+and, under submitit, applies the requeue policy: the main thread, stuck, never returns to do it) and ends the process
+with the exit code that returns (`Exit.REQUEUE` by default): the phase runs again from its newest checkpoint (a stuck
+rank, a lost node, a collective that will never complete), where a silent stall would hold the GPUs until the time
+limit. Checkpoints, exports and evaluations pause the watch.
 torch.distributed's own collective timeout (`collective_timeout_s`) stays the backstop for a rank that cannot run
 this thread at all.
 """
@@ -20,6 +22,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from ..runtime import Exit
 
@@ -27,8 +30,9 @@ POLL_S = 1.0
 
 
 class Watchdog:
-    def __init__(self, *, folder: Path, rank: int, attempt: str, step_factor: float, min_seconds: float) -> None:
-        self.folder, self.rank, self.attempt = Path(folder), rank, attempt
+    def __init__(self, *, folder: Path, rank: int, attempt: str, step_factor: float, min_seconds: float,
+                 on_fire: Callable[[], int] | None = None) -> None:
+        self.folder, self.rank, self.attempt, self.on_fire = Path(folder), rank, attempt, on_fire
         self.step_factor, self.min_seconds = step_factor, min_seconds
         self.durations: deque[float] = deque(maxlen=50)
         self.last = time.monotonic()
@@ -79,4 +83,9 @@ class Watchdog:
         print(f"[colbertzero] rank {self.rank}: no step finished for {waited:.0f} s (limit {self.limit():.0f} s: "
               f"{self.step_factor:g} x the median step, at least {self.min_seconds:g} s); every thread's stack is in "
               f"{path}; leaving to be run again from the newest checkpoint", file=sys.stderr, flush=True)
-        os._exit(Exit.REQUEUE)
+        code = Exit.REQUEUE
+        try:
+            code = self.on_fire() if self.on_fire is not None else code
+        finally:  # whatever happened there, this process leaves: its main thread is stuck
+            sys.stderr.flush()
+            os._exit(code)

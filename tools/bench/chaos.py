@@ -3,23 +3,27 @@
     python tools/bench/chaos.py [--trials N] [--stages 1,2,3] [--seed S] [--json] [--out DIR] [--no-disk-full]
 
 The unsupervised phase of recipes/tiny-cpu.yaml (GradCache, 2 gloo ranks under torchrun, the tiny ModernBERT, a
-checkpoint every 2 of 12 steps) for each ZeRO stage: one uninterrupted reference run, then per trial a run that is
-SIGKILLed — all ranks and torchrun's agent, or one rank — at a point drawn at random:
+checkpoint every 2 steps; the test data holds 8) for each ZeRO stage: one uninterrupted reference run, then per trial
+a run that is SIGKILLed — all ranks and torchrun's agent, or one rank — at a point drawn at random:
 
 - ``mid-step``: at a random moment after a random logged step;
-- ``mid-checkpoint``: while a checkpoint is being written (its ``.tmp-step-*`` folder exists);
-- ``mid-manifest``: while the manifest is being replaced (its temp file exists; else at the next step).
+- ``mid-checkpoint``: while a checkpoint is being written (its temporary folder exists);
+- ``mid-manifest``: while the manifest is being replaced (its temp file, `files.writes_in_progress`, exists; the run
+  dir is polled without pause; else two steps later, between writes).
 
-It is then resumed (torchrun again) until it finishes. A trial is identical when every loss any attempt logged and
-the exported weights equal the reference's exactly. Counted: manifests unreadable after a kill (corrupt), complete
-checkpoints that could not be resumed from (lost). Then a full disk: the run dir on a tmpfs with room for one
-checkpoint; the second save must fail the phase with the reason, and the first checkpoint must still resume.
+Each trial is classified by what the kill left behind: inside a manifest write (its temp file), inside a checkpoint
+write (its temp folder), between writes, or "finished first" (the phase ended before its kill point: not a kill, not
+counted). It is then resumed (torchrun again) until it finishes. A killed trial is identical when every loss any
+attempt logged and the exported weights equal the reference's exactly. Counted: manifests unreadable after a kill
+(corrupt), complete checkpoints that could not be resumed from (lost). Then a full disk: the run dir on a tmpfs with
+room for one checkpoint; the second save must fail the phase with the reason, and the first checkpoint must still
+resume.
 Last, manifest writes caught in the act (a phase's writes are too short for a random kill to land in one): a process
 replaces the manifest in a loop (`Manifest.update_phase`, printing each counter once it returns) and is SIGKILLed
 `--manifest-kills` times at random moments; after each kill the manifest must read and hold the last acknowledged
 counter or the one after it (the kill fell between replace and print). Counted: kills inside a write (its temp file
 left behind), torn manifests, acknowledged writes lost.
-Goal: every trial identical, 0 lost, 0 corrupt.
+Goal: every killed trial identical, 0 lost, 0 corrupt.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
@@ -47,10 +52,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 from quality import stdout_to_stderr  # noqa: E402  (the one fd-level redirect of the benchmarks)
 
+from colbertzero.files import temps_in, writes_in_progress  # noqa: E402
+from colbertzero.layout import RunLayout  # noqa: E402
+
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
 PHASE = "unsupervised"
 STEPS, SAVE_EVERY = 12, 2
 MODES = ("mid-step", "mid-checkpoint", "mid-manifest")
+LANDED = ("inside a manifest write", "inside a checkpoint write", "between writes", "finished first")
 TIMEOUT = 600
 
 
@@ -75,27 +84,62 @@ def _start(run: Path, tag: str, logs: Path | None = None) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
-def _kill(job: subprocess.Popen, one_rank: bool, rng: random.Random) -> str:
+def _ranks(job: subprocess.Popen, n: int = 2) -> list[int]:
+    """The pids of the phase's ranks under torchrun's agent, once all ``n`` have started (looked up before any kill
+    point, so that a kill lands within microseconds of the moment it aims at)."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and job.poll() is None:
+        found = []
+        for p in psutil.Process(job.pid).children():  # the agent's own children: a rank's helpers are not ranks
+            try:
+                if {"colbertzero", "train"} <= set(p.cmdline()):
+                    found.append(p.pid)
+            except psutil.Error:
+                continue
+        if len(found) >= n:
+            return found
+        time.sleep(0.05)
+    return []
+
+
+def _kill(job: subprocess.Popen, ranks: list[int], one_rank: bool, rng: random.Random) -> str:
     """SIGKILL as a node failure would: the ranks first (the agent cannot react), then the agent; or one rank."""
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "colbertzero" in " ".join(p.cmdline())]
     if one_rank and ranks:
-        victim = rng.choice(ranks)
-        victim.kill()
+        os.kill(rng.choice(ranks), signal.SIGKILL)
         try:  # the survivors find their peer gone at the next collective; the agent then stops the job
             job.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            return _kill(job, False, rng)
+            return _kill(job, ranks, False, rng)
         return "one rank"
-    for p in ranks:
-        p.kill()
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     job.kill()
-    psutil.wait_procs(ranks, timeout=60)
+    psutil.wait_procs([p for p in map(_process, ranks) if p], timeout=60)
     job.wait()
     return "all ranks"
 
 
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _left_behind(run: Path) -> str:
+    """What the kill interrupted, from what it left: a manifest write (its temp file), a checkpoint (its temp
+    folder), or neither."""
+    layout = RunLayout.of(run)
+    if writes_in_progress(layout.manifest):
+        return "inside a manifest write"
+    if temps_in(layout.phase(PHASE).checkpoints):
+        return "inside a checkpoint write"
+    return "between writes"
+
+
 def _records(run: Path) -> list[dict]:
-    path = run / "phases" / PHASE / "logs" / "train.jsonl"
+    path = RunLayout.of(run).phase(PHASE).train_log
     if not path.is_file():
         return []
     text = path.read_text()
@@ -130,24 +174,31 @@ def _new_run(out: Path, name: str, shards: Path, stage: int) -> Path:
     return run
 
 
-def _wait_point(run: Path, job: subprocess.Popen, mode: str, rng: random.Random) -> str:
-    """Poll until the kill point of ``mode`` (or the job's end); what was seen."""
-    ckpts = run / "phases" / PHASE / "checkpoints"
-    target = rng.randrange(1, STEPS - 2)
+def _wait_point(run: Path, job: subprocess.Popen, mode: str, rng: random.Random, steps: int) -> str:
+    """Poll until the kill point of ``mode`` (or the job's end); what was seen. ``steps``: the phase's steps (the
+    data may hold fewer than STEPS). A manifest write lasts about a millisecond: the manifest's folder is polled
+    without pause, the log only every 20 ms."""
+    layout = RunLayout.of(run)
+    ckpts, manifest = layout.phase(PHASE).checkpoints, layout.manifest
+    target = rng.randrange(1, steps - 2)
     deadline = time.time() + TIMEOUT
+    step, next_read = 0, 0.0
     while time.time() < deadline and job.poll() is None:
-        recs = _records(run)
-        step = recs[-1]["step"] if recs else 0
+        if time.monotonic() >= next_read:
+            recs = _records(run)
+            step = recs[-1]["step"] if recs else 0
+            next_read = time.monotonic() + 0.02
         if mode == "mid-step" and step >= target:
             time.sleep(rng.uniform(0.0, 0.5))
             return f"after step {step}"
-        if mode == "mid-checkpoint" and ckpts.is_dir() and any(p.name.startswith(".tmp-step") for p in ckpts.iterdir()):
+        if mode == "mid-checkpoint" and temps_in(ckpts):
             return f"checkpoint being written after step {step}"
-        if mode == "mid-manifest" and step >= target and any(p.name.startswith(".tmp-manifest") for p in run.iterdir()):
+        if mode == "mid-manifest" and step >= target and writes_in_progress(manifest):
             return f"manifest being replaced after step {step}"
         if mode == "mid-manifest" and step >= target + 2:  # never caught in the act: kill between writes
             return f"after step {step} (manifest write not caught)"
-        time.sleep(0.001)
+        if mode != "mid-manifest":
+            time.sleep(0.001)
     return "job ended first"
 
 
@@ -159,8 +210,13 @@ def trial(out: Path, shards: Path, stage: int, ref: dict, rng: random.Random, k:
     run = _new_run(out, f"zero{stage}-trial{k}", shards, stage)
     mode, one = rng.choice(modes), rng.random() < 0.3
     job = _start(run, "attempt0")
-    seen = _wait_point(run, job, mode, rng)
-    killed = _kill(job, one, rng) if job.poll() is None else "not killed (finished)"
+    ranks = _ranks(job)
+    seen = _wait_point(run, job, mode, rng, len(ref["losses"]))
+    if job.poll() is None:
+        killed = _kill(job, ranks, one, rng)
+        landed = _left_behind(run)
+    else:
+        killed, landed = "not killed", "finished first"
     corrupt = 0
     try:
         Manifest(run).read()
@@ -176,7 +232,7 @@ def trial(out: Path, shards: Path, stage: int, ref: dict, rng: random.Random, k:
     same_losses = all(ref["losses"][s] == v for s, v in every) and set(losses) == set(ref["losses"])
     w = _weights(run)
     same_weights = set(w) == set(ref["weights"]) and all((w[n] == ref["weights"][n]).all() for n in w)
-    return {"stage": stage, "mode": mode, "kill": killed, "at": seen, "attempts": attempts + 1,
+    return {"stage": stage, "mode": mode, "kill": killed, "at": seen, "landed": landed, "attempts": attempts + 1,
             "identical": bool(same_losses and same_weights), "lost": lost, "corrupt": corrupt}
 
 
@@ -189,7 +245,7 @@ def disk_full(out: Path, shards: Path) -> dict:
     probe = _new_run(out, "disk-probe", shards, 2)
     if _start(probe, "attempt0").wait(timeout=TIMEOUT) != 0:
         raise RuntimeError(f"{probe}: the probe run failed")
-    ck = probe / "phases" / PHASE / "checkpoints"
+    ck = RunLayout.of(probe).phase(PHASE).checkpoints
     one = max(sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in ck.iterdir() if c.is_dir())
     rest = sum(f.stat().st_size for f in probe.rglob("*") if f.is_file() and ck not in f.parents)
     mnt = out / "tmpfs"
@@ -242,7 +298,7 @@ def manifest_kills(out: Path, shards: Path, kills: int, rng: random.Random) -> d
         acked = [int(x) for x in (first + rest).split()]
         if not acked:
             raise SystemExit(f"chaos: the manifest writer on {run} never wrote (exit {job.returncode}); see above")
-        left = [p for p in run.iterdir() if p.name.startswith((".tmp-manifest", ".manifest"))]  # temp files
+        left = writes_in_progress(run / "manifest.json")
         caught += bool(left)
         for p in left:  # what a kill leaves is never read; the next writer's temp file has another name
             p.unlink()
@@ -279,19 +335,26 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"chaos (seed {seed}): {summary['trials']} trials, {summary['identical']} identical resumes, "
-              f"{summary['checkpoints_lost']} checkpoints lost, {summary['manifest_corruptions']} manifest "
-              f"corruptions; per stage {summary['per_stage']}; modes {summary['modes']}")
+        print(f"chaos (seed {seed}): {summary['trials']} trials, {summary['killed']} killed "
+              f"({summary['finished_first']} finished before their kill point), {summary['identical']} identical "
+              f"resumes, {summary['checkpoints_lost']} checkpoints lost, {summary['manifest_corruptions']} manifest "
+              f"corruptions; kills landed {summary['landed']}; per stage {summary['per_stage']}; modes "
+              f"{summary['modes']}")
         if summary["disk_full"]:
             print(f"disk full: {summary['disk_full']}")
         print(f"manifest kills: {summary['manifest_kills']}")
-    full = summary["disk_full"]
-    ok = summary["identical"] == summary["trials"] and not summary["checkpoints_lost"] \
-        and not summary["manifest_corruptions"] and not summary["manifest_kills"].get("torn") \
-        and not summary["manifest_kills"].get("acknowledged_lost") and (not full or full.get("skipped")
-                                                     or (full["state"] == "failed" and full["says_no_space"]
-                                                         and full["checkpoint_usable_step"]))
-    return 0 if ok else 1
+    return 0 if passed(summary) else 1
+
+
+def passed(summary: dict) -> bool:
+    """The goal: at least one real kill, every killed trial identical, nothing lost or corrupt or torn, and a full
+    disk refused with the checkpoint before it still usable."""
+    full, kills = summary["disk_full"], summary["manifest_kills"]
+    disk_ok = not full or full.get("skipped") or (full["state"] == "failed" and full["says_no_space"]
+                                                  and full["checkpoint_usable_step"])
+    return bool(summary["identical"] == summary["killed"] > 0 and not summary["checkpoints_lost"]
+                and not summary["manifest_corruptions"] and not kills.get("torn")
+                and not kills.get("acknowledged_lost") and disk_ok)
 
 
 def run(a, stages: list[int], modes: tuple[str, ...], seed: int, rng: random.Random, out: Path) -> dict:
@@ -311,22 +374,30 @@ def run(a, stages: list[int], modes: tuple[str, ...], seed: int, rng: random.Ran
             for k in range(a.trials):
                 res = trial(out, shards, stage, refs[stage], rng, k, modes)
                 results.append(res)
-                print(f"[chaos] ZeRO-{stage} trial {k}: {res['mode']}, killed {res['kill']} ({res['at']}), "
-                      f"{res['attempts']} attempts, {'identical' if res['identical'] else 'DIFFERENT'}",
+                print(f"[chaos] ZeRO-{stage} trial {k}: {res['mode']}, killed {res['kill']} ({res['at']}; "
+                      f"{res['landed']}), {res['attempts']} attempts, "
+                      f"{'identical' if res['identical'] else 'DIFFERENT'}",
                       file=sys.stderr, flush=True)
         full = None if a.no_disk_full else disk_full(out, shards)
         storm = manifest_kills(out, shards, a.manifest_kills, rng) if a.manifest_kills else {}
     finally:
         if not a.out:
             shutil.rmtree(out, ignore_errors=True)
+    return summarize(results, stages, seed, t0, full, storm)
+
+
+def summarize(results: list[dict], stages: list[int], seed: int, t0: float, full: dict | None, storm: dict) -> dict:
+    killed = [r for r in results if r["landed"] != "finished first"]  # a trial that finished first proves nothing
     return {
-        "seed": seed, "stages": stages, "trials": len(results),
-        "identical": sum(r["identical"] for r in results),
-        "checkpoints_lost": sum(r["lost"] for r in results),
-        "manifest_corruptions": sum(r["corrupt"] for r in results),
-        "per_stage": {s: {"trials": sum(r["stage"] == s for r in results),
-                          "identical": sum(r["identical"] for r in results if r["stage"] == s)} for s in stages},
-        "modes": {m: sum(r["mode"] == m for r in results) for m in MODES},
+        "seed": seed, "stages": stages, "trials": len(results), "killed": len(killed),
+        "finished_first": len(results) - len(killed),
+        "identical": sum(r["identical"] for r in killed),
+        "checkpoints_lost": sum(r.get("lost", 0) for r in results),
+        "manifest_corruptions": sum(r.get("corrupt", 0) for r in results),
+        "landed": {w: sum(r["landed"] == w for r in results) for w in LANDED},
+        "per_stage": {s: {"killed": sum(r["stage"] == s for r in killed),
+                          "identical": sum(r["identical"] for r in killed if r["stage"] == s)} for s in stages},
+        "modes": {m: sum(r.get("mode") == m for r in results) for m in MODES},
         "disk_full": full, "manifest_kills": storm, "results": results, "wall_s": round(time.time() - t0, 1),
     }
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from colbertzero.layout import RunLayout  # noqa: E402
 
 BASE = ROOT / "recipes" / "tiny-cpu-slurm.yaml"
 GOAL_OVERHEAD_S = 30.0
@@ -76,7 +77,7 @@ def _job(run: Path) -> str:
 
 
 def _records(run: Path) -> list[dict]:
-    log = run / "phases" / "unsupervised" / "logs" / "train.jsonl"
+    log = RunLayout.of(run).phase("unsupervised").train_log
     return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
 

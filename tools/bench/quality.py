@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     from colbertzero.evaluate.dense import evaluate_dense
     from colbertzero.files import atomic_write_json
     from colbertzero.launcher.api import LaunchError, launch
+    from colbertzero.layout import RunLayout
     from colbertzero.manifest import Manifest, ManifestError
     from colbertzero.recipe import load_recipe
-    from colbertzero.report import INIT_EVAL
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -312,12 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                 overlap = write_training_data(files, beir)
                 print("[quality] evaluating the starting model (once: the same model for every mode)", flush=True)
                 evaluate_init(run_dir)
-                init_eval = json.loads((run_dir / INIT_EVAL).read_text())
+                init_eval = json.loads(RunLayout.of(run_dir).eval_init.read_text())
             else:  # the same init, built from the same seed: its evaluation is the first mode's
-                atomic_write_json(run_dir / INIT_EVAL, {**init_eval, "recipe_hash": load_recipe(recipe_path).hash()})
+                atomic_write_json(RunLayout.of(run_dir).eval_init,
+                                  {**init_eval, "recipe_hash": load_recipe(recipe_path).hash()})
             print(f"[quality] mode {mode}: run dir {run_dir}", flush=True)
             try:
-                code = launch(str(recipe_path), str(run_dir), executor="local").returncode
+                code = launch(str(recipe_path), str(run_dir), executor="local", wait=True).returncode
             except LaunchError as e:
                 print(f"quality: {e}", file=sys.stderr)
                 return 2

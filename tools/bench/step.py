@@ -8,7 +8,7 @@
    kind, optimizer steps/s of
      PyLate       SentenceTransformerTrainer + pylate.losses Contrastive / CachedContrastive(mini_batch_size=4) /
                   Distillation + ColBERTCollator (which tokenizes every step: that is how PyLate trains);
-     colbertzero  GlobalBatchLoader on prepared shards + gradcache.train_step on a DeepSpeed engine (ZeRO-1, one
+     colbertzero  GlobalBatchLoader on prepared shards + train.step.train_step on a DeepSpeed engine (ZeRO-1, one
                   process): the step `colbertzero train` runs;
    batch 16, query length 32, document length 128, no prompts, `--warmup` steps (allocator and caches settle over the
    first steps of a process) then `--steps` timed ones (by default 4 for MiniLM, ~3 s each, and 20 for the tiny
@@ -27,7 +27,8 @@
 3. GPU (--device cuda). ModernBERT-base shapes (transformers' `ModernBertConfig()` defaults, random weights) with the
    MiniLM tokenizer, bf16, ColBERT-Zero's unsupervised step: GradCache mini-batch 512, q 39 / d 187 (prompts on),
    global batch 16384 on one GPU, so every query is scored against 16384 documents as on each of the paper's 16 GPUs
-   (minus the communication). pairs/s/GPU beside the paper's ~177, and MFU (`runner.FlopCounter`, `runner.peak_flops`).
+   (minus the communication). pairs/s/GPU beside the paper's ~177, and MFU (`train.metering.FlopCounter`,
+   `train.metering.peak_flops`).
 
 `--json` prints one JSON object: throughput per model and loss, `ratio_vs_pylate` per loss kind (the lower of the two
 models), memory per size, `gradcache_memory_ratio`, gpu.

@@ -1,4 +1,5 @@
-"""The models `mine` retrieves with and `score` scores with, named on the command line as ``KIND[:PATH]``.
+"""The models `mine` retrieves with, `score` scores with and the dense baseline is evaluated with, named on the command
+line as ``KIND[:PATH]``.
 
 - ``bm25``: lexical, with `bm25s` (k1 0.9, b 0.4, English stop words);
 - ``dense:PATH``: a sentence-transformers encoder, cosine similarity (``minilm`` is short for the packaged
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..files import file_replacing
 
 KINDS = ("bm25", "dense", "colbert", "cross-encoder")
 BM25_PARAMS = {"k1": 0.9, "b": 0.4}  # the usual setting for short passages
@@ -26,7 +28,7 @@ _DENSE_BLOCK = 4096  # corpus rows per matrix product when ranking: bounds memor
 _MEMO_MAX = 1 << 20  # texts whose dense vectors a scorer keeps: candidates recur across query batches
 
 
-class TeacherError(ValueError):
+class ModelSpecError(ValueError):
     """A model spec that names no usable model (one line: what was given, what to give)."""
 
 
@@ -44,15 +46,15 @@ class ModelSpec:
             return cls("dense", minilm_path())
         kind, _, path = text.partition(":")
         if kind not in KINDS:
-            raise TeacherError(f"{where} {text!r}: give bm25, minilm, dense:PATH, colbert:PATH or cross-encoder:PATH")
+            raise ModelSpecError(f"{where} {text!r}: give bm25, minilm, dense:PATH, colbert:PATH or cross-encoder:PATH")
         if kind == "bm25":
             if path:
-                raise TeacherError(f"{where} {text!r}: bm25 takes no path")
+                raise ModelSpecError(f"{where} {text!r}: bm25 takes no path")
             return cls("bm25")
         if not path:
-            raise TeacherError(f"{where} {text!r}: {kind} needs a model folder: {kind}:PATH")
+            raise ModelSpecError(f"{where} {text!r}: {kind} needs a model folder: {kind}:PATH")
         if not Path(path).is_dir():
-            raise TeacherError(f"{where} {text!r}: {path} is not a model folder (this machine reads no hub)")
+            raise ModelSpecError(f"{where} {text!r}: {path} is not a model folder (this machine reads no hub)")
         return cls(kind, str(Path(path).resolve()))
 
     def __str__(self) -> str:
@@ -126,8 +128,8 @@ class Model:
             return _top_k(qv, docs, depth)
         if self.spec.kind == "colbert":
             return self._colbert_retrieve(queries, corpus, depth, cache)
-        raise TeacherError(f"{self.spec}: a cross-encoder scores candidates, it cannot rank a corpus; mine with bm25, "
-                           f"dense:PATH or colbert:PATH and filter with --teacher cross-encoder:PATH")
+        raise ModelSpecError(f"{self.spec}: a cross-encoder scores candidates, it cannot rank a corpus; mine with "
+                             f"bm25, dense:PATH or colbert:PATH and filter with --teacher cross-encoder:PATH")
 
     def _dense(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
@@ -142,15 +144,14 @@ class Model:
         if path.is_file():
             return np.load(path)
         vecs = self._dense(corpus)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with file_replacing(path) as tmp, open(tmp, "wb") as f:
             np.save(f, vecs)
-        os.replace(tmp, path)
         return vecs
 
     def _colbert_retrieve(self, queries, corpus, depth, cache):
-        from ..evaluate import document_embeddings, encode_queries, exact_search, model_hash, resolve_prompts
+        # torch and PyLate load here, when a ColBERT is used: `plan` and `validate` read the specs on a login node
+        from .embeddings import document_embeddings, encode_queries, model_hash, resolve_prompts
+        from .search import exact_search
 
         _, doc_prompt = resolve_prompts(self.model)
         docs = document_embeddings(
@@ -203,8 +204,8 @@ class Model:
     def _colbert_score(self, queries, candidates):
         import torch
 
-        from ..evaluate.embeddings import encode, resolve_prompts
         from ..scoring import TORCH
+        from .embeddings import encode, resolve_prompts
 
         q_prompt, d_prompt = resolve_prompts(self.model)
         docs = sorted({d for ds in candidates for d in ds})

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from ..files import temp_dir_beside
 
 CACHE_ENV = "COLBERTZERO_EMBEDDINGS_CACHE"
 _CACHE_FORMAT = 1
@@ -213,7 +214,7 @@ def document_embeddings(
             logger.warning("%s: unreadable cache entry (%s); encoding again", entry, e)
             _remove(entry)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    tmp = temp_dir_beside(entry)
     try:
         tokens, dim = _write_embeddings(
             tmp, model, corpus, prompt=prompt, batch_size=batch_size, show_progress=show_progress,
@@ -235,7 +236,7 @@ def document_embeddings(
 
 
 def _remove(folder: Path) -> None:
-    trash = folder.with_name(f".{folder.name}.trash-{os.getpid()}")
+    trash = temp_dir_beside(folder)
     try:
         os.replace(folder, trash)  # out of the way first, so no reader ever sees a half-deleted entry
     except OSError:
