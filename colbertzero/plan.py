@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import ledger
-from .data import shards as S
+from .data import shards
 from .data.schedule import batches_per_source
 from .recipe import Phase, Recipe, RecipeError, parse_time_limit
 
@@ -37,7 +37,7 @@ def source_rows(phase: Phase) -> list[int] | None:
     """Rows of each source from the prepared shard indexes, or None when any source is not prepared."""
     rows = []
     for src in phase.data.sources:
-        idx = S.index_path(S.source_dir(phase.data, src.name))
+        idx = shards.index_path(shards.source_dir(phase.data, src.name))
         try:
             rows.append(int(json.loads(idx.read_text())["rows"]))
         except (OSError, ValueError, KeyError):
@@ -50,7 +50,7 @@ def source_drops(phase: Phase) -> dict[str, dict]:
     out = {}
     for src in phase.data.sources:
         try:
-            index = json.loads(S.index_path(S.source_dir(phase.data, src.name)).read_text())
+            index = json.loads(shards.index_path(shards.source_dir(phase.data, src.name)).read_text())
         except (OSError, ValueError):
             continue
         if index.get("dropped"):

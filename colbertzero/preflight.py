@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import ledger
-from .data import shards as S
+from .data import shards
 from .mining import MineSpec, ScoreSpec
 from .models import is_local_ref
 from .plan import plan_phase, recipe_ledger_data
@@ -58,20 +58,20 @@ def shard_hashes(recipe: Recipe, progress: bool = True) -> tuple[list[Finding], 
     seen, todo, out = set(), [], []
     for name, ph in recipe.phases.items():
         for i, src in enumerate(ph.data.sources):
-            folder = S.source_dir(ph.data, src.name)
-            if folder.resolve() in seen or not S.index_path(folder).is_file():
+            folder = shards.source_dir(ph.data, src.name)
+            if folder.resolve() in seen or not shards.index_path(folder).is_file():
                 continue  # not prepared: _check_paths speaks of the raw data
             seen.add(folder.resolve())
             where = f"phases.{name}.data.sources[{i}]"
             try:
-                todo.append((where, folder, S.read_index(folder, where)))
-            except S.DataError as e:
+                todo.append((where, folder, shards.read_index(folder, where)))
+            except shards.DataError as e:
                 out.append(Finding("error", where, str(e)))
-    entries = [e for _, _, ix in todo for _, e in S.shard_entries(ix)]
+    entries = [e for _, _, ix in todo for _, e in shards.shard_entries(ix)]
     total = sum(e["bytes"] for e in entries)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing shards", disable=not progress or not total) as bar:
         for where, folder, ix in todo:
-            out += [Finding("error", where, p) for p in S.hash_share(folder, ix, 0, 1, done=bar.update)]
+            out += [Finding("error", where, p) for p in shards.hash_share(folder, ix, 0, 1, done=bar.update)]
     return out, {"shards": len(entries), "bytes": total}
 
 
@@ -273,7 +273,7 @@ def _check_paths(name: str, ph: Phase, recipe: Recipe | None = None) -> list[Fin
         out.append(Finding("error", f"phases.{name}.init", f"{ph.init}: no such model folder"))
     missing = []
     for i, src in enumerate(ph.data.sources):
-        idx = S.index_path(S.source_dir(ph.data, src.name))
+        idx = shards.index_path(shards.source_dir(ph.data, src.name))
         if idx.exists():
             continue
         for key in ("path", "queries_path", "documents_path"):

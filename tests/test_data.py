@@ -322,7 +322,7 @@ def test_sampling_by_weights(corpus_sources, corpus_prepared, minilm):
 def test_plan_counts_the_steps_the_loader_takes(corpus_sources, corpus_prepared, minilm, data):
     """Once the shards exist, `plan` (projection, budget check) counts exactly the loader's steps: each source
     drops its last partial batch, which a count over the pooled rows would not."""
-    from colbertzero.preflight import plan_phase
+    from colbertzero.plan import plan_phase
 
     tmp, _ = corpus_prepared
     data = dict(data)

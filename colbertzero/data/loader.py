@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from colbertzero.data import shards as S
+from colbertzero.data import shards
 from colbertzero.data.schedule import BlockOrder, batches_per_source, name_salt, seeded_rng
 from colbertzero.data.shards import DataError
 from colbertzero.data.tokenize import (
@@ -174,7 +174,7 @@ class _Source:
         self.doc_base: list[int] = []  # global index of each shard's first document
         for e in index["shards"]:
             path = folder / e["file"]
-            t = S.open_table(path)
+            t = shards.open_table(path)
             if t.num_rows != e["rows"]:
                 raise DataError(f"{path}: {t.num_rows} rows, the index says {e['rows']}; re-run prepare")
             self.tables.append(t)
@@ -198,7 +198,7 @@ class _Source:
         if self.kind == "distillation":
             for tname, chunks in (("queries", q_chunks), ("documents", d_chunks)):
                 for e in index["tables"][tname]["shards"]:
-                    t = S.open_table(folder / tname / e["file"])
+                    t = shards.open_table(folder / tname / e["file"])
                     self.tables.append(t)
                     ids = _one_chunk(t, "input_ids", folder / tname / e["file"])
                     chunks.append((_np(ids.offsets), _np(ids.values)))
@@ -265,11 +265,11 @@ class GlobalBatchLoader:
         self.sources: list[_Source] = []
         self._indexes: list[dict] = []
         for i, src in enumerate(data.sources):
-            folder = S.source_dir(data, src.name)
+            folder = shards.source_dir(data, src.name)
             what = f"phase {phase_name}, source {src.name}"
-            index = S.read_index(folder, what)
+            index = shards.read_index(folder, what)
             self._check(index, phase, i, settings.as_dict(), expected_tok, folder, what)
-            S.verify_shards(folder, index, full=verify_hashes)
+            shards.verify_shards(folder, index, full=verify_hashes)
             self._indexes.append(index)
             self.sources.append(_Source(src.name, folder, index))
         for s in self.sources:
@@ -289,7 +289,7 @@ class GlobalBatchLoader:
 
     def verify_share(self, share: int, shares: int) -> list[str]:
         """Hash this share of every source's shards (see shards.hash_share); the problems found."""
-        return [p for s, ix in zip(self.sources, self._indexes) for p in S.hash_share(s.folder, ix, share, shares)]
+        return [p for s, ix in zip(self.sources, self._indexes) for p in shards.hash_share(s.folder, ix, share, shares)]
 
     # ---------------------------------------------------------------- checks
     @staticmethod

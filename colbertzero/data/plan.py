@@ -17,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from colbertzero.data import shards as S
-from colbertzero.data import snapshot
+from colbertzero.data import shards, snapshot
 from colbertzero.data.shards import DataError
 from colbertzero.data.sources import (
     TABLE_ID_DEFAULTS,
@@ -67,9 +66,9 @@ class SourcePlan:
     max_drop_fraction: float = 1.0
 
     def jobs(self) -> list["Job"]:
-        out = [Job(self, "rows", k, r, self.folder / S.shard_name(k)) for k, r in enumerate(self.input.ranges)]
+        out = [Job(self, "rows", k, r, self.folder / shards.shard_name(k)) for k, r in enumerate(self.input.ranges)]
         for t in self.tables.values():
-            out += [Job(self, t.name, k, r, self.folder / t.name / S.shard_name(k))
+            out += [Job(self, t.name, k, r, self.folder / t.name / shards.shard_name(k))
                     for k, r in enumerate(t.input.ranges)]
         return out
 
@@ -104,25 +103,25 @@ def read_column(inp: Input, col: str, role: str) -> list:
 
 
 def _write_keys(path: Path, key: str, values: list[str], what: str, source_file: str) -> None:
-    if S.finished_meta(path, key) is not None:
+    if shards.finished_meta(path, key) is not None:
         return
     arr = pa.array(values, type=pa.large_string())
     if pc.count_distinct(arr).as_py() != len(arr):
         vc = pc.value_counts(arr)
         dup = [v["values"] for v in vc.to_pylist() if v["counts"] > 1][:3]
         raise DataError(f"{source_file}: {what} ids are not unique, e.g. {dup}; each id must name one row")
-    S.write_shard(path, pa.table({"key": arr}), {"key": key})
+    shards.write_shard(path, pa.table({"key": arr}), {"key": key})
 
 
 def _plan_tables(plan: SourcePlan, src, rows_per_shard: int) -> None:
     """Distillation: make the id → table-row lookups, and the deduplicated text tables of inline rows."""
-    work = plan.folder / S.WORK
+    work = plan.folder / shards.WORK
     cols = plan.columns
     inline = [t for t, p in (("queries", src.queries_path), ("documents", src.documents_path)) if not p]
     if inline:
         texts: dict[str, dict[str, None]] = {t: {} for t in inline}
         need = [f"{t}.text.arrow" for t in inline]
-        if not all(S.finished_meta(work / n, plan.key) for n in need):
+        if not all(shards.finished_meta(work / n, plan.key) for n in need):
             row_cols = sorted({c for cs in cols.values() for c in cs})
             for rng in plan.input.ranges:
                 for row, where in iter_rows(plan.input, rng, row_cols if plan.input.format != "jsonl" else []):
@@ -133,7 +132,7 @@ def _plan_tables(plan: SourcePlan, src, rows_per_shard: int) -> None:
                         texts["documents"].update(dict.fromkeys(docs))
             for t in inline:
                 table = pa.table({"text": pa.array(list(texts[t]), pa.large_string())})
-                S.write_shard(work / f"{t}.text.arrow", table, {"key": plan.key})
+                shards.write_shard(work / f"{t}.text.arrow", table, {"key": plan.key})
         for t in inline:
             inp = scan_input(str(work / f"{t}.text.arrow"), "arrow", rows_per_shard, None, plan.where, None)
             plan.tables[t] = TablePlan(t, inp, "text", str(work / f"{t}.text.arrow"))
@@ -152,7 +151,7 @@ def _plan_tables(plan: SourcePlan, src, rows_per_shard: int) -> None:
             raise DataError(f"{tw}: {inp.path} has no text column {text_col!r}; its columns are {names}; set "
                             f"columns.{t}.text")
         keys_file = work / f"{t}.ids.arrow"
-        if S.finished_meta(keys_file, plan.key) is None:
+        if shards.finished_meta(keys_file, plan.key) is None:
             ids = read_column(inp, id_col, f"{t}.id")
             for i, v in enumerate(ids):
                 if isinstance(v, bool) or not isinstance(v, (str, int)):
@@ -167,10 +166,11 @@ def plan_source(recipe, phase_name: str, i: int, tok: PhaseTokenizer, tok_key: s
     data = phase.data
     src = data.sources[i]
     where = f"phases.{phase_name}.data.sources[{i}] ({src.name})"
-    folder = S.source_dir(data, src.name)
+    folder = shards.source_dir(data, src.name)
     cols = resolve_columns(phase.kind, src, where)
-    path = snapshot.resolve(src.path, (src.hub or {}).get("path"), folder / S.WORK, where)
-    inp = scan_input(path, src.format, data.rows_per_shard, src.max_rows, where, folder / S.WORK / "rows.scan.json")
+    work = folder / shards.WORK
+    path = snapshot.resolve(src.path, (src.hub or {}).get("path"), work, where)
+    inp = scan_input(path, src.format, data.rows_per_shard, src.max_rows, where, work / "rows.scan.json")
     names = schema_names(Path(inp.path), inp.format, where)
     if names is not None:  # JSONL is checked row by row by the workers (keys may differ per line)
         for role, cs in cols.items():
@@ -194,7 +194,7 @@ def plan_source(recipe, phase_name: str, i: int, tok: PhaseTokenizer, tok_key: s
     tables_fp = {t: fingerprint(Path(p)) for t, p in (("queries", src.queries_path), ("documents", src.documents_path))
                  if p and phase.kind == "distillation"}
     key = key_hash({
-        "format": S.FORMAT, "tokenizer": tok_key, "settings": settings, "columns": cols, "shape": shape,
+        "format": shards.FORMAT, "tokenizer": tok_key, "settings": settings, "columns": cols, "shape": shape,
         "input": inp.fingerprint, "tables": tables_fp, "rows_per_shard": data.rows_per_shard, "max_rows": src.max_rows,
         "table_columns": {k: v for k, v in src.columns.items() if k.startswith(("queries.", "documents."))},
     })
@@ -228,7 +228,7 @@ def _shard_entries(folder: Path, metas: list[dict]) -> list[dict]:
 def _collect(plan: SourcePlan) -> dict[str, list[dict]]:
     missing, out = [], {}
     for job in plan.jobs():
-        m = S.finished_meta(job.out, plan.key)
+        m = shards.finished_meta(job.out, plan.key)
         if m is None:
             missing.append(str(job.out))
         out.setdefault(job.target, []).append(m)
@@ -244,7 +244,7 @@ def write_source_index(plan: SourcePlan) -> dict:
     metas = _collect(plan)
     rows = metas["rows"]
     index: dict[str, Any] = {
-        "format": S.FORMAT,
+        "format": shards.FORMAT,
         "phase": plan.phase,
         "source": plan.name,
         "kind": plan.kind,
@@ -284,7 +284,7 @@ def write_source_index(plan: SourcePlan) -> dict:
                                      "document": _sum_hists([m["document_hist"] for m in rows])}
     index["shards"] = _shard_entries(plan.folder, rows)
     _remove_strays(plan)
-    atomic_write_json(S.index_path(plan.folder), index)
+    atomic_write_json(shards.index_path(plan.folder), index)
     return index
 
 
@@ -337,6 +337,6 @@ def _remove_strays(plan: SourcePlan) -> None:
             except (IndexError, ValueError):
                 continue
             if k >= n:
-                S.remove_shard(p)
+                shards.remove_shard(p)
         for p in temps_in(sub):  # shards a killed task was writing
             p.unlink(missing_ok=True)

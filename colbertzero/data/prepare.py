@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from colbertzero.data import shards as S
+from colbertzero.data import shards
 from colbertzero.data.plan import Job, SourcePlan, key_hash, plan_source, write_source_index
 from colbertzero.data.shards import DataError
 from colbertzero.data.sources import as_text, iter_rows, kd_row, row_texts, row_value
@@ -138,7 +138,7 @@ def _pairs_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
 
 
 def _lookup(keys: list[str], keys_file: str, what: str, wheres: list[str], table_src: str) -> np.ndarray:
-    idx = pc.index_in(pa.array(keys, pa.large_string()), value_set=S.open_table(Path(keys_file)).column(0))
+    idx = pc.index_in(pa.array(keys, pa.large_string()), value_set=shards.open_table(Path(keys_file)).column(0))
     if idx.null_count:
         k = int(np.flatnonzero(idx.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{wheres[k]}: {what} {keys[k]!r} is not in {table_src}; every id must name a row of that "
@@ -193,7 +193,7 @@ def _run_job(job: Job) -> dict:
         raise DataError(f"phase {job.plan.phase}, source {job.plan.name}: {e}; nothing was marked prepared") from None
     meta = {"key": job.plan.key, "row_start": job.range.row_start, **stats}
     timing = {"seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3)}
-    return S.write_shard(job.out, table, {**meta, **timing})
+    return shards.write_shard(job.out, table, {**meta, **timing})
 
 
 
@@ -248,14 +248,14 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
     done: set[int] = set()
     altered: dict[int, list[str]] = {}  # with verify: shards whose bytes no longer match their sidecar
     for k, plan in enumerate(plans):
-        ip = S.index_path(plan.folder)
+        ip = shards.index_path(plan.folder)
         if ip.is_file():
             try:
                 current = json.loads(ip.read_text()).get("key") == plan.key
             except (OSError, ValueError):
                 current = False
             # an up-to-date index is trusted after a cheap size check of every shard (the loader's own check)
-            if current and not verify and all(S.finished_meta(j.out, plan.key) for j in plan.jobs()):
+            if current and not verify and all(shards.finished_meta(j.out, plan.key) for j in plan.jobs()):
                 done.add(k)
                 counts[k] = [0, len(plan.jobs())]
                 continue
@@ -265,12 +265,12 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
             jobs = jobs[shard_range[0]::shard_range[1]]
         counts[k] = [0, 0]
         for job in jobs:
-            if S.finished_meta(job.out, plan.key, full_hash=verify) is not None:
+            if shards.finished_meta(job.out, plan.key, full_hash=verify) is not None:
                 counts[k][1] += 1
             else:
-                if verify and S.finished_meta(job.out, plan.key) is not None:  # whole and current, bytes changed
+                if verify and shards.finished_meta(job.out, plan.key) is not None:  # whole and current, bytes changed
                     altered.setdefault(k, []).append(str(job.out))
-                S.remove_shard(job.out)  # other settings, damaged, or half a shard: redo it
+                shards.remove_shard(job.out)  # other settings, damaged, or half a shard: redo it
                 pending.append(job)
     metas = _run(pending, tokenizers, workers, progress)
     position = {id(p): k for k, p in enumerate(plans)}
@@ -285,7 +285,7 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
     for k, plan in enumerate(plans):
         index = None
         if k in done:
-            status, index = "up to date", S.read_json(S.index_path(plan.folder))
+            status, index = "up to date", shards.read_json(shards.index_path(plan.folder))
         elif shard_range is None:
             index, status = write_source_index(plan), "prepared"
         else:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from colbertzero.data import shards as S
+from colbertzero.data import shards
 from colbertzero.data.shards import DataError
 from colbertzero.files import atomic_write_json
 
@@ -236,7 +236,7 @@ def schema_names(path: Path, fmt: str, where: str) -> list[str] | None:
     if fmt == "datasets":
         return list(open_datasets(path, where).column_names)
     if fmt == "arrow":
-        return S.open_table(path).schema.names
+        return shards.open_table(path).schema.names
     return None
 
 
@@ -266,7 +266,7 @@ def scan_input(path: str, fmt: str, rows_per_shard: int, max_rows: int | None, w
         elif fmt == "datasets":
             n = len(open_datasets(p, where))
         else:
-            n = S.open_table(p).num_rows
+            n = shards.open_table(p).num_rows
         rows = min(n, max_rows) if max_rows else n
         ranges = [Range(s, min(rows_per_shard, rows - s)) for s in range(0, rows, rows_per_shard)]
     if rows == 0:
@@ -329,7 +329,7 @@ def iter_rows(inp: Input, rng: Range, columns: list[str]) -> Iterator[tuple[dict
         ds = open_datasets(Path(inp.path), inp.path)
         table = ds.select_columns(columns).with_format("arrow")[rng.row_start:rng.row_start + rng.rows]
     else:
-        table = S.open_table(Path(inp.path)).select(columns).slice(rng.row_start, rng.rows)
+        table = shards.open_table(Path(inp.path)).select(columns).slice(rng.row_start, rng.rows)
     cols = {}
     for c in columns:
         arr = table.column(c)

@@ -30,8 +30,7 @@ from ..layout import RunLayout
 from ..manifest import Manifest
 from ..recipe import Recipe
 from ..runtime import Exit
-from . import sbatch as sb
-from . import slurm, submit
+from . import sbatch, slurm, submit
 from .slurm import LaunchError
 
 # States after which a job does not run again: Slurm's (slurm.ENDED), and ENDED for a job that left the queue on a
@@ -209,7 +208,7 @@ class SlurmExecutor(Executor):
                               "its jobs still run: resume it from the login node")
         recipe = m.recipe()
         steps = ("prepare", "prepare-index", *(f"derive-{d.name}" for d in recipe.derive), *recipe.phases)
-        names = {sb.job_name(recipe, step, m.run_dir): step for step in steps}
+        names = {sbatch.job_name(recipe, step, m.run_dir): step for step in steps}
         return {names[name]: SlurmJob(names[name], job, m.layout.slurm(names[name]))
                 for name, (job, _, _) in slurm.queued_by_name(list(names)).items()}
 

@@ -10,7 +10,7 @@ import datetime as dt
 import shutil
 import subprocess
 
-from . import sbatch as sb
+from . import sbatch
 
 # States after which a job does not run again. PREEMPTED is not one: a requeueing cluster runs the job again.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -42,7 +42,7 @@ def call(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 def test_only(what: str, opts: dict) -> None:
     """`sbatch --test-only` with a job's options: a bad partition, account, QoS, constraint or extra option is
     refused with Slurm's own message before anything is submitted."""
-    args = sb.as_args(opts)
+    args = sbatch.as_args(opts)
     r = call(["sbatch", "--test-only", *args, "--wrap", "true"])
     if r.returncode != 0:
         why = (r.stderr.strip() or r.stdout.strip()).replace("\n", "; ")

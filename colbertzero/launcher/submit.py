@@ -16,8 +16,7 @@ from ..files import now_iso
 from ..manifest import Manifest
 from ..mining import derive_task, finished
 from ..recipe import Recipe
-from . import sbatch as sb
-from . import slurm
+from . import sbatch, slurm
 from .slurm import LaunchError
 from .task import PhaseTask
 from .work import array_options
@@ -35,9 +34,9 @@ def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
                           "--executor local")
     for n in phases:
         slurm.test_only(f"phase {n!r} (phases.{n}.resources)",
-                        sb.phase_options(recipe.phase(n).resources, f"phases.{n}.resources"))
+                        sbatch.phase_options(recipe.phase(n).resources, f"phases.{n}.resources"))
     if prepare:
-        slurm.test_only("the prepare job (prepare)", sb.prepare_options(recipe))
+        slurm.test_only("the prepare job (prepare)", sbatch.prepare_options(recipe))
     for i, step in enumerate(recipe.derive):
         if not finished(step.kind, step.args, step.out):
             slurm.test_only(f"derive step {step.name!r} (derive[{i}])", _derive_options(step))
@@ -56,7 +55,7 @@ def _params(name: str, opts: dict, dependency: str | None, setup: list[str], **e
     if dependency:
         add["dependency"] = dependency
     return dict(job_name=name, nodes=int(opts["nodes"]), ntasks_per_node=int(opts["ntasks-per-node"]),
-                time=sb.time_minutes(opts["time"]), setup=list(setup), additional_parameters=add, **extra)
+                time=sbatch.time_minutes(opts["time"]), setup=list(setup), additional_parameters=add, **extra)
 
 
 def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards: list[str]) -> dict[str, str]:
@@ -73,9 +72,9 @@ def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards:
         for n in phases:
             r = recipe.phase(n).resources
             ex = _executor(m, n)
-            params = _params(sb.job_name(recipe, n, m.run_dir), sb.phase_options(r, f"phases.{n}.resources"),
-                             dependency, [*sb.TASK_ENV, *r.setup], signal_delay_s=r.signal_seconds,
-                             srun_args=list(sb.SRUN_ARGS))
+            params = _params(sbatch.job_name(recipe, n, m.run_dir), sbatch.phase_options(r, f"phases.{n}.resources"),
+                             dependency, [*sbatch.TASK_ENV, *r.setup], signal_delay_s=r.signal_seconds,
+                             srun_args=list(sbatch.SRUN_ARGS))
             params["additional_parameters"]["requeue"] = True
             ex.update_parameters(**params)
             jobs[n] = ex.submit(PhaseTask(str(m.run_dir), n)).job_id
@@ -97,7 +96,7 @@ def _submit_derive(m: Manifest, recipe: Recipe, step, dependency: str | None, jo
     """A derive step as an array, one task per query range; its last task merges the output."""
     name = f"derive-{step.name}"
     ex = _executor(m, name)
-    ex.update_parameters(**_params(sb.job_name(recipe, name, m.run_dir), _derive_options(step), dependency,
+    ex.update_parameters(**_params(sbatch.job_name(recipe, name, m.run_dir), _derive_options(step), dependency,
                                    list(recipe.prepare.setup)))
     with ex.batch():
         tasks = [ex.submit(derive_task, step.kind, step.args, step.out, step.shards, task=i)
@@ -109,16 +108,16 @@ def _submit_derive(m: Manifest, recipe: Recipe, step, dependency: str | None, jo
 def _submit_prepare(m: Manifest, recipe: Recipe, phases: list[str], jobs: dict, dependency: str | None) -> str:
     """Tokenize the missing shards as an array job (each task its share), then one task writes the indexes."""
     pr = recipe.prepare
-    opts = sb.prepare_options(recipe)
+    opts = sbatch.prepare_options(recipe)
     setup = list(pr.setup)
     ex = _executor(m, "prepare")
-    ex.update_parameters(**_params(sb.job_name(recipe, "prepare", m.run_dir), opts, dependency, setup))
+    ex.update_parameters(**_params(sbatch.job_name(recipe, "prepare", m.run_dir), opts, dependency, setup))
     n = pr.array_tasks
     with ex.batch():
         shares = [ex.submit(prepare_recipe, recipe, phases, workers=pr.workers, shard_range=(i, n), progress=False)
                   for i in range(n)]
     jobs["prepare"] = shares[0].job_id.split("_")[0]
-    ex.update_parameters(**_params(sb.job_name(recipe, "prepare-index", m.run_dir), opts,
+    ex.update_parameters(**_params(sbatch.job_name(recipe, "prepare-index", m.run_dir), opts,
                                    f"afterok:{jobs['prepare']}", setup))
     jobs["prepare-index"] = ex.submit(index_recipe, recipe, phases, progress=False).job_id
     return jobs["prepare-index"]
