@@ -109,7 +109,8 @@ class LocalJob(Job):
         self.log_offset = log_offset  # where this chain's lines start in the log (None: from now on)
 
     def state(self) -> str:
-        if self.proc is not None and self.proc.poll() is None or self.proc is None and chain_running(self.layout):
+        running = self.proc.poll() is None if self.proc is not None else chain_running(self.layout)
+        if running:
             return "RUNNING"
         code = self.exit_code()
         return "COMPLETED" if code == Exit.DONE else "FAILED"
