@@ -70,10 +70,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .report import read_run_manifest, status_json, status_table
+    from .report import live_states, read_run_manifest, status_json, status_table
 
     data = read_run_manifest(args.run_dir)  # lock-free: works on read-only or other people's run dirs
-    return _out(status_json(data), args.json, lambda _: status_table(data))
+    live = live_states(data)  # helper jobs still open: Slurm's word on them
+    return _out(status_json(data, live), args.json, lambda _: status_table(data, live))
 
 
 def cmd_report(args) -> int:
@@ -416,11 +417,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .data.shards import DataError
     from .demo.pydocs import DemoDataError
     from .evaluate.beir import DatasetError
-    from .launcher.slurm import LaunchError
     from .manifest import ManifestError
     from .mining import WorkError
     from .retrieval import ModelSpecError
     from .scoring import ScoringUnavailable
+    from .slurm import LaunchError
 
     return (RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, ModelSpecError, WorkError,
             ScoringUnavailable)

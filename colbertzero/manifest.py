@@ -25,6 +25,7 @@ from .runtime import resume_command
 
 FORMAT = "colbertzero-manifest/1"
 STATES = ("pending", "running", "done", "failed", "over-budget")
+EVAL_JOB_OPEN = ("submitted", "running")  # an evaluation job that may still write its result
 MANIFEST = "manifest.json"
 
 
@@ -200,6 +201,22 @@ class Manifest:
     def raise_budget(self, name: str | None, gpu_hours: float) -> None:
         with self.update() as data:
             ledger.raise_budget(data, name, gpu_hours)
+
+    # -- in-training evaluation jobs (train/evaluation.py starts and settles them) ---------------------------
+    def open_eval_jobs(self, name: str) -> dict[str, dict]:
+        """{step: record} of the phase's evaluation jobs that may still write a result."""
+        return {s: r for s, r in (self.phase(name).get("eval_jobs") or {}).items() if r.get("state") in EVAL_JOB_OPEN}
+
+    def close_eval_job(self, name: str, step: str, state: str, reason: str) -> bool:
+        """Close a job record that is still open (True); one whose job wrote its result meanwhile keeps it."""
+        def put(p):
+            rec = (p.get("eval_jobs") or {}).get(str(step))
+            if not rec or rec.get("state") not in EVAL_JOB_OPEN:
+                return False
+            rec.update(state=state, reason=reason, time=now_iso())
+            return True
+
+        return self.update_phase(name, put)
 
     # -- checkpoints and exports -------------------------------------------------
     def add_checkpoint(self, name: str, path: str | os.PathLike, step: int, sha256: str, keep_last: int) -> list[str]:

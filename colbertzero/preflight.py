@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import ledger
+from . import ledger, slurm
 from .data import shards
 from .mining import MineSpec, ScoreSpec
 from .models import is_local_ref
@@ -75,11 +75,73 @@ def shard_hashes(recipe: Recipe, progress: bool = True) -> tuple[list[Finding], 
     return out, {"shards": len(entries), "bytes": total}
 
 
+_MB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def _mem_mb(mem: str) -> float:
+    """Slurm's memory form ('400G', '64000M', '64000': megabytes) in MB."""
+    return float(mem.rstrip("KMGT")) * _MB.get(mem[-1], 1)
+
+
+def _requests(recipe: Recipe, phases: list[str], prepare: bool
+              ) -> list[tuple[str, str | None, int, int, str | None, str]]:
+    """(where, partition, CPUs per task, tasks per node, mem per node, time limit) of every job the run submits."""
+    out = []
+    for n in phases:
+        ph = recipe.phase(n)
+        r = ph.resources
+        out.append((f"phases.{n}.resources", r.partition, r.cpus_per_task, r.tasks_per_node, r.mem, r.time_limit))
+        if ph.eval_jobs_used:
+            e = recipe.eval_request(n)
+            out.append((e.where, e.partition, e.cpus_per_task, 1, e.mem, e.time_limit))
+    pr = recipe.prepare
+    first = next(iter(recipe.phases.values())).resources
+    if prepare:
+        out.append(("prepare", pr.partition or first.partition, pr.cpus_per_task, 1, pr.mem, pr.time_limit))
+    for i in range(len(recipe.derive) if prepare else 0):
+        d = recipe.derive_request(i)
+        out.append((d.where, d.partition, d.cpus_per_task, 1, d.mem, d.time_limit))
+    return out
+
+
+def cluster_refusals(recipe: Recipe, partitions: dict[str, slurm.Partition] | None,
+                     phases: list[str] | None = None, prepare: bool = True) -> list[Finding]:
+    """Jobs no node of their partition can hold (CPUs, memory) or longer than its time limit — they would pend
+    forever — each named by its recipe field, with the largest value the partition allows: the phases' (``phases``,
+    default all), their evaluation jobs', and with ``prepare`` the prepare and derive jobs'. Nothing when the cluster
+    was not asked (``partitions`` None)."""
+    if not partitions:
+        return []
+    default = next((p for p in partitions.values() if p.default), None)
+    out = []
+    for where, name, cpus, tasks, mem, time_limit in _requests(recipe, phases or list(recipe.phases), prepare):
+        part = partitions.get(name) if name else default
+        if part is None:
+            if name:
+                out.append(Finding("error", f"{where}.partition", f"{name!r} is not a partition of this cluster "
+                                   f"(it has: {', '.join(sorted(partitions))})"))
+            continue
+        if cpus * tasks > part.cpus_per_node:
+            per = f"{cpus} CPUs × {tasks} tasks" if tasks > 1 else f"{cpus} CPUs"
+            out.append(Finding("error", f"{where}.cpus_per_task", f"{per} on one node, but the nodes of partition "
+                               f"{part.name} have {part.cpus_per_node}: the largest value it allows is "
+                               f"{part.cpus_per_node // tasks}"))
+        if mem and part.mem_mb_per_node and _mem_mb(mem) > part.mem_mb_per_node:
+            out.append(Finding("error", f"{where}.mem", f"{mem} per node, but the nodes of partition {part.name} have "
+                               f"{part.mem_mb_per_node} MB: the largest value it allows is {part.mem_mb_per_node}M"))
+        if part.max_time_s is not None and parse_time_limit(time_limit) > part.max_time_s:
+            out.append(Finding("error", f"{where}.time_limit", f"{time_limit} is over partition {part.name}'s limit: "
+                               f"the largest value it allows is {format_time_limit(part.max_time_s)}"))
+    return out
+
+
 def validate(recipe: Recipe, where: str, *, paths: bool = True, hashes: bool = True, progress: bool = False
              ) -> list[str]:
-    """`colbertzero validate`: every check, then (with ``paths`` and ``hashes``) the sha256 of every prepared shard.
-    Raises :class:`Refused` listing the errors (and the warnings); else returns the lines to print."""
-    findings = check(recipe, paths=paths)
+    """`colbertzero validate`: every check, the jobs against the cluster's partitions where Slurm answers, then
+    (with ``paths`` and ``hashes``) the sha256 of every prepared shard. Raises :class:`Refused` listing the errors
+    (and the warnings); else returns the lines to print."""
+    partitions = slurm.partitions() if slurm.available() else None
+    findings = check(recipe, paths=paths) + cluster_refusals(recipe, partitions)
     errs, warns = errors(findings), [f for f in findings if f.level != "error"]
     if errs:
         raise Refused(f"{where}: refused ({len(errs)} error(s)); nothing was written\n"
@@ -93,6 +155,8 @@ def validate(recipe: Recipe, where: str, *, paths: bool = True, hashes: bool = T
         if hashed["shards"]:
             lines.append(f"shards: {hashed['shards']} hashed ({hashed['bytes'] / 1e9:.2f} GB), all match their "
                          "indexes")
+    lines.append(f"cluster: every job fits its partition ({', '.join(sorted(partitions))})" if partitions else
+                 "cluster: no Slurm answers here; jobs not checked against partitions (they are at `launch`)")
     return lines + [f"  {f}" for f in warns] + [f"{where}: ok ({len(recipe.phases)} phase(s): "
                                                  f"{', '.join(recipe.phases)})"]
 

@@ -14,11 +14,11 @@ Nothing here imports torch: the login node, the launcher and the sbatch scripts 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-from .recipe import parse_time_limit
+from . import slurm
 
 
 class Exit(enum.IntEnum):
@@ -193,15 +193,7 @@ def expand_hostlist(expr: str) -> list[str]:
 
 def hostnames(nodelist: str) -> list[str]:
     """The hosts of a Slurm nodelist: `scontrol show hostnames` when it answers, else expand_hostlist."""
-    if shutil.which("scontrol"):
-        try:
-            res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=10)
-            if res.returncode == 0 and res.stdout.split():
-                return res.stdout.split()
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return expand_hostlist(nodelist)
+    return slurm.hostnames(nodelist) or expand_hostlist(nodelist)
 
 
 def node_address(node: str) -> str:
@@ -217,16 +209,7 @@ def node_address(node: str) -> str:
         return node
     except (socket.gaierror, UnicodeError):
         pass
-    if shutil.which("scontrol"):
-        try:
-            res = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True,
-                                 timeout=10)
-            m = re.search(r"\bNodeAddr=(\S+)", res.stdout)
-            if res.returncode == 0 and m:
-                return m.group(1)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return node
+    return slurm.node_addr(node) or node
 
 
 # ------------------------------------------------------------------------------------------------------- detection
@@ -307,28 +290,9 @@ def set_torch_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
 
 # ---------------------------------------------------------------------------------------------------- job clock
 def job_elapsed_seconds(job_id: str | None = None) -> int | None:
-    """How long the current (or given) job has been running, from squeue, else sacct; None when unknown.
-
-    Slurm 22.05 exports no SLURM_JOB_START_TIME, so the controller is asked; call it once per decision, not per step.
-    """
+    """How long the current (or given) job has been running; None outside Slurm or when Slurm does not say."""
     job_id = job_id or os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return None
-    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%M"],
-                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "Elapsed"]):
-        if not shutil.which(cmd[0]):
-            continue
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        lines = res.stdout.split()
-        if res.returncode == 0 and lines:
-            try:
-                return parse_time_limit(lines[0])
-            except ValueError:
-                continue
-    return None
+    return slurm.job_elapsed_seconds(job_id) if job_id else None
 
 
 def job_identity(tasks: int, gpus_per_node: int) -> dict:
@@ -378,18 +342,39 @@ def detach(argv: list[str], log: str | os.PathLike, *, name: str, sbatch: dict[s
     SLURM_JOB_ID set) its own one-task job, no dependency; otherwise a background process in its own session.
     Returns ``job:<id>`` or ``pid:<n>``. ``argv`` reaches Slurm's shell only through ``shlex.join``."""
     env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-    if sbatch is not None and os.environ.get("SLURM_JOB_ID") and shutil.which("sbatch"):
-        opts = [f"--{k}={v}" for k, v in sbatch.items() if v not in (None, "")]
+    if sbatch is not None and os.environ.get("SLURM_JOB_ID") and slurm.available():
+        opts = {k: str(v) for k, v in sbatch.items() if v not in (None, "")}
         account = os.environ.get("SLURM_JOB_ACCOUNT")
-        if account and "account" not in sbatch:
-            opts.append(f"--account={account}")
-        cmd = ["sbatch", "--parsable", f"--job-name={name}", "--ntasks=1", f"--output={log}", *opts,
-               "--wrap", shlex.join(argv)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
-        if r.returncode != 0:
-            raise RuntimeError(f"sbatch refused the job {name}: {(r.stderr or r.stdout).strip()}")
-        return "job:" + r.stdout.strip().split(";")[0]
+        if account and "account" not in opts:
+            opts["account"] = account
+        return "job:" + slurm.submit_wrap(name, str(log), shlex.join(argv), opts, env)
     with open(log, "ab") as out:
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              start_new_session=True)
     return f"pid:{p.pid}"
+
+
+def detached_state(handle: str) -> tuple[str, str]:
+    """(state, reason) of a command `detach` started: Slurm's state and pending reason for ``job:<id>``
+    ("ENDED" once it left the queue without a record), RUNNING or ENDED for ``pid:<n>``; ("UNKNOWN", "") when nothing
+    answers."""
+    kind, _, ident = (handle or "").partition(":")
+    if kind == "job":
+        return slurm.job_states([ident]).get(ident, ("UNKNOWN", ""))
+    if kind == "pid" and ident.isdigit():
+        try:
+            with open(f"/proc/{ident}/stat") as f:  # a zombie (ended, not yet reaped by its parent) has ended
+                return ("ENDED", "") if f.read().rsplit(")", 1)[-1].split()[0] == "Z" else ("RUNNING", "")
+        except OSError:
+            return ("ENDED", "")
+    return ("UNKNOWN", "")
+
+
+def cancel_detached(handle: str) -> None:
+    """Stop a command `detach` started: scancel its job, or end its process group (its own session)."""
+    kind, _, ident = (handle or "").partition(":")
+    if kind == "job":
+        slurm.cancel([ident])
+    elif kind == "pid" and ident.isdigit():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(ident), signal.SIGTERM)

@@ -123,6 +123,7 @@ ONE_HOME = [
     ("the resume command", r"f\"colbertzero resume|`colbertzero resume \{", "runtime.py"),
     ("GPU-hours", r"/\s*3600\.0\s*(>|$)|\*\s*3600\.0", "ledger.py"),
     ("temporary names", r"mkdtemp|mkstemp|\.tmp-", "files.py"),
+    ("calls to Slurm's clients", r'\[\s*"(sbatch|squeue|sacct|scontrol|scancel)"', "slurm.py"),
 ]
 
 

@@ -59,7 +59,7 @@ printf '\n' >> "$RECORD"
 n=$((4000 + $(wc -l < "$RECORD")))  # a job id of its own per call
 case " $* " in *" --parsable "*) echo "$n" ;; *) echo "Submitted batch job $n" ;; esac
 """
-CLIENTS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "scancel", "fake-python")
+CLIENTS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "scancel", "sinfo", "fake-python")
 
 
 def _recorders(folder: Path) -> dict[str, str]:

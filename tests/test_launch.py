@@ -13,6 +13,8 @@ jobs overlap on the two nodes; the tests then wait for their scenario and check 
              then continues with the budget raised; a `scancel` mid-phase is not requeued, and two concurrent
              `resume` submit once, from the newest checkpoint
   byhand     the `colbertzero sbatch` scripts submitted by hand with --dependency=afterok
+  evaljob    one phase evaluating at step 4 in an evaluation job of its own (1 CPU of each node left for it): the
+             result lands in the manifest and `status`, and no job of the run is left in the queue at the end
   hang       one phase, 2 nodes, launched through submitit; its rank 0 is frozen (SIGSTOP) mid-phase: rank 1's
              watchdog records the hang and requeues the job, which runs again from the newest checkpoint
   hang-byhand  the same under the plain sbatch scripts (srun reports the killed step's code; `after-phase` reads the
@@ -44,6 +46,7 @@ WAIT_S = 600  # for one scenario; the jobs of all of them share two nodes (and t
 NO_EVAL = {"eval": {"beir": []}}
 # The first phase of the chain and the interrupted one train exactly this: 480 steps, a checkpoint every 20.
 UNSUPERVISED = {"data": {"epochs": 120}, "cadence": {"save_every": 20, "keep_last": 2}, **NO_EVAL}
+MSMARCO = ROOT.parent / "shared" / "data" / "beir" / "msmarco-5k"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -297,6 +300,15 @@ def drive_hang(recipe: Path, by_hand: bool):
     return go
 
 
+def drive_evaljob(recipe: Path):
+    def go(run: Path) -> dict:
+        _launch(recipe, run)
+        until_ended(run)
+        return {"status": json.loads(cz("status", run, "--json").stdout),
+                "left": run_cmd("squeue", "-h", "-o", "%j", "-n", "cz-eval-unsupervised-4")}
+    return go
+
+
 def drive_python(recipe: Path):
     """The Python API a login-node script or notebook uses: the same objects as the CLI."""
     def go(run: Path) -> dict:
@@ -332,6 +344,10 @@ def runs(local_slurm, tmp_path_factory):
                                                            "supervised": {**NO_EVAL, "max_steps": 2},
                                                            "distillation": None}),
         "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {**NO_EVAL, "max_steps": 2}}),
+        "evaljob": write_recipe(root, "lt-evaljob", shards, {**one, "unsupervised": {
+            **NO_EVAL, "max_steps": 8, "cadence": {"eval_every": 4},
+            "eval": {"beir": [], "in_training": [str(MSMARCO)], "max_corpus": 300, "job": {"cpus_per_task": 1}},
+            "resources": {"cpus_per_task": 1}}}),
         **{name: write_recipe(root, f"lt-{name}", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 20}, "cadence": {"save_every": 10},
             "watchdog": {"min_seconds": 8, "step_factor": 5}}}) for name in ("hang", "hang-byhand")},
@@ -343,7 +359,8 @@ def runs(local_slurm, tmp_path_factory):
     assert sacct_runs(index_job) == ["COMPLETED"], logs(dirs["chain"])
     drivers = {"chain": drive_chain, "interrupt": drive_interrupt(recipes["interrupt"]),
                "budget": drive_budget(recipes["budget"]), "byhand": drive_byhand(recipes["byhand"]),
-               "python": drive_python(recipes["python"]), "hang": drive_hang(recipes["hang"], by_hand=False),
+               "python": drive_python(recipes["python"]), "evaljob": drive_evaljob(recipes["evaljob"]),
+               "hang": drive_hang(recipes["hang"], by_hand=False),
                "hang-byhand": drive_hang(recipes["hang-byhand"], by_hand=True)}
     scenarios = {name: Scenario(name, fn, dirs[name]) for name, fn in drivers.items()}
     for s in scenarios.values():
@@ -479,6 +496,74 @@ def test_sbatch_scripts_submitted_by_hand_run_the_chain(runs):
     assert data["phases"]["supervised"]["lineage"]["init"] == str(export)
     a = data["phases"]["unsupervised"]["attempts"][0]
     assert (a["job_id"], a["nodes"], a["tasks"]) == (out["jobs"]["unsupervised"], 2, 2)
+
+
+def test_an_evaluation_job_lands_its_result_in_status_and_leaves_nothing_in_the_queue(runs):
+    run = runs["dirs"]["evaljob"]
+    out = runs["scenarios"]["evaljob"].outcome()
+    p = record(run)
+    assert p["state"] == "done", logs(run)
+    job = p["eval_jobs"]["4"]
+    assert job["state"] == "done" and job["handle"].startswith("job:"), job
+    assert [e["step"] for e in p["in_training_eval"]] == [4] and p["in_training_eval"][0]["where"] == "job"
+    [helper] = out["status"]["helpers"]
+    assert (helper["kind"], helper["phase"], helper["step"], helper["state"]) == ("eval", "unsupervised", 4, "done")
+    assert out["left"] == ""  # the phase waited for it; nothing of the run is queued after the run
+
+
+def test_validate_refuses_a_helper_job_larger_than_the_nodes(local_slurm, tmp_path):
+    recipe = write_recipe(tmp_path, "lt-refuse-helper", tmp_path / "shards", {
+        "unsupervised": {**NO_EVAL, "cadence": {"eval_every": 4},
+                         "eval": {"beir": [], "in_training": [str(MSMARCO)], "job": {"cpus_per_task": 8}}},
+        "supervised": None, "distillation": None})
+    res = cz("validate", recipe)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "phases.unsupervised.eval.job.cpus_per_task: 8 CPUs on one node, but the nodes of partition debug have " \
+           "2: the largest value it allows is 2" in res.stderr, res.stderr
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run")
+    assert res.returncode == 2 and "phases.unsupervised.eval.job.cpus_per_task" in res.stderr
+    _nothing_submitted("lt-refuse-helper", tmp_path / "run")
+    ok = cz("validate", recipe, "phases.unsupervised.eval.job.cpus_per_task=2")
+    assert ok.returncode == 0 and "cluster: every job fits its partition" in ok.stdout, ok.stdout + ok.stderr
+
+
+def test_helper_jobs_that_can_never_start_or_outlive_the_phase_are_cancelled_and_reported(local_slurm, tmp_path):
+    """Evaluation jobs in the states the phase's end settles: one pending for a reason that cannot clear (a time
+    over the partition's limit), one whose process ended without writing a result, one still running when the
+    wait is over; `colbertzero cancel` stops an open one."""
+    from colbertzero.manifest import Manifest
+    from colbertzero.recipe import load_recipe
+    from colbertzero.train.evaluation import settle_jobs
+
+    recipe = write_recipe(tmp_path, "lt-helpers", tmp_path / "shards", {"supervised": None, "distillation": None})
+    m = Manifest.create(tmp_path / "run", load_recipe(recipe))
+    stuck = run_cmd("sbatch", "--parsable", "-p", "urgent", "-t", "2:00:00", "-o", "/dev/null", "--wrap", "sleep 60")
+    wait(lambda: queued(stuck) == ("PENDING", "PartitionTimeLimit"), "the job to pend for PartitionTimeLimit")
+    sleepers = [subprocess.Popen(["sleep", "300"], start_new_session=True) for _ in range(3)]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    jobs = {"4": f"job:{stuck}", "8": f"pid:{gone.pid}", "12": f"pid:{sleepers[0].pid}", "16": f"pid:{sleepers[1].pid}"}
+    m.update_phase("unsupervised", lambda p: p.update(eval_jobs={
+        s: {"state": "submitted", "handle": h, "time": "t"} for s, h in jobs.items()}))
+    status = json.loads(cz("status", m.run_dir, "--json").stdout)
+    seen = {h["step"]: (h["state"], h["reason"]) for h in status["helpers"]}
+    assert seen[4] == ("pending", "PartitionTimeLimit") and seen[12] == ("submitted", None), seen  # Slurm's word
+    closed = settle_jobs(m, "unsupervised", wait_s=1, poll=0.2)
+    assert closed == {"4": "failed", "8": "failed", "12": "abandoned", "16": "abandoned"}, closed
+    recs = m.phase("unsupervised")["eval_jobs"]
+    assert "PartitionTimeLimit" in recs["4"]["reason"] and "can never start" in recs["4"]["reason"]
+    assert "without a result" in recs["8"]["reason"] and "eval.job.wait_s" in recs["12"]["reason"]
+    wait(lambda: queued(stuck) is None, "the stuck job to be cancelled")
+    assert [p.wait(30) for p in sleepers[:2]] == [-15, -15]  # their process groups were ended
+    # `colbertzero cancel` stops an open one too
+    m.update_phase("unsupervised", lambda p: p["eval_jobs"].update(
+        {"20": {"state": "running", "handle": f"pid:{sleepers[2].pid}", "time": "t"}}))
+    res = cz("cancel", m.run_dir)
+    assert res.returncode == 0 and f"eval-unsupervised-20=pid:{sleepers[2].pid}" in res.stdout, res.stdout + res.stderr
+    assert sleepers[2].wait(30) == -15 and m.phase("unsupervised")["eval_jobs"]["20"]["state"] == "cancelled"
+    status = json.loads(cz("status", m.run_dir, "--json").stdout)
+    assert sorted((h["step"], h["state"]) for h in status["helpers"]) == [
+        (4, "failed"), (8, "failed"), (12, "abandoned"), (16, "abandoned"), (20, "cancelled")]
 
 
 @pytest.mark.parametrize("name", ["hang", "hang-byhand"])

@@ -129,12 +129,14 @@ def test_an_interrupted_array_task_resumes_without_losing_or_repeating_a_query(p
            "--docs-per-query", "4", "--sample", "90", "--shards", "3"]
     assert main(cmd[3:] + ["--array-task", "0"]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd + ["--array-task", "1"], stderr=subprocess.PIPE, text=True, env=env)
-    seen = ""
-    while "score [2/3]" not in seen:  # its progress bar: the shard is being scored
-        line = proc.stderr.readline()
-        assert line or proc.poll() is None, f"task ended before scoring: {seen}"
-        seen += line
+    proc = subprocess.Popen(cmd + ["--array-task", "1"], stderr=subprocess.PIPE, env=env)
+    seen = b""
+    # Its progress bar's first display: the shard has begun (read as bytes: a bar redraws with \r, and a line would
+    # only end when the bar closes, at the end of the shard).
+    while b"score [2/3]" not in seen:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk or proc.poll() is None, f"task ended before scoring: {seen.decode(errors='replace')}"
+        seen += chunk
     time.sleep(0.5)  # the teacher loads, then scores: the part is written only at the end of the shard
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -135,3 +135,35 @@ def test_time_limits():
     assert parse_time_limit("1-12") == 129600
     with pytest.raises(ValueError):
         parse_time_limit("tomorrow")
+
+
+def test_cluster_refusals_name_the_field_and_the_largest_value_the_partition_allows():
+    """The jobs of a run against the partitions `sinfo` reports (here written out): CPUs per node (a phase's tasks
+    share its node), memory per node, the partition's time limit, a partition that does not exist; an evaluation
+    job takes its phase's CPUs unless set."""
+    from colbertzero.slurm import Partition
+
+    parts = {"debug": Partition("debug", True, 8, 16000, 4 * 3600), "long": Partition("long", False, 8, 16000, None)}
+    base = load_recipe(ROOT / "recipes" / "tiny-cpu-slurm.yaml")
+    assert preflight.cluster_refusals(base, parts) == []
+    r = load_recipe(ROOT / "recipes" / "tiny-cpu-slurm.yaml", [
+        "phases.unsupervised.resources.gpus_per_node=4", "phases.unsupervised.resources.cpus_per_task=4",
+        "phases.supervised.resources.mem=20G", "phases.supervised.resources.time_limit=5:00:00",
+        "phases.distillation.resources.partition=gpu", "phases.supervised.cadence.eval_every=2",
+        "phases.supervised.eval.in_training=[x]", "phases.supervised.resources.cpus_per_task=9",
+        "prepare.time_limit=4:00:01", "prepare.partition=long"])
+    found = {f.where: f.message for f in preflight.cluster_refusals(r, parts)}
+    assert found == {
+        "phases.unsupervised.resources.cpus_per_task": "4 CPUs × 4 tasks on one node, but the nodes of partition "
+                                                       "debug have 8: the largest value it allows is 2",
+        "phases.supervised.resources.cpus_per_task": "9 CPUs on one node, but the nodes of partition debug have 8: "
+                                                     "the largest value it allows is 8",
+        "phases.supervised.resources.mem": "20G per node, but the nodes of partition debug have 16000 MB: the "
+                                           "largest value it allows is 16000M",
+        "phases.supervised.resources.time_limit": "5:00:00 is over partition debug's limit: the largest value it "
+                                                  "allows is 04:00:00",
+        "phases.supervised.eval.job.cpus_per_task": "9 CPUs on one node, but the nodes of partition debug have 8: "
+                                                    "the largest value it allows is 8",
+        "phases.distillation.resources.partition": "'gpu' is not a partition of this cluster (it has: debug, long)",
+    }, found  # prepare on `long` has no time limit
+    assert preflight.cluster_refusals(r, None) == []  # no Slurm answered: nothing to check against

@@ -195,7 +195,11 @@ MEANINGS: dict[str, str] = {
     "Eval.job": "Resources of the evaluation job (`eval.where: job`).",
     "EvalJob.partition": "Partition of the evaluation job; null = the cluster's default.",
     "EvalJob.gpus": "GPUs of the evaluation job; null = 1 when the phase runs on GPUs, else 0.",
-    "EvalJob.cpus_per_task": "CPU cores of the evaluation job.",
+    "EvalJob.cpus_per_task": "CPU cores of the evaluation job; null = the phase's `resources.cpus_per_task`. "
+                             "`validate` and `launch` compare it with the partition's nodes.",
+    "EvalJob.wait_s": "At the end of the phase rank 0 waits this long for evaluation jobs still queued or running "
+                      "(their results land in the run), then cancels them and records them as abandoned: no job "
+                      "of a run outlives it. The phase's GPUs are held while it waits.",
     "EvalJob.time_limit": "Time limit of the evaluation job.",
     "EvalJob.mem": "Memory of the evaluation job; null = the partition's default.",
     # DeriveStep
@@ -210,7 +214,7 @@ MEANINGS: dict[str, str] = {
     "DeriveStep.shards": "Query ranges, one Slurm array task each; the last task to finish merges.",
     "DeriveStep.partition": "Partition of the array; null = the cluster's default.",
     "DeriveStep.time_limit": "Time limit of each array task.",
-    "DeriveStep.cpus_per_task": "CPU cores per array task.",
+    "DeriveStep.cpus_per_task": "CPU cores per array task; null = `prepare.cpus_per_task`.",
     "DeriveStep.gpus": "GPUs per array task (a model retriever or teacher).",
     "DeriveStep.mem": "Memory per array task; null = the partition's default.",
     "Eval.max_corpus": "Subsample each corpus to this many documents, keeping every judged one.",

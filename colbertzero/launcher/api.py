@@ -22,16 +22,15 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .. import ledger, preflight
+from .. import ledger, preflight, slurm
 from ..data.shards import unprepared
 from ..manifest import Manifest
 from ..models import resolve_model_ref
 from ..recipe import Recipe, load_recipe
-from ..report import build_report, status_json
+from ..report import build_report, live_states, status_json
 from ..runtime import Exit, resume_command
-from . import slurm
-from .executors import Executor, Job, SlurmExecutor, alive_jobs, executor_for
-from .slurm import LaunchError
+from ..slurm import LaunchError
+from .executors import Executor, Job, SlurmExecutor, alive_jobs, executor_for, helper_jobs
 
 LOCK_WAIT_S = 60.0  # a submission takes seconds; longer means another launch/resume hangs
 
@@ -59,7 +58,8 @@ class Run:
 
     def status(self) -> dict:
         """`colbertzero status --json`: phases, states, steps, checkpoints, GPU-hours, last evaluation."""
-        return status_json(self.manifest.snapshot())
+        data = self.manifest.snapshot()
+        return status_json(data, live_states(data))
 
     def done(self) -> bool:
         return all(p["state"] == "done" for p in self.manifest.snapshot()["phases"].values())
@@ -82,8 +82,9 @@ class Run:
         return self.returncode
 
     def cancel(self) -> None:
-        """Cancel the run's jobs (a local chain stops at a checkpoint; Slurm jobs are scancelled)."""
-        for job in self.jobs.values():
+        """Cancel the run's jobs and its helper jobs (a local chain stops at a checkpoint; Slurm jobs are
+        scancelled; evaluation jobs in flight too)."""
+        for job in {**self.jobs, **helper_jobs(self.manifest)}.values():
             job.cancel()
 
     @property
@@ -150,10 +151,13 @@ def resume(run_dir: str | os.PathLike, executor: str | None = None, budget: floa
 
 
 def cancel(run_dir: str | os.PathLike) -> list[str]:
-    """Cancel every job of the run still queued or running, whichever executor started it; ``step=job id`` of each."""
-    run = Run(run_dir, alive_jobs(Manifest(run_dir)))
-    run.cancel()
-    return [f"{step}={job_id}" for step, job_id in run.job_ids.items()]
+    """Cancel every job of the run still queued or running — phases, the local chain, derive arrays, evaluation
+    jobs — whichever executor started it; ``step=job id`` of each."""
+    m = Manifest(run_dir)
+    jobs = {**alive_jobs(m), **helper_jobs(m)}
+    for job in jobs.values():
+        job.cancel()
+    return [f"{step}={job.job_id}" for step, job in jobs.items()]
 
 
 # ================================================================================================ one submission

@@ -28,10 +28,11 @@ import submitit
 from ..files import now_iso
 from ..layout import RunLayout
 from ..manifest import Manifest
+from ..preflight import cluster_refusals
 from ..recipe import Recipe
-from ..runtime import Exit
+from ..runtime import Exit, cancel_detached, detached_state
+from ..slurm import LaunchError
 from . import sbatch, slurm, submit
-from .slurm import LaunchError
 
 # States after which a job does not run again: Slurm's (slurm.ENDED), and ENDED for a job that left the queue on a
 # cluster without accounting (nothing says how it ended).
@@ -154,6 +155,31 @@ class LocalJob(Job):
             os.kill(self.pid, signal.SIGTERM)
 
 
+class DetachedJob(Job):
+    """An in-training evaluation job a phase started (`runtime.detach`: a Slurm job, or a background process)."""
+
+    def __init__(self, step: str, handle: str, m: Manifest, phase: str, eval_step: str):
+        self.step, self.job_id = step, handle
+        self._m, self._phase, self._eval_step = m, phase, eval_step
+
+    def state(self) -> str:
+        return detached_state(self.job_id)[0]
+
+    def result(self) -> dict:
+        """Its record in the manifest (state, reason, seconds)."""
+        return (self._m.phase(self._phase).get("eval_jobs") or {}).get(self._eval_step) or {}
+
+    def cancel(self) -> None:
+        cancel_detached(self.job_id)
+        self._m.close_eval_job(self._phase, self._eval_step, "cancelled", "colbertzero cancel")
+
+
+def helper_jobs(m: Manifest) -> dict[str, Job]:
+    """The run's evaluation jobs that may still write a result (derive arrays are among `alive_jobs`)."""
+    return {f"eval-{phase}-{step}": DetachedJob(f"eval-{phase}-{step}", rec["handle"], m, phase, step)
+            for phase in m.read()["phases"] for step, rec in m.open_eval_jobs(phase).items() if rec.get("handle")}
+
+
 def chain_running(layout: RunLayout) -> bool:
     """Is a local chain process holding this run's chain lock?"""
     try:
@@ -191,6 +217,11 @@ class SlurmExecutor(Executor):
     name = "slurm"
 
     def preflight(self, recipe: Recipe, phases: list[str], prepare: bool) -> None:
+        """Every job against the partitions (the field and the largest value it allows), then Slurm's own verdict."""
+        refusals = cluster_refusals(recipe, slurm.partitions() if slurm.available() else None, phases, prepare)
+        if refusals:
+            raise LaunchError("the cluster cannot run these jobs; nothing was submitted\n"
+                              + "\n".join(f"  {f}" for f in refusals))
         submit.preflight(recipe, phases, prepare)
 
     def submit(self, m: Manifest, recipe: Recipe, phases: list[str], missing_shards: list[str]) -> dict[str, Job]:

@@ -26,11 +26,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import ledger
+from .. import ledger, slurm
 from ..files import now_iso
 from ..manifest import Manifest
 from ..runtime import Exit, restart_count, resume_command
-from . import slurm
 
 # Slurm ends every task of a requeued job (SIGTERM, then SIGKILL); a task that returned instead would report a result
 # for a job that is going to run again. This long, at most, a task waits to be ended.

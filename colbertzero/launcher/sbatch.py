@@ -96,11 +96,6 @@ def prepare_options(recipe: Recipe) -> dict[str, str | bool]:
     return opts
 
 
-def as_args(opts: dict[str, str | bool]) -> list[str]:
-    """Command-line form: ["--nodes=2", "--exclusive", ...]."""
-    return [f"--{k}" if v is True else f"--{k}={v}" for k, v in opts.items()]
-
-
 def directives(opts: dict[str, str | bool]) -> list[str]:
     """`#SBATCH` lines, every value shell-quoted (sbatch reads these lines with shell quoting rules)."""
     return [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in opts.items()]

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import submitit
 
+from .. import slurm
 from ..data.prepare import index_recipe, prepare_recipe
 from ..files import now_iso
 from ..manifest import Manifest
 from ..mining import derive_task, finished
 from ..recipe import Recipe
-from . import sbatch, slurm
-from .slurm import LaunchError
+from ..slurm import LaunchError
+from . import sbatch
 from .task import PhaseTask
 from .work import array_options
 
 
-def _derive_options(step) -> dict:
-    return array_options(partition=step.partition, time=step.time_limit, cpus_per_task=step.cpus_per_task,
-                         gpus_per_task=step.gpus, mem=step.mem)
+def _derive_options(recipe: Recipe, i: int) -> dict:
+    r = recipe.derive_request(i)
+    return array_options(partition=r.partition, time=r.time_limit, cpus_per_task=r.cpus_per_task, gpus_per_task=r.gpus,
+                         mem=r.mem)
 
 
 def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
@@ -39,7 +41,13 @@ def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
         slurm.test_only("the prepare job (prepare)", sbatch.prepare_options(recipe))
     for i, step in enumerate(recipe.derive):
         if not finished(step.kind, step.args, step.out):
-            slurm.test_only(f"derive step {step.name!r} (derive[{i}])", _derive_options(step))
+            slurm.test_only(f"derive step {step.name!r} (derive[{i}])", _derive_options(recipe, i))
+    for n in phases:  # the evaluation jobs a phase submits from inside its job, as they will ask
+        if recipe.phase(n).eval_jobs_used:
+            r = recipe.eval_request(n)
+            slurm.test_only(f"phase {n!r}'s evaluation jobs ({r.where})",
+                            {"ntasks": "1", **slurm.helper_options(r.partition, r.time_limit, r.cpus_per_task, r.gpus,
+                                                                   r.mem)})
 
 
 def _executor(m: Manifest, step: str) -> submitit.SlurmExecutor:
@@ -64,9 +72,9 @@ def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards:
     jobs: dict[str, str] = {}
     try:
         dependency = None
-        for step in recipe.derive:  # in order: a step may read what the one before wrote
+        for i, step in enumerate(recipe.derive):  # in order: a step may read what the one before wrote
             if not finished(step.kind, step.args, step.out):
-                dependency = f"afterok:{_submit_derive(m, recipe, step, dependency, jobs)}"
+                dependency = f"afterok:{_submit_derive(m, recipe, i, dependency, jobs)}"
         if missing_shards:
             dependency = f"afterok:{_submit_prepare(m, recipe, missing_shards, jobs, dependency)}"
         for n in phases:
@@ -92,11 +100,12 @@ def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards:
     return jobs
 
 
-def _submit_derive(m: Manifest, recipe: Recipe, step, dependency: str | None, jobs: dict) -> str:
-    """A derive step as an array, one task per query range; its last task merges the output."""
+def _submit_derive(m: Manifest, recipe: Recipe, i: int, dependency: str | None, jobs: dict) -> str:
+    """Derive step ``i`` as an array, one task per query range; its last task merges the output."""
+    step = recipe.derive[i]
     name = f"derive-{step.name}"
     ex = _executor(m, name)
-    ex.update_parameters(**_params(sbatch.job_name(recipe, name, m.run_dir), _derive_options(step), dependency,
+    ex.update_parameters(**_params(sbatch.job_name(recipe, name, m.run_dir), _derive_options(recipe, i), dependency,
                                    list(recipe.prepare.setup)))
     with ex.batch():
         tasks = [ex.submit(derive_task, step.kind, step.args, step.out, step.shards, task=i)

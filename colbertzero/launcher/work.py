@@ -8,11 +8,11 @@ from pathlib import Path
 
 import submitit
 
+from .. import slurm
 from ..mining import MineSpec, ScoreSpec, run_shards, work_for
 from ..recipe.schema import no_control_characters, parse_time_limit
-from . import slurm
+from ..slurm import LaunchError
 from .sbatch import time_minutes
-from .slurm import LaunchError
 
 
 def array_options(*, partition: str | None, time: str, cpus_per_task: int, gpus_per_task: int,
@@ -27,14 +27,8 @@ def array_options(*, partition: str | None, time: str, cpus_per_task: int, gpus_
         parse_time_limit(time)
     except ValueError as e:
         raise LaunchError(f"--time {time!r}: {e}") from None
-    opts = {"nodes": 1, "ntasks-per-node": 1, "time": time, "cpus-per-task": cpus_per_task}
-    if partition:
-        opts["partition"] = partition
-    if gpus_per_task:
-        opts["gres"] = f"gpu:{gpus_per_task}"
-    if mem:
-        opts["mem"] = mem
-    return opts
+    return {"nodes": 1, "ntasks-per-node": 1, **slurm.helper_options(partition, time, cpus_per_task, gpus_per_task,
+                                                                       mem)}
 
 
 def submit_array(spec: MineSpec | ScoreSpec, out: str, shards: int, opts: dict) -> dict:

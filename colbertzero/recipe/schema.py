@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -226,7 +227,7 @@ class _HelperJob(_Strict):
     _where: ClassVar[str] = ""
     partition: str | None = None  # None: the cluster's default partition
     time_limit: str = "1:00:00"
-    cpus_per_task: int = Field(default=8, gt=0)
+    cpus_per_task: int | None = Field(default=None, gt=0)  # None: the phase's own (derive: the prepare job's)
     mem: str | None = None
 
     @field_validator("partition", "time_limit", "mem")
@@ -238,11 +239,27 @@ class _HelperJob(_Strict):
         return v
 
 
+@dataclass(frozen=True)
+class HelperRequest:
+    """What one helper job (an in-training evaluation, a derive step's array task) asks for, its defaults resolved;
+    ``where`` names its recipe fields. `Recipe.eval_request` / `Recipe.derive_request` are the one rule for them."""
+
+    where: str
+    partition: str | None
+    time_limit: str
+    cpus_per_task: int
+    gpus: int
+    mem: str | None
+
+
 class EvalJob(_HelperJob):
     """The job (Slurm) or background process (local) that scores an in-training export off the training ranks."""
 
     _where: ClassVar[str] = "eval.job"
     gpus: int | None = Field(default=None, ge=0)  # None: 1 when the phase runs on GPUs, else 0
+    # After the phase, rank 0 waits this long for its evaluation jobs still queued or running; then they are
+    # cancelled and recorded as abandoned (no job of a run outlives it). Its GPUs are held while it waits.
+    wait_s: int = Field(default=600, ge=0)
 
 
 class Eval(_Strict):
@@ -313,6 +330,11 @@ class Phase(_Strict):
     @property
     def effective_document_length(self) -> int:
         return self.document_length + (self.prompts.extra_length if self.prompts.enabled else 0)
+
+    @property
+    def eval_jobs_used(self) -> bool:
+        """Does the phase start evaluation jobs (in-training evaluation off the training ranks)?"""
+        return bool(self.cadence.eval_every and self.eval.in_training and self.eval.where == "job")
 
     @property
     def init_from(self) -> str | None:
@@ -408,6 +430,20 @@ class Recipe(_Strict):
                     f"phases.{name}.init.from: {src!r} is not an earlier phase (earlier: {names[:i] or 'none'})"
                 )
         return self
+
+    def eval_request(self, phase_name: str) -> HelperRequest:
+        """An in-training evaluation job of the phase: the phase's CPUs and (on GPUs) one GPU unless set."""
+        ph = self.phase(phase_name)
+        job = ph.eval.job
+        gpus = job.gpus if job.gpus is not None else (1 if ph.resources.gpus_per_node else 0)
+        return HelperRequest(f"phases.{phase_name}.eval.job", job.partition, job.time_limit,
+                             job.cpus_per_task or ph.resources.cpus_per_task, gpus, job.mem)
+
+    def derive_request(self, i: int) -> HelperRequest:
+        """A task of derive step ``i``'s array: the prepare job's CPUs unless set."""
+        step = self.derive[i]
+        return HelperRequest(f"derive[{i}]", step.partition, step.time_limit,
+                             step.cpus_per_task or self.prepare.cpus_per_task, step.gpus, step.mem)
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:

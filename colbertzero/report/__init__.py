@@ -6,7 +6,8 @@ makes the paper-shaped table; `figures` the PNGs.
 """
 
 from .build import build_report
-from .status import status_json, status_table
+from .status import helper_jobs, live_states, status_json, status_table
 from .views import ReportError, load_run, read_run_manifest
 
-__all__ = ["ReportError", "build_report", "load_run", "read_run_manifest", "status_json", "status_table"]
+__all__ = ["ReportError", "build_report", "helper_jobs", "live_states", "load_run", "read_run_manifest", "status_json",
+           "status_table"]

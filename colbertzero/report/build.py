@@ -15,7 +15,7 @@ from ..files import atomic_write_bytes, now_iso
 from ..layout import RunLayout
 from .figures import attempt_rows, gpu_hours_figure, ndcg_figure, png, series_figure
 from .results import results_markdown, results_rows
-from .status import budget_cell, status_json, status_table
+from .status import budget_cell, live_states, status_json, status_table
 from .views import (
     DASH,
     FIGURES,
@@ -54,7 +54,7 @@ def _strict_json(x: Any) -> Any:
 def _report_json(runs: list[RunView], rows: list[dict], figures: list[str]) -> dict:
     out_runs = []
     for r in runs:
-        st = status_json(r.data)
+        st = status_json(r.data, r.live)
         phases = {}
         for ph in st["phases"]:
             name = ph["name"]
@@ -81,6 +81,7 @@ def _report_json(runs: list[RunView], rows: list[dict], figures: list[str]) -> d
                 "budget_gpu_hours": st["budget_gpu_hours"],
                 "reference": r.run_reference(),
                 "phases": phases,
+                "helpers": st["helpers"],
             }
         )
     return {
@@ -117,7 +118,7 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
     )
     md.append("")
     for r in runs:
-        md += [f"### Status: {r.label}", "", "```", status_table(r.data), "```", ""]
+        md += [f"### Status: {r.label}", "", "```", status_table(r.data, r.live), "```", ""]
 
     md += ["## Results: nDCG@10", ""]
     md.append(
@@ -302,6 +303,8 @@ def build_report(run_dirs: list[str] | str, out_dir: str | None = None) -> Path:
     if out_dir is None and len(run_dirs) > 1:
         raise ReportError("several run dirs: say where the comparison goes (out_dir / --out)")
     runs = [load_run(d) for d in run_dirs]
+    for r in runs:
+        r.live = live_states(r.data)
     _labels_unique(runs)
     out = Path(out_dir) if out_dir is not None else RunLayout(runs[0].run_dir).report
     if out.exists() and not out.is_dir():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .. import ledger
+from .. import ledger, slurm
+from ..runtime import detached_state
 from .views import DASH, EvalView, check_manifest_data, fmt, num
 
 
@@ -10,8 +11,51 @@ def budget_cell(used: float, budget: float | None) -> str:
     return f"{used:.2f} / {fmt(budget)}"
 
 
-def status_json(manifest_data: dict) -> dict:
-    """Machine-readable run status from manifest data (as ``Manifest.read()`` returns it)."""
+HELPER_FINAL = ("done", "failed", "cancelled", "abandoned", "not started", "ended")
+
+
+def helper_jobs(manifest_data: dict, live: dict[str, tuple[str, str]] | None = None) -> list[dict]:
+    """The run's helper jobs — in-training evaluation jobs and derive (mine/score) arrays — with their state:
+    the manifest's, refreshed by ``live`` ({handle: (Slurm state, reason)}: `live_states`) for those still open."""
+    live = live or {}
+    out = []
+    for name, p in manifest_data["phases"].items():
+        for step, rec in sorted((p.get("eval_jobs") or {}).items(), key=lambda kv: int(kv[0])):
+            state, reason = rec.get("state"), rec.get("reason")
+            if state in ("submitted", "running") and rec.get("handle") in live:
+                slurm_state, slurm_reason = live[rec["handle"]]
+                state = slurm_state.lower() if slurm_state not in ("RUNNING", "UNKNOWN") else state
+                reason = slurm_reason if slurm_reason and slurm_reason != "None" else reason
+            out.append({"kind": "eval", "phase": name, "step": int(step), "handle": rec.get("handle"),
+                        "state": state, "reason": reason})
+    for sub in manifest_data.get("submissions") or []:
+        for step, job in (sub.get("jobs") or {}).items():
+            if step.startswith("derive-"):
+                handle = f"job:{job}"
+                state, reason = live.get(handle, ("submitted", ""))
+                out.append({"kind": "derive", "phase": None, "step": step.removeprefix("derive-"), "handle": handle,
+                            "state": state.lower(), "reason": reason if reason and reason != "None" else None})
+    return out
+
+
+def open_handles(manifest_data: dict) -> list[str]:
+    """Handles of the helper jobs whose state the manifest does not know to be final."""
+    return [h["handle"] for h in helper_jobs(manifest_data) if h["handle"] and h["state"] not in HELPER_FINAL]
+
+
+def live_states(manifest_data: dict) -> dict[str, tuple[str, str]]:
+    """Slurm's view (one query for all) and the process table's of the helper jobs still open; empty where neither
+    answers (another machine, no Slurm client)."""
+    handles = open_handles(manifest_data)
+    jobs = [h.removeprefix("job:") for h in handles if h.startswith("job:")]
+    states = {f"job:{j}": st for j, st in slurm.job_states(jobs).items()}
+    states.update({h: detached_state(h) for h in handles if h.startswith("pid:")})
+    return states
+
+
+def status_json(manifest_data: dict, live: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Machine-readable run status from manifest data (as ``Manifest.read()`` returns it); ``live``: Slurm's view of
+    the helper jobs still open (`report.live_states`), else the manifest's alone."""
     data = check_manifest_data(manifest_data)
     phases = []
     for name, p in data["phases"].items():
@@ -46,12 +90,13 @@ def status_json(manifest_data: dict) -> dict:
         "gpu_hours": sum(ph["gpu_hours"] for ph in phases),
         "budget_gpu_hours": ledger.run_budget(data),
         "phases": phases,
+        "helpers": helper_jobs(data, live),
     }
 
 
-def status_table(manifest_data: dict) -> str:
-    """The run's status for a person: one line per phase, totals, then failures."""
-    s = status_json(manifest_data)
+def status_table(manifest_data: dict, live: dict[str, tuple[str, str]] | None = None) -> str:
+    """The run's status for a person: one line per phase, totals, helper jobs, then failures."""
+    s = status_json(manifest_data, live)
     header = ["phase", "kind", "state", "steps", "checkpoints", "GPU-h used / budget", "attempts", "nDCG@10"]
     rows = []
     for ph in s["phases"]:
@@ -86,6 +131,12 @@ def status_table(manifest_data: dict) -> str:
     ]
     out += [line(r) for r in rows[:-1]]
     out += [line(["-" * w for w in widths]), line(rows[-1])]
+    if s["helpers"]:
+        out.append("helper jobs:")
+        for h in s["helpers"]:
+            what = f"eval {h['phase']} step {h['step']}" if h["kind"] == "eval" else f"derive {h['step']}"
+            out.append(f"  {what:<32} {h['handle'] or DASH:<14} {h['state'] or DASH}"
+                       + (f" ({h['reason']})" if h["reason"] else ""))
     for ph in s["phases"]:
         f = ph["failure"]
         if f:

@@ -238,6 +238,7 @@ class RunView:
     bad_lines: dict[str, int] = field(default_factory=dict)
     eval_logs: dict[str, list[dict]] = field(default_factory=dict)  # in-training evals: step, ndcg@10 (%)
     init_eval: dict | None = None
+    live: dict[str, tuple[str, str]] = field(default_factory=dict)  # open helper jobs, as Slurm sees them
 
     @property
     def phases(self) -> list[str]:

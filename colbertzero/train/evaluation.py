@@ -11,7 +11,13 @@ Every rank gathers the weights (collective under ZeRO-3); then, as `eval.where` 
 
 The RNG is restored afterwards, so a run with evaluations trains exactly like one without. Results, from either
 mode, go to `phases/<phase>/logs/eval.jsonl`, TensorBoard and the manifest's `in_training_eval` (docs/CONTRACTS.md);
-a job's state (submitted, done, failed) to the manifest's `eval_jobs`.
+a job's state (submitted, running, done, failed, cancelled, abandoned) to the manifest's `eval_jobs`.
+
+No evaluation job outlives its phase or waits forever (`settle_jobs`): one pending for a reason that never clears
+(a request larger than the partition's nodes, …) is cancelled and failed with Slurm's reason as soon as it is seen;
+one that ended without writing a result is failed; a resumed attempt's evaluation of a step replaces the earlier
+job; at the end of the phase rank 0 waits `eval.job.wait_s` for the jobs still queued or running, then cancels them
+and records them as abandoned.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import time
 
 from ..evaluate import evaluate
 from ..files import folder_replacing, now_iso
-from ..runtime import detach
+from ..runtime import cancel_detached, detach, detached_state
+from ..slurm import NEVER_STARTS, helper_options
 from . import dist
 from .checkpoint import capture_rng_state, restore_rng_state
 from .export import gather_colbert
@@ -68,6 +75,44 @@ def _set_job(manifest, phase_name: str, step: int, **fields) -> None:
     manifest.update_phase(phase_name, put)
 
 
+_STILL_THERE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "UNKNOWN")
+
+
+def settle_jobs(manifest, phase_name: str, *, wait_s: float | None, poll: float = 5.0) -> dict[str, str]:
+    """Look at the phase's open evaluation jobs: cancel and fail one pending for a reason that never clears, fail one
+    that ended without a result. With ``wait_s`` (the end of the phase) wait up to that long for the others, then
+    cancel them and record them as abandoned; with None only look. Returns {step: how it was closed}."""
+    deadline = time.monotonic() + (wait_s or 0)
+    closed: dict[str, str] = {}
+    while True:
+        still = {}
+        for step, rec in manifest.open_eval_jobs(phase_name).items():
+            handle = rec.get("handle", "")
+            state, reason = detached_state(handle)
+            log = manifest.layout.phase(phase_name).eval_dir(int(step)) / "job.log"
+            if state == "PENDING" and reason in NEVER_STARTS:
+                cancel_detached(handle)
+                why = (f"pending ({reason}): Slurm can never start it; cancelled. Fix phases.{phase_name}.eval.job "
+                       "(`colbertzero validate` compares it with the partition)")
+                if manifest.close_eval_job(phase_name, step, "failed", why):
+                    closed[step] = "failed"
+            elif state not in _STILL_THERE:
+                if manifest.close_eval_job(phase_name, step, "failed", f"ended ({state}) without a result; see {log}"):
+                    closed[step] = "failed"
+            else:
+                still[step] = (handle, state)
+        if not still or wait_s is None:
+            return closed
+        if time.monotonic() >= deadline:
+            for step, (handle, state) in still.items():
+                cancel_detached(handle)
+                why = f"still {state.lower()} {wait_s:g} s after the phase ended (eval.job.wait_s); cancelled"
+                if manifest.close_eval_job(phase_name, step, "abandoned", why):
+                    closed[step] = "abandoned"
+            return closed
+        time.sleep(poll)
+
+
 class Evaluator:
     def __init__(self, *, manifest, recipe, phase_name: str, init_path: str, device: str, metrics) -> None:
         self.manifest, self.recipe, self.phase_name = manifest, recipe, phase_name
@@ -100,15 +145,26 @@ class Evaluator:
         record_eval(self.manifest, self.phase_name, step, attempt, res, time.perf_counter() - t0, "inline",
                     self.metrics.sinks)
 
+    def finish(self) -> dict[str, str]:
+        """Rank 0, at the end of the phase: settle its evaluation jobs (wait up to `eval.job.wait_s`)."""
+        closed = settle_jobs(self.manifest, self.phase_name, wait_s=self.phase.eval.job.wait_s)
+        for step, how in closed.items():
+            print(f"[colbertzero] phase {self.phase_name}: the evaluation job of step {step} {how}; see `colbertzero "
+                  f"status {self.manifest.run_dir}`", file=sys.stderr)
+        return closed
+
     def _dispatch(self, model, step: int, attempt: str) -> None:
         """Rank 0: save the weights, start the job; a job that cannot start is recorded, training goes on."""
+        settle_jobs(self.manifest, self.phase_name, wait_s=None)  # what can never start is reported now, not later
+        earlier = self.manifest.open_eval_jobs(self.phase_name).get(str(step))
+        if earlier:  # a resumed attempt evaluates this step again: one job per step
+            cancel_detached(earlier.get("handle", ""))
+            self.manifest.close_eval_job(self.phase_name, str(step), "cancelled", f"replaced by attempt {attempt}'s")
         folder = self.manifest.layout.phase(self.phase_name).eval_dir(step)
         with folder_replacing(folder) as tmp:  # a resumed attempt's re-evaluation of the same step replaces it
             model.save(str(tmp / "model"))
-        job = self.phase.eval.job
-        gpus = job.gpus if job.gpus is not None else (1 if self.phase.resources.gpus_per_node else 0)
-        sbatch = {"partition": job.partition, "cpus-per-task": job.cpus_per_task, "time": job.time_limit,
-                  "mem": job.mem, "gres": f"gpu:{gpus}" if gpus else None}
+        r = self.recipe.eval_request(self.phase_name)
+        sbatch = helper_options(r.partition, r.time_limit, r.cpus_per_task, r.gpus, r.mem)
         argv = [sys.executable, "-m", "colbertzero", "eval-job", str(self.manifest.run_dir), "--phase",
                 self.phase_name, "--step", str(step), "--attempt", attempt]
         try:
