@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import submitit
 
+from .. import slurm
 from ..files import now_iso
 from ..layout import RunLayout
 from ..manifest import Manifest
@@ -32,7 +33,7 @@ from ..preflight import cluster_refusals
 from ..recipe import Recipe
 from ..runtime import Exit, cancel_detached, detached_state
 from ..slurm import LaunchError
-from . import sbatch, slurm, submit
+from . import sbatch, submit
 
 # States after which a job does not run again: Slurm's (slurm.ENDED), and ENDED for a job that left the queue on a
 # cluster without accounting (nothing says how it ended).
