@@ -94,13 +94,9 @@ def _requests(recipe: Recipe, phases: list[str], prepare: bool
         if ph.eval_jobs_used:
             e = recipe.eval_request(n)
             out.append((e.where, e.partition, e.cpus_per_task, 1, e.mem, e.time_limit))
-    pr = recipe.prepare
-    first = next(iter(recipe.phases.values())).resources
-    if prepare:
-        out.append(("prepare", pr.partition or first.partition, pr.cpus_per_task, 1, pr.mem, pr.time_limit))
-    for i in range(len(recipe.derive) if prepare else 0):
-        d = recipe.derive_request(i)
-        out.append((d.where, d.partition, d.cpus_per_task, 1, d.mem, d.time_limit))
+    helpers = [recipe.prepare_request()] + [recipe.derive_request(i) for i in range(len(recipe.derive))]
+    for h in helpers if prepare else []:
+        out.append((h.where, h.partition, h.cpus_per_task, 1, h.mem, h.time_limit))
     return out
 
 
@@ -113,11 +109,12 @@ def cluster_refusals(recipe: Recipe, partitions: dict[str, slurm.Partition] | No
     if not partitions:
         return []
     default = next((p for p in partitions.values() if p.default), None)
-    out = []
+    out, unknown = [], set()
     for where, name, cpus, tasks, mem, time_limit in _requests(recipe, phases or list(recipe.phases), prepare):
         part = partitions.get(name) if name else default
         if part is None:
-            if name:
+            if name and name not in unknown:  # once, at the field that names it (prepare may inherit it)
+                unknown.add(name)
                 out.append(Finding("error", f"{where}.partition", f"{name!r} is not a partition of this cluster "
                                    f"(it has: {', '.join(sorted(partitions))})"))
             continue

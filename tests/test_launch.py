@@ -346,7 +346,9 @@ def runs(local_slurm, tmp_path_factory):
         "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {**NO_EVAL, "max_steps": 2}}),
         "evaljob": write_recipe(root, "lt-evaljob", shards, {**one, "unsupervised": {
             **NO_EVAL, "max_steps": 8, "cadence": {"eval_every": 4},
-            "eval": {"beir": [], "in_training": [str(MSMARCO)], "max_corpus": 300, "job": {"cpus_per_task": 1}},
+            "eval": {"beir": [], "in_training": [str(MSMARCO)], "max_corpus": 300,
+                     # short enough for backfill to start it beside the running phase, as on a busy cluster
+                     "job": {"cpus_per_task": 1, "time_limit": "00:05:00"}},
             "resources": {"cpus_per_task": 1}}}),
         **{name: write_recipe(root, f"lt-{name}", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 20}, "cadence": {"save_every": 10},
@@ -561,9 +563,17 @@ def test_helper_jobs_that_can_never_start_or_outlive_the_phase_are_cancelled_and
     res = cz("cancel", m.run_dir)
     assert res.returncode == 0 and f"eval-unsupervised-20=pid:{sleepers[2].pid}" in res.stdout, res.stdout + res.stderr
     assert sleepers[2].wait(30) == -15 and m.phase("unsupervised")["eval_jobs"]["20"]["state"] == "cancelled"
+    # The phase's job told to stop (its time limit is near) ends the wait at once, whatever eval.job.wait_s says.
+    late = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    m.update_phase("unsupervised", lambda p: p["eval_jobs"].update(
+        {"24": {"state": "running", "handle": f"pid:{late.pid}", "time": "t"}}))
+    t0 = time.monotonic()
+    assert settle_jobs(m, "unsupervised", wait_s=600, poll=0.2, stopped=lambda: True) == {"24": "abandoned"}
+    assert time.monotonic() - t0 < 30 and late.wait(30) == -15
+    assert "told to stop" in m.phase("unsupervised")["eval_jobs"]["24"]["reason"]
     status = json.loads(cz("status", m.run_dir, "--json").stdout)
     assert sorted((h["step"], h["state"]) for h in status["helpers"]) == [
-        (4, "failed"), (8, "failed"), (12, "abandoned"), (16, "abandoned"), (20, "cancelled")]
+        (4, "failed"), (8, "failed"), (12, "abandoned"), (16, "abandoned"), (20, "cancelled"), (24, "abandoned")]
 
 
 @pytest.mark.parametrize("name", ["hang", "hang-byhand"])
@@ -596,13 +606,20 @@ def _nothing_submitted(name: str, run: Path) -> None:
     assert f"cz-{name}-" not in queue + accounted
 
 
-def test_refuses_unknown_partition_with_slurms_reason(local_slurm, tmp_path):
+def test_refuses_unknown_partition_naming_the_field_and_the_clusters_partitions(local_slurm, tmp_path):
     recipe = write_recipe(tmp_path, "lt-refuse-partition", tmp_path / "shards", {
         "unsupervised": {**NO_EVAL, "resources": {"partition": "nosuch"}}, "supervised": None, "distillation": None})
     res = cz("launch", recipe, "--run-dir", tmp_path / "run")
     assert res.returncode == 2
-    assert "phases.unsupervised.resources" in res.stderr and "invalid partition specified: nosuch" in res.stderr
-    assert "nothing was submitted" in res.stderr
+    assert "error: phases.unsupervised.resources.partition: 'nosuch' is not a partition of this cluster (it has: " \
+        "debug, long, urgent)" in res.stderr
+    assert res.stderr.count("nosuch") == 1, res.stderr  # not again for the prepare job that inherits it
+    # What sinfo cannot tell, Slurm's own `sbatch --test-only` does, in its words.
+    res = cz("launch", recipe, "--run-dir", tmp_path / "run", "phases.unsupervised.resources.partition=debug",
+             "phases.unsupervised.resources.constraint=nosuchfeature")
+    assert res.returncode == 2
+    assert "Slurm refuses phase 'unsupervised' (phases.unsupervised.resources)" in res.stderr
+    assert "Invalid feature specification" in res.stderr and "nothing was submitted" in res.stderr
     _nothing_submitted("lt-refuse-partition", tmp_path / "run")
 
 

@@ -173,7 +173,7 @@ MEANINGS: dict[str, str] = {
     # PrepareResources
     "PrepareResources.array_tasks": "Tasks of the prepare array; each tokenizes a share of the shards.",
     "PrepareResources.workers": "Tokenizing processes per array task (and for a local `launch`).",
-    "PrepareResources.cpus_per_task": "CPU cores per array task.",
+    "PrepareResources.cpus_per_task": "CPU cores per array task; null = the first phase's `cpus_per_task`.",
     "PrepareResources.mem": "Memory per array task; null = the partition's default.",
     "PrepareResources.partition": "Partition of the prepare job; null = the first phase's.",
     "PrepareResources.account": "Account of the prepare job; null = the first phase's.",
@@ -214,7 +214,7 @@ MEANINGS: dict[str, str] = {
     "DeriveStep.shards": "Query ranges, one Slurm array task each; the last task to finish merges.",
     "DeriveStep.partition": "Partition of the array; null = the cluster's default.",
     "DeriveStep.time_limit": "Time limit of each array task.",
-    "DeriveStep.cpus_per_task": "CPU cores per array task; null = `prepare.cpus_per_task`.",
+    "DeriveStep.cpus_per_task": "CPU cores per array task; null = the prepare job's.",
     "DeriveStep.gpus": "GPUs per array task (a model retriever or teacher).",
     "DeriveStep.mem": "Memory per array task; null = the partition's default.",
     "Eval.max_corpus": "Subsample each corpus to this many documents, keeping every judged one.",

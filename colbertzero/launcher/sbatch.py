@@ -84,8 +84,8 @@ def prepare_options(recipe: Recipe) -> dict[str, str | bool]:
     """The prepare job: one CPU task per array task; partition/account/QoS default to the first phase's."""
     pr: PrepareResources = recipe.prepare
     first = next(iter(recipe.phases.values())).resources
-    opts: dict[str, str | bool] = {"nodes": "1", "ntasks-per-node": "1", "cpus-per-task": str(pr.cpus_per_task),
-                                   "time": pr.time_limit}
+    opts: dict[str, str | bool] = {"nodes": "1", "ntasks-per-node": "1", "cpus-per-task":
+                                   str(recipe.prepare_request().cpus_per_task), "time": pr.time_limit}
     for key in ("partition", "account", "qos"):
         value = getattr(pr, key) or getattr(first, key)
         if value:

@@ -185,7 +185,7 @@ class PrepareResources(_Strict):
 
     array_tasks: int = Field(default=4, gt=0)
     workers: int = Field(default=8, gt=0)  # processes per array task
-    cpus_per_task: int = Field(default=8, gt=0)
+    cpus_per_task: int | None = Field(default=None, gt=0)  # None: the first phase's (fits its partition)
     mem: str | None = None
     partition: str | None = None  # None = the first phase's partition
     account: str | None = None
@@ -439,11 +439,17 @@ class Recipe(_Strict):
         return HelperRequest(f"phases.{phase_name}.eval.job", job.partition, job.time_limit,
                              job.cpus_per_task or ph.resources.cpus_per_task, gpus, job.mem)
 
+    def prepare_request(self) -> HelperRequest:
+        """A task of the prepare array: partition and CPUs of the first phase unless set."""
+        pr, first = self.prepare, next(iter(self.phases.values())).resources
+        return HelperRequest("prepare", pr.partition or first.partition, pr.time_limit,
+                             pr.cpus_per_task or first.cpus_per_task, 0, pr.mem)
+
     def derive_request(self, i: int) -> HelperRequest:
         """A task of derive step ``i``'s array: the prepare job's CPUs unless set."""
         step = self.derive[i]
         return HelperRequest(f"derive[{i}]", step.partition, step.time_limit,
-                             step.cpus_per_task or self.prepare.cpus_per_task, step.gpus, step.mem)
+                             step.cpus_per_task or self.prepare_request().cpus_per_task, step.gpus, step.mem)
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:

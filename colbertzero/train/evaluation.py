@@ -26,6 +26,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 from ..evaluate import evaluate
 from ..files import folder_replacing, now_iso
@@ -78,10 +79,12 @@ def _set_job(manifest, phase_name: str, step: int, **fields) -> None:
 _STILL_THERE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "UNKNOWN")
 
 
-def settle_jobs(manifest, phase_name: str, *, wait_s: float | None, poll: float = 5.0) -> dict[str, str]:
+def settle_jobs(manifest, phase_name: str, *, wait_s: float | None, poll: float = 5.0,
+                stopped: Callable[[], bool] | None = None) -> dict[str, str]:
     """Look at the phase's open evaluation jobs: cancel and fail one pending for a reason that never clears, fail one
-    that ended without a result. With ``wait_s`` (the end of the phase) wait up to that long for the others, then
-    cancel them and record them as abandoned; with None only look. Returns {step: how it was closed}."""
+    that ended without a result. With ``wait_s`` (the end of the phase) wait up to that long — or until ``stopped()``
+    (the job's stop signal: its time limit is near) — for the others, then cancel them and record them as abandoned;
+    with None only look. Returns {step: how it was closed}."""
     deadline = time.monotonic() + (wait_s or 0)
     closed: dict[str, str] = {}
     while True:
@@ -103,10 +106,12 @@ def settle_jobs(manifest, phase_name: str, *, wait_s: float | None, poll: float 
                 still[step] = (handle, state)
         if not still or wait_s is None:
             return closed
-        if time.monotonic() >= deadline:
+        signalled = stopped is not None and stopped()
+        if signalled or time.monotonic() >= deadline:
             for step, (handle, state) in still.items():
                 cancel_detached(handle)
-                why = f"still {state.lower()} {wait_s:g} s after the phase ended (eval.job.wait_s); cancelled"
+                why = (f"still {state.lower()} when the phase's job was told to stop; cancelled" if signalled else
+                       f"still {state.lower()} {wait_s:g} s after the phase ended (eval.job.wait_s); cancelled")
                 if manifest.close_eval_job(phase_name, step, "abandoned", why):
                     closed[step] = "abandoned"
             return closed
@@ -145,9 +150,10 @@ class Evaluator:
         record_eval(self.manifest, self.phase_name, step, attempt, res, time.perf_counter() - t0, "inline",
                     self.metrics.sinks)
 
-    def finish(self) -> dict[str, str]:
-        """Rank 0, at the end of the phase: settle its evaluation jobs (wait up to `eval.job.wait_s`)."""
-        closed = settle_jobs(self.manifest, self.phase_name, wait_s=self.phase.eval.job.wait_s)
+    def finish(self, stopped: Callable[[], bool] | None = None) -> dict[str, str]:
+        """Rank 0, at the end of the phase: settle its evaluation jobs (wait up to `eval.job.wait_s`, or until
+        ``stopped()``)."""
+        closed = settle_jobs(self.manifest, self.phase_name, wait_s=self.phase.eval.job.wait_s, stopped=stopped)
         for step, how in closed.items():
             print(f"[colbertzero] phase {self.phase_name}: the evaluation job of step {step} {how}; see `colbertzero "
                   f"status {self.manifest.run_dir}`", file=sys.stderr)

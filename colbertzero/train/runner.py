@@ -327,6 +327,6 @@ class PhaseRun:
                                    runs_dir=self.layout.runs)
                 update_model_card(out, dict(results["datasets"]))
                 atomic_write_json(self.layout.eval_json, results)
-            self.evaluator.finish()  # no evaluation job of the phase outlives it
+            self.evaluator.finish(stopped=lambda: self.stop.signal is not None)  # no evaluation job outlives it
             self.manifest.set_state(self.phase_name, "done", eval=results)
         dist.barrier()
