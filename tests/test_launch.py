@@ -68,8 +68,11 @@ def write_recipe(folder: Path, name: str, shards: Path, phases: dict) -> Path:
     doc: dict = {"extends": str(BASE), "name": name, "phases": {}}
     for phase in ("unsupervised", "supervised", "distillation"):
         over = phases.get(phase, NO_EVAL)
-        doc["phases"][phase] = None if over is None else {**over, "data": {
-            **over.get("data", {}), "shards_dir": str(shards / phase)}}
+        # One CPU a rank: two 2-node jobs share the cluster, so one scenario's waits (Slurm's 30-second signal
+        # checks, start-up) overlap another's steps.
+        doc["phases"][phase] = None if over is None else {
+            **over, "data": {**over.get("data", {}), "shards_dir": str(shards / phase)},
+            "resources": {"cpus_per_task": 1, **over.get("resources", {})}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

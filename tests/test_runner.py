@@ -488,9 +488,10 @@ def test_flop_counter_counts_encoder_passes_attention_window_and_maxsim(tiny_mod
 
 
 # ---------------------------------------------------------------- every phase of the chain, every stage
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stage 2 is tiny-cpu's own: its chain runs as written in test_launch.py (two Slurm nodes) and in the demo.
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_every_phase_of_the_chain_under_every_zero_stage(setup, stage):
-    """tiny-cpu as written (supervised from unsupervised's export, distillation from supervised's), GradCache on."""
+    """tiny-cpu (supervised from unsupervised's export, distillation from supervised's), GradCache on, at a stage."""
     overrides = []
     for p in PHASES:
         overrides += [f"phases.{p}.deepspeed.zero_stage={stage}"]
