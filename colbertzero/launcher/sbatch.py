@@ -83,15 +83,18 @@ def phase_options(r: Resources, where: str = "resources") -> dict[str, str | boo
 def prepare_options(recipe: Recipe) -> dict[str, str | bool]:
     """The prepare job: one CPU task per array task; partition/account/QoS default to the first phase's."""
     pr: PrepareResources = recipe.prepare
+    req = recipe.prepare_request()  # partition, CPUs, time, memory: the one rule validate checks too
     first = next(iter(recipe.phases.values())).resources
-    opts: dict[str, str | bool] = {"nodes": "1", "ntasks-per-node": "1", "cpus-per-task":
-                                   str(recipe.prepare_request().cpus_per_task), "time": pr.time_limit}
-    for key in ("partition", "account", "qos"):
+    opts: dict[str, str | bool] = {"nodes": "1", "ntasks-per-node": "1", "cpus-per-task": str(req.cpus_per_task),
+                                   "time": req.time_limit}
+    if req.partition:
+        opts["partition"] = req.partition
+    for key in ("account", "qos"):
         value = getattr(pr, key) or getattr(first, key)
         if value:
             opts[key] = value
-    if pr.mem:
-        opts["mem"] = pr.mem
+    if req.mem:
+        opts["mem"] = req.mem
     opts.update(parse_extra(pr.extra_sbatch, "prepare.extra_sbatch", set(PrepareResources.model_fields)))
     return opts
 
