@@ -228,10 +228,11 @@ def make_bpe_tokenizer(vocab_size: int = 8192):
                                    pad_token="[PAD]", mask_token="[MASK]", model_max_length=8192)
 
 
-def make_modernbert_base(out_dir: str | os.PathLike, seed: int = 0) -> str:
+def make_modernbert_base(out_dir: str | os.PathLike, seed: int = 0, **shape) -> str:
     """ModernBERT-base's architecture (transformers' `ModernBertConfig()` defaults: 22 layers, hidden 768, global
     attention every third layer, 128-token local windows elsewhere) with random weights and the BPE tokenizer above;
-    idempotent, written to a temp folder then renamed."""
+    idempotent, written to a temp folder then renamed. `shape`: ModernBertConfig fields to change (a smaller model
+    with the same tokenizer)."""
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return str(out)
@@ -241,7 +242,7 @@ def make_modernbert_base(out_dir: str | os.PathLike, seed: int = 0) -> str:
     tok = make_bpe_tokenizer()
     ids = {name: tok.convert_tokens_to_ids(name) for name in ("[PAD]", "[CLS]", "[SEP]")}
     cfg = ModernBertConfig(vocab_size=max(50368, len(tok)), pad_token_id=ids["[PAD]"], bos_token_id=ids["[CLS]"],
-                           eos_token_id=ids["[SEP]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"])
+                           eos_token_id=ids["[SEP]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], **shape)
     torch.manual_seed(seed)
     model = ModernBertModel(cfg)
     return _save_whole(model, tok, out)

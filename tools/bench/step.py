@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Training-step benchmark: colbertzero's step beside PyLate's, GradCache's memory, and the GPU figure.
+"""Training-step benchmark on CPU: colbertzero's step beside PyLate's, and GradCache's memory. The GPU figures
+(pairs/s/GPU, MFU, the ratio to PyLate at the paper's shapes) are tools/bench/gpu.py's, which uses this module's
+workers.
 
     python tools/bench/step.py [--json] [--steps N] [--models minilm,tiny-modernbert] [--memory-sizes 128,...,2048]
-    python tools/bench/step.py --device cuda [--json]      # pairs/s/GPU and MFU: ModernBERT-base shapes, bf16
 
 1. Throughput (CPU). For each model (MiniLM, `colbertzero.models.minilm_path()`; the tiny ModernBERT) and each loss
    kind, optimizer steps/s of
@@ -24,14 +25,8 @@
    size. gradcache_memory_ratio = peak RSS at the largest size / at the smallest; memory_per_pair_kb sets what one
    more pair costs beside what GradCache must hold per pair (its cached embeddings and their gradients, fp32): the
    rest (encoder activations, the MaxSim intermediate) should not grow with the batch.
-3. GPU (--device cuda). ModernBERT-base shapes (transformers' `ModernBertConfig()` defaults, random weights) with the
-   MiniLM tokenizer, bf16, ColBERT-Zero's unsupervised step: GradCache mini-batch 512, q 39 / d 187 (prompts on),
-   global batch 16384 on one GPU, so every query is scored against 16384 documents as on each of the paper's 16 GPUs
-   (minus the communication). pairs/s/GPU beside the paper's ~177, and MFU (`train.metering.FlopCounter`,
-   `train.metering.peak_flops`).
-
 `--json` prints one JSON object: throughput per model and loss, `ratio_vs_pylate` per loss kind (the lower of the two
-models), memory per size, `gradcache_memory_ratio`, gpu.
+models), memory per size, `gradcache_memory_ratio`.
 """
 
 from __future__ import annotations
@@ -60,7 +55,6 @@ BATCH, Q_LEN, D_LEN, MINI, DOCS = 16, 32, 128, 4, 4
 MEMORY_MINI = 32
 TIMED_STEPS = {"minilm": 4, "tiny-modernbert": 20}  # per model when --steps is not given: seconds of timing each
 PAPER_PAIRS_PER_GPU = 177.0
-GPU = {"batch": 16384, "mini": 512, "q": 32, "d": 180}  # + 7 prompt tokens each, as colbert-zero.yaml
 
 
 def log(msg: str) -> None:
@@ -537,58 +531,6 @@ def bench_memory(sizes: list[int], work: Path, model: str = "tiny-modernbert") -
     return out
 
 
-def bench_gpu(device: str, work: Path, batch: int, mini: int, steps: int) -> dict:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        return {"measured": False, "reason": "no GPU"}
-    path = modernbert_base(work / "modernbert-base-random")
-    rows = pair_rows(batch * (steps + 1))
-    r = prepared(
-        "unsupervised",
-        rows,
-        work,
-        path,
-        f"gpu-pairs-{len(rows)}",
-        batch=batch,
-        q=GPU["q"],
-        d=GPU["d"],
-        steps=steps + 1,
-        mini=mini,
-        prompts=True,
-        bf16=True,
-    )
-    res = run_worker("gpu", {"model": path, "recipe": r.resolved(), "device": device, "steps": steps}, work)
-    res.update(measured=True, global_batch=batch, mini_batch=mini)
-    return res
-
-
-def modernbert_base(out: Path) -> str:
-    """ModernBERT-base's shapes (`ModernBertConfig()` defaults) with random weights and the MiniLM tokenizer: its
-    real weights and tokenizer are on the hub, which these machines do not reach; speed depends on the shapes."""
-    if (out / "config.json").exists():
-        return str(out)
-    import torch
-    from transformers import AutoTokenizer, ModernBertConfig, ModernBertModel
-
-    from colbertzero.models import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    cfg = ModernBertConfig(
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.cls_token_id,
-        eos_token_id=tok.sep_token_id,
-        cls_token_id=tok.cls_token_id,
-        sep_token_id=tok.sep_token_id,
-    )
-    torch.manual_seed(0)
-    tmp = Path(tempfile.mkdtemp(prefix=".modernbert-", dir=out.parent))
-    ModernBertModel(cfg).save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)  # whole or absent: a half-written folder is never reused
-    return str(out)
-
-
 # ---------------------------------------------------------------- report
 def summary(result: dict) -> str:
     lines = []
@@ -617,17 +559,6 @@ def summary(result: dict) -> str:
                 f"  per extra pair: {m['measured']:.0f} KB (GradCache's own cache of embeddings and "
                 f"gradients: {m['cached_embeddings_and_gradients']:.0f} KB)"
             )
-    g = result.get("gpu")
-    if g is not None:
-        if not g.get("measured"):
-            lines.append(f"GPU: not measured: {g['reason']}")
-        else:
-            mfu = f"{g['mfu']:.1%}" if g["mfu"] is not None else "n/a"
-            lines.append(
-                f"GPU ({g['device']}, {g['dtype']}): {g['pairs_per_s']:.1f} pairs/s/GPU "
-                f"(paper ~{PAPER_PAIRS_PER_GPU:.0f}: {g['vs_paper']:.2f}x), {g['tflops']:.1f} TFLOP/s, MFU "
-                f"{mfu}"
-            )
     return "\n".join(lines)
 
 
@@ -635,15 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
-        "--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU measurement only (pairs/s/GPU, MFU)"
-    )
-    p.add_argument(
         "--steps", type=int, default=None, help=f"timed steps per loss (default per model: {TIMED_STEPS}, 4 for others)"
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (throughput)")
     p.add_argument("--rounds", type=int, default=2, help="throughput: processes per side and model (best kept)")
     p.add_argument("--models", default="minilm,tiny-modernbert")
-    p.add_argument("--parts", default=None, help="comma list of throughput,memory,gpu (default: by --device)")
+    p.add_argument("--parts", default="throughput,memory", help="comma list of throughput,memory")
     p.add_argument("--memory-sizes", default="128,512,2048")
     p.add_argument(
         "--memory-model",
@@ -651,9 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=["tiny-modernbert", "minilm"],
         help="encoder of the memory part (minilm: a real one, ~10 min at 2048 on 2 cores)",
     )
-    p.add_argument("--gpu-batch", type=int, default=GPU["batch"])
-    p.add_argument("--gpu-mini-batch", type=int, default=GPU["mini"])
-    p.add_argument("--gpu-steps", type=int, default=2)
     p.add_argument("--work", default=None, help="keep data, shards and models here (default: a temp dir)")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -668,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         print(f"the benchmark data is not at {DATA} (../shared/data from the project root)", file=sys.stderr)
         return 2
-    parts = (args.parts or ("gpu" if args.device == "cuda" else "throughput,memory,gpu")).split(",")
+    parts = args.parts.split(",")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="colbertzero-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     import torch
@@ -694,14 +619,6 @@ def main(argv: list[str] | None = None) -> int:
                 "measured": (hi["peak_rss_mb"] - lo["peak_rss_mb"]) * 1024 / (sizes[-1] - sizes[0]),
                 "cached_embeddings_and_gradients": 2 * (Q_LEN + D_LEN) * 128 * 4 / 1024,
             }
-    if "gpu" in parts:
-        if args.device == "cpu" and args.parts is None:
-            result["gpu"] = {
-                "measured": False,
-                "reason": "no GPU" if not torch.cuda.is_available() else "run with --device cuda",
-            }
-        else:
-            result["gpu"] = bench_gpu(args.device, work, args.gpu_batch, args.gpu_mini_batch, args.gpu_steps)
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
