@@ -105,6 +105,10 @@ def read_gpu_bench(path: str) -> dict:
         raise RecipeError(f"--gpu-bench {path}: cannot read it as the JSON of tools/bench/gpu.sh ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("kinds"), dict):
         raise RecipeError(f"--gpu-bench {path}: no 'kinds' in it: not the JSON of tools/bench/gpu.sh")
+    if data.get("device") in (None, "cpu") or "tiny" in str(data.get("model", "")):
+        raise RecipeError(f"--gpu-bench {path}: measured on {data.get('device') or 'an unnamed device'}"
+                          f"{' at tiny shapes' if 'tiny' in str(data.get('model', '')) else ''}: not a GPU's figures "
+                          "at the paper's shapes; use the gpu.json of `bash tools/bench/gpu.sh` on a GPU")
     return data
 
 

@@ -170,6 +170,13 @@ def test_plan_projects_from_a_gpu_bench_json(tmp_path):
     bad.write_text("{}")
     res = run("plan", "recipes/colbert-zero.yaml", "--gpu-bench", bad)
     assert res.returncode == 2 and "not the JSON of tools/bench/gpu.sh" in res.stderr
+    # the script's own CPU check (gpu.py --device cpu --tiny) is no GPU figure
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"device": "cpu", "model": "ModernBERT-base architecture (tiny shapes)",
+                               "kinds": {"unsupervised": {"pairs_per_s": 30.0}}}))
+    res = run("plan", "recipes/colbert-zero.yaml", "--gpu-bench", cpu)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "measured on cpu at tiny shapes" in res.stderr and "tools/bench/gpu.sh" in res.stderr
 
 
 def test_user_errors_are_one_message_never_a_traceback(tmp_path):
