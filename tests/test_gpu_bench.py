@@ -219,6 +219,9 @@ def test_read_image_refuses_a_bad_line(tmp_path):
     bad.write_text("python 3.12.3\ntorch==2.11.0\nnot a name!\n")
     with pytest.raises(wheelhouse.WheelhouseError, match=r"image.txt:3: not a package name"):
         wheelhouse.read_image(bad)
+    bad.write_text("python 3.12.3\ntorch==2.11 cu130\n")
+    with pytest.raises(wheelhouse.WheelhouseError, match=r"image.txt:2: '2.11 cu130' is not a version"):
+        wheelhouse.read_image(bad)
 
 
 @pytest.mark.skipif(not (ROOT / ".whl" / wheelhouse.MANIFEST).exists(),

@@ -122,7 +122,7 @@ def rows_for(kind: str, n_docs: int, count: int, tokenizer) -> list[dict]:
     docs = [r["document"] for r in pairs]
     rng = random.Random(0)
     out = []
-    for i, r in enumerate(pairs[:count]):
+    for i, r in enumerate(pairs):
         others = [docs[(i * 7 + k * 13 + 1) % len(docs)] for k in range(n_docs - 1)]
         if kind == "supervised":
             out.append({"query": r["query"], "positive": r["document"], "negatives": others})

@@ -31,9 +31,12 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from pip_check import allowed  # noqa: E402 - requirements-nodeps.txt's skips, read by one function
+
 IMAGE = Path(__file__).resolve().parent / "gpu-image.txt"
 MANIFEST = "MANIFEST.json"
 GOAL_MIB = 40
@@ -67,6 +70,11 @@ def read_image(path: Path = IMAGE) -> tuple[str, dict[str, str | None]]:
         name, _, ver = line.partition("==")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip()):
             raise WheelhouseError(f"{path}:{n}: not a package name: {line!r}; write NAME or NAME==VERSION")
+        if ver.strip():
+            try:
+                Version(ver.strip())
+            except InvalidVersion:
+                raise WheelhouseError(f"{path}:{n}: {ver.strip()!r} is not a version; write NAME or NAME==VERSION")
         packages[canonicalize_name(name.strip())] = ver.strip() or None
     if not python:
         raise WheelhouseError(f"{path}: no `python X.Y.Z` line: say which Python the image runs")
@@ -84,10 +92,7 @@ def pins(path: Path = ROOT / "constraints.txt") -> dict[str, str]:
 
 
 def nodeps(path: Path = ROOT / "requirements-nodeps.txt") -> dict[str, tuple[Requirement, set[str]]]:
-    """{name: (requirement, the requirements it is installed without)} — tools/pip_check.py reads the same file."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from pip_check import allowed
-
+    """{name: (requirement, the requirements it is installed without)}, the skips as tools/pip_check.py reads them."""
     reqs = {canonicalize_name(Requirement(x.split("#")[0]).name): Requirement(x.split("#")[0])
             for x in path.read_text().splitlines() if x.split("#")[0].strip()}
     return {n: (reqs[n], skips) for n, skips in allowed(path).items()}
