@@ -139,7 +139,7 @@ def cmd_score(args) -> int:
     return _run_work(args, ScoreSpec(
         input=args.input, teacher=args.teacher, docs_per_query=args.docs_per_query, sample=args.sample,
         seed=args.seed, query_column=args.query_column, documents=args.documents, max_length=args.max_length,
-        drop_short=args.drop_short))
+        drop_short=args.drop_short, scale=args.scale, fusion=args.fusion))
 
 
 # ------------------------------------------------------------------ inside jobs: train, after-phase, eval-job, chain
@@ -178,6 +178,12 @@ def cmd_local_chain(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table
 
+    if args.teacher:  # a teacher (or a fusion) as a retriever: what distillation can at best pass on
+        from .evaluate.dense import evaluate_teacher
+
+        res = evaluate_teacher(args.model, args.beir, fusion=args.fusion, batch_size=args.batch_size,
+                               max_corpus=args.max_corpus, runs_dir=args.runs_dir, cache=args.cache_dir)
+        return _out(res, args.json, format_table)
     res = evaluate(args.model, args.beir, prompts=not args.no_prompts, batch_size=args.batch_size,
                    max_corpus=args.max_corpus, cache_dir=args.cache_dir, index=args.index, runs_dir=args.runs_dir)
     return _out(res, args.json, format_table)
@@ -317,7 +323,14 @@ def _mining_commands(sub) -> None:
     sp = sub.add_parser("score", help="teacher scores of each query's candidates → the distillation layout")
     _work_args(sp)
     sp.add_argument("--documents", default="document,negative", help="candidate columns, in order")
-    sp.add_argument("--teacher", default="minilm", help="minilm, dense:PATH, colbert:PATH, cross-encoder:PATH, bm25")
+    sp.add_argument("--teacher", default="minilm", help="minilm, dense:PATH, colbert:PATH, cross-encoder:PATH, bm25; "
+                    "several, comma-separated, are fused (--fusion)")
+    sp.add_argument("--fusion", default="zsum", choices=["zsum", "rrf"],
+                    help="several teachers: mean of per-query standardised scores, or reciprocal-rank fusion")
+    sp.add_argument("--scale", default="auto", help="multiply the scores by this before writing: auto (= span:1, "
+                    "the median query's scores then span 1, as the student's normalised scores do), span:X, labels "
+                    "(the temperature that best predicts the first candidate, the positive) or a number (1: as the "
+                    "teacher gives them)")
     sp.add_argument("--docs-per-query", type=_at_least(1), default=None, help="score the first K candidates")
     sp.add_argument("--sample", type=_at_least(1), default=None, help="score a seeded sample of N rows")
     sp.add_argument("--seed", type=int, default=0)
@@ -352,8 +365,11 @@ def _job_commands(sub) -> None:
     sp.set_defaults(fn=cmd_local_chain)
 
     sp = sub.add_parser("evaluate", help="nDCG@10, MRR@10, recall@100, MAP@100 of a PyLate model on BEIR-layout data")
-    sp.add_argument("model")
+    sp.add_argument("model", help="a PyLate model folder; with --teacher, what `score --teacher` takes")
     sp.add_argument("--beir", nargs="+", required=True, help="BEIR-layout or NanoBEIR-parquet folders")
+    sp.add_argument("--teacher", action="store_true", help="MODEL is a teacher (bm25, minilm, dense:P, colbert:P, "
+                    "several comma-separated: fused, candidates from each one's top-100)")
+    sp.add_argument("--fusion", default="zsum", choices=["zsum", "rrf"], help="with --teacher: how several fuse")
     sp.add_argument("--no-prompts", action="store_true", help="ablation: encode without the model's prompts")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--max-corpus", type=int, default=None, help="subsample the corpus (keeps judged documents)")

@@ -1,7 +1,7 @@
 """Where things live inside a run dir: the one place its paths are made (docs/CONTRACTS.md lists them).
 
     RUN_DIR/
-      manifest.json, recipe.yaml, launch.lock, local-chain.lock, eval-init.json
+      manifest.json, recipe.yaml, launch.lock, local-chain.lock, eval-init.json, runs-init/ (its TREC runs)
       logs/local-chain.log          the local executor's chain (its own and its ranks' output)
       slurm/<step>/                 submitit's folder of a job (scripts, logs, results); slurm/ holds the logs of
                                     `colbertzero sbatch`'s scripts, sbatch/ the scripts
@@ -144,3 +144,8 @@ class RunLayout:
     def eval_init(self) -> Path:
         """The evaluation of the model the first phase starts from (demo, quality benchmark)."""
         return self.root / "eval-init.json"
+
+    @property
+    def init_runs(self) -> Path:
+        """TREC run files of that evaluation (per-query comparisons against the phases' `runs/`)."""
+        return self.root / "runs-init"

@@ -407,3 +407,42 @@ def test_beir_conventions_identical_ids_and_unjudged_documents(prompted, tmp_pat
     for m in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
         assert row[m] == pytest.approx(ref[m], abs=1e-12), m
     assert row["recall@100"] < 1.0  # "gone" can never be found: q1's recall is at most 1/2
+
+
+def test_a_fused_teacher_ranks_the_union_of_its_members_top_100_by_their_standardised_scores(
+        minilm, msmarco_subset, tmp_path, capsys):
+    """`evaluate --teacher minilm,bm25`: each member's top-100 pooled (BM25's: documents sharing a term with the
+    query), every member scores the pool, the mean of per-query z-scores orders it — recomputed here with
+    sentence-transformers and bm25s directly."""
+    import bm25s
+    from sentence_transformers import SentenceTransformer
+
+    from colbertzero.cli import main
+    from colbertzero.evaluate.metrics import read_trec_run
+
+    assert main(["evaluate", "minilm,bm25", "--teacher", "--beir", str(msmarco_subset), "--runs-dir",
+                 str(tmp_path / "runs"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "teacher" and result["fusion"] == "zsum"
+    run = read_trec_run(tmp_path / "runs" / "msmarco-sub.trec")
+
+    corpus, queries, qrels = load_beir(msmarco_subset)
+    ids, texts = list(corpus), list(corpus.values())
+    st = SentenceTransformer(minilm, device="cpu")
+    d = st.encode(texts, normalize_embeddings=True)
+    index = bm25s.BM25(k1=0.9, b=0.4)
+    index.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    for q in qrels:
+        dense = d @ st.encode([queries[q]], normalize_embeddings=True)[0]
+        terms = bm25s.tokenize([queries[q]], stopwords="en", show_progress=False)
+        inverse = {v: k for k, v in terms.vocab.items()}
+        lexical = index.get_scores([inverse[t] for t in terms.ids[0]])
+        matching = [i for i in np.argsort(-lexical, kind="stable")[:100] if lexical[i] > 0]  # a term in common
+        pool = sorted({int(i) for i in np.argsort(-dense, kind="stable")[:100]} | {int(i) for i in matching})
+        z = [(s[pool] - s[pool].mean()) / s[pool].std() for s in (dense, lexical)]
+        fused = (z[0] + z[1]) / 2
+        want = [ids[pool[i]] for i in np.argsort(-fused, kind="stable")[:10]]
+        got = sorted(run[q], key=lambda doc: -run[q][doc])[:10]
+        assert got == want, q
+    assert result["datasets"]["msmarco-sub"]["ndcg@10"] == pytest.approx(
+        compute_metrics(run, qrels, ("ndcg@10",))["ndcg@10"])

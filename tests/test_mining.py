@@ -119,6 +119,11 @@ def test_score_output_is_read_by_prepare_into_the_distillation_loader(pairs, min
     batch = next(iter(loader))
     want = torch.tensor([train[int(i)]["scores"] for i in batch.row_ids], dtype=torch.float32)
     assert batch.n_docs == 4 and torch.equal(batch.scores.float(), want)
+    # what the batch holds is the teacher's scores × the fitted scale the README and stats.json state
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["scale"] != 1 and f"teacher_scale: {stats['scale']}" in (out / "README.md").read_text()
+    raw = torch.tensor([train[int(i)]["raw_scores"] for i in batch.row_ids], dtype=torch.float64)
+    torch.testing.assert_close(batch.scores.double(), raw * stats["scale"], atol=6e-5, rtol=1e-6)
 
 
 def test_an_interrupted_array_task_resumes_without_losing_or_repeating_a_query(pairs, tmp_path):
@@ -203,7 +208,10 @@ def test_teachers_score_in_candidate_order(pairs, minilm_colbert, tmp_path):
     for teacher in (f"cross-encoder:{ce}", f"colbert:{minilm_colbert}", "minilm"):
         out = tmp_path / teacher.split(":")[0]
         run_shards(ScoreSpec(input=str(mined), teacher=teacher, documents="docs"), out, 2, show_progress=False)
-        got = [r["scores"] for r in _rows(out, config="train")]
+        written = _rows(out, config="train")
+        got = [r["raw_scores"] for r in written]  # the teacher's own; `scores` are these × the fitted scale
+        scale = json.loads((out / "stats.json").read_text())["scale"]
+        np.testing.assert_allclose([r["scores"] for r in written], scale * np.array(got), rtol=1e-5, atol=6e-5)
         if teacher.startswith("cross"):
             m = CrossEncoder(str(ce), device="cpu")
             want = [m.predict([(r["query"], d) for d in c]).tolist() for r, c in zip(rows, cands)]

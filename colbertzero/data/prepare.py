@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,7 @@ from colbertzero.data.plan import Job, SourcePlan, key_hash, plan_source, write_
 from colbertzero.data.shards import DataError
 from colbertzero.data.sources import as_text, iter_rows, kd_row, row_texts, row_value
 from colbertzero.data.tokenize import PhaseTokenizer, load_phase_tokenizer, settings_for_phase
+from colbertzero.teachers import NEAR_UNIFORM
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,11 @@ def _kd_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
         "doc_idx": pa.FixedSizeListArray.from_arrays(pa.array(d_idx), dpq),
         "scores": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(scores, dtype=np.float32)), dpq),
     })
-    return table, {}
+    # how peaked softmax(teacher scores) is: the index flags a target the loss would find near uniform
+    s = np.asarray(scores, dtype=np.float64).reshape(-1, dpq)
+    e = np.exp(s - s.max(axis=1, keepdims=True)) if len(s) else s
+    top1 = float((e.max(axis=1) / e.sum(axis=1)).sum()) if len(s) else 0.0
+    return table, {"target_top1_sum": top1}
 
 
 def _table_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
@@ -229,9 +235,20 @@ def _summary(plan: SourcePlan, written: int, skipped: int, status: str, index: d
            "written": written, "skipped": skipped, "status": status}
     if index:
         out.update(tokens=index["tokens"], n_docs=index["n_docs"])
-        if "dropped" in index:
-            out["dropped"] = index["dropped"]
+        for key in ("dropped", "target"):
+            if key in index:
+                out[key] = index[key]
     return out
+
+
+def target_warning(phase: str, source: str, target: dict | None) -> str | None:
+    """One line when a distillation source's teacher target is near uniform (`teachers.NEAR_UNIFORM`)."""
+    if not target or target.get("top1") is None or target["top1"] >= NEAR_UNIFORM * target["uniform"]:
+        return None
+    return (f"warning: phase {phase}, source {source}: the teacher's scores make a near-uniform target (mean top-1 "
+            f"probability {target['top1']:.3f}, uniform {target['uniform']:.3f}): distillation would teach the "
+            f"student to flatten its ranking. Scores that are similarities or probabilities need a scale: "
+            f"`colbertzero score --scale auto` writes them scaled (docs/own-data.md, \"Pick and check a teacher\")")
 
 
 def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, verify: bool = False,
@@ -294,6 +311,10 @@ def prepare_recipe(recipe, phases: list[str] | None = None, workers: int = 1, ve
         if verify:
             bad = altered.get(k, [])
             summary[plan.phase][plan.name]["verify"] = {"hashed": counts[k][1] + len(bad), "altered_rebuilt": bad}
+        warning = target_warning(plan.phase, plan.name, (index or {}).get("target"))
+        if warning:
+            summary[plan.phase][plan.name]["warning"] = warning
+            print(warning, file=sys.stderr, flush=True)
         wall, cpu = busy.get(k, (0.0, 0.0))
         summary[plan.phase][plan.name].update(worker_seconds=round(wall, 3), worker_cpu_seconds=round(cpu, 3))
     return summary

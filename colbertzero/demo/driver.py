@@ -40,7 +40,9 @@ from .derived import recipe_sources
 MODELS = {"minilm": "builtin:minilm", "tiny-modernbert": "builtin:tiny-modernbert"}
 
 # Optimizer steps per phase: enough for MiniLM to learn its 384→128 projection (+5 nDCG@10 over the fresh one on
-# the held-out queries). A step takes ~1 s (contrastive) to ~2 s (distillation) of 2 idle CPU cores.
+# the held-out queries). A step takes ~1 s (contrastive) to ~2 s (distillation) of 2 idle CPU cores. Distillation
+# with 48 steps over 256 scored queries cost 1.5 min more and scored no better on the held-out queries (every
+# setting within ±0.8 of the supervised phase, inside the noise of 200 queries: docs/performance.md).
 DEMO_STEPS = {"unsupervised": 40, "supervised": 16, "distillation": 16}
 # What the demo changes in tiny-cpu.yaml besides data and steps. Supervised at tiny-cpu's lr (5e-5) undid most of
 # what the unsupervised phase had taught MiniLM on the held-out queries (-4.8 nDCG@10 measured); at 2e-5 it keeps it.
@@ -154,7 +156,7 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
         result = evaluate(
             os.path.join(tmp, "model"), phase.eval.beir, batch_size=phase.eval.batch_size,
             max_corpus=phase.eval.max_corpus, cache_dir=os.path.join(tmp, "cache"), model=colbert,
-            show_progress=show_progress,
+            show_progress=show_progress, runs_dir=m.layout.init_runs,
         )
     result.update(model=f"{phase.init} (init of phase {first!r}, seed {phase.seed})", phase="init",
                   init=phase.init, recipe_hash=data["recipe_hash"])

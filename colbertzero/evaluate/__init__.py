@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from pylate import models
 
-from ..files import atomic_write_bytes
 from ..retrieval.embeddings import (
     CACHE_ENV,
     DocumentEmbeddings,
@@ -36,7 +35,7 @@ from ..retrieval.embeddings import (
 )
 from ..retrieval.search import EXACT_MAX_DOCS, choose_backend, exact_search, index_search
 from .beir import DatasetError, DatasetWarning, load_beir, subsample_corpus
-from .metrics import METRICS, compute_metrics, max_cutoff, rank, without_identical_ids
+from .metrics import METRICS, compute_metrics, max_cutoff, without_identical_ids, write_trec_run
 
 __all__ = [
     "DatasetError",
@@ -165,13 +164,6 @@ def _evaluate_dataset(model, path, name, *, query_prompt, document_prompt, batch
             "retrieval": backend}
 
 
-def write_trec_run(run: Mapping[str, Mapping[str, float]], path: Path, tag: str) -> Path:
-    """``qid Q0 docid rank score tag`` lines, each query's documents in trec_eval's order; written atomically."""
-    lines = [f"{q} Q0 {d} {i + 1} {run[q][d]!r} {tag}" for q in run for i, d in enumerate(rank(run[q]))]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-    return path
-
-
 _HEADERS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100", "map@100": "MAP@100"}
 
 
@@ -181,7 +173,10 @@ def format_table(result: Mapping[str, Any]) -> str:
     rows = result["datasets"]
     width = max([len("dataset"), len("average")] + [len(n) for n in rows])
     lines = [f"model: {result['model']}"]
-    if not result.get("prompts", True):
+    if result.get("kind") == "teacher":  # evaluate_teacher's: encoders without prompts, BM25, a fusion
+        lines.append("as a retriever" + (f", fused by {result['fusion']} (candidates: each model's top-100)"
+                                         if result.get("fusion") else ""))
+    elif not result.get("prompts", True):
         lines.append("prompts: OFF (ablation: the model's query/document prompts were not applied)")
     elif result.get("query_prompt") or result.get("document_prompt"):
         lines.append(f"prompts: query {result.get('query_prompt')!r}, document {result.get('document_prompt')!r}")

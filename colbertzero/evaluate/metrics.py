@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import pytrec_eval
+
+from ..files import atomic_write_bytes
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 _NAME = re.compile(r"(ndcg|mrr|recall|map)@([1-9][0-9]*)")
@@ -59,6 +62,22 @@ def compute_metrics(
     judgements are ignored. With no judged query at all every metric is 0.0 and ``queries`` is 0.
     """
     metrics = tuple(metrics)
+    per_query = per_query_metrics(run, qrels, metrics, ignore_identical_ids=ignore_identical_ids)
+    n = len(per_query)
+    result: dict[str, float | int] = {m: (sum(v[m] for v in per_query.values()) / n if n else 0.0) for m in metrics}
+    result["queries"] = n
+    return result
+
+
+def per_query_metrics(
+    run: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    metrics: Iterable[str] = METRICS,
+    *,
+    ignore_identical_ids: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Every judged query's metrics (a judged query the run misses scores 0): what `compute_metrics` averages."""
+    metrics = tuple(metrics)
     parsed = {m: parse_metric(m) for m in metrics}
     judged = {q: {d: int(g) for d, g in j.items()} for q, j in qrels.items() if j}
     if ignore_identical_ids:
@@ -77,10 +96,22 @@ def compute_metrics(
             cut = {q: {d: docs[d] for d in rank(docs)[:k]} for q, docs in run.items()}
             for q, values in pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(cut).items():
                 per_query[q][m] = values["recip_rank"]
-    n = len(per_query)
-    result: dict[str, float | int] = {m: (sum(v[m] for v in per_query.values()) / n if n else 0.0) for m in metrics}
-    result["queries"] = n
-    return result
+    return per_query
+
+
+def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """A TREC run file (``qid Q0 docid rank score tag``) as query id -> {doc id: score}."""
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise ValueError(f"{path}: line {n} has {len(parts)} fields; a TREC run line has 6 "
+                                 f"(qid Q0 docid rank score tag)")
+            run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+    return run
 
 
 def query_metrics(ranking: list[str], judged: Mapping[str, int], metrics: Iterable[str] = METRICS) -> dict[str, float]:
@@ -89,3 +120,10 @@ def query_metrics(ranking: list[str], judged: Mapping[str, int], metrics: Iterab
     scores = {d: float(len(ranking) - i) for i, d in enumerate(ranking)}
     out = compute_metrics({"q": scores}, {"q": dict(judged)}, metrics, ignore_identical_ids=False)
     return {m: out[m] for m in metrics}
+
+
+def write_trec_run(run: Mapping[str, Mapping[str, float]], path: Path, tag: str) -> Path:
+    """``qid Q0 docid rank score tag`` lines, each query's documents in trec_eval's order; written atomically."""
+    lines = [f"{q} Q0 {d} {i + 1} {run[q][d]!r} {tag}" for q in run for i, d in enumerate(rank(run[q]))]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path

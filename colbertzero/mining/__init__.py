@@ -11,7 +11,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .mine import MineSpec, mine_shard, write_mined
-from .score import ScoreSpec, score_shard, write_scored
+from .score import ScoreSpec, score_shard, target_lines, write_scored
 from .work import Work, WorkError
 
 __all__ = ["MineSpec", "ScoreSpec", "WorkError", "derive_task", "finished", "run_line", "run_shards", "spec_from",
@@ -80,7 +80,9 @@ def _stats(out: Path) -> dict:
 def run_line(r: dict, shards: int) -> str:
     """What `mine`/`score` print after a local run (``run_shards``' result)."""
     if r["merged"]:
-        return f"{r['out']}: " + ", ".join(f"{k} {v}" for k, v in r["stats"].items())
+        stats = r["stats"]
+        flat = ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, dict))
+        return "\n".join([f"{r['out']}: {flat}", *(target_lines(stats) if "target" in stats else [])])
     more = " …" if len(r["missing"]) > 10 else ""
     return (f"shard(s) {', '.join(map(str, r['ran']))} done; {len(r['missing'])} of {shards} still to run "
             f"({', '.join(map(str, r['missing'][:10]))}{more})")
