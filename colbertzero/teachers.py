@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import brentq
 
 # A target whose mean top-1 probability is under this many times uniform's (1/candidates) teaches next to nothing.
 NEAR_UNIFORM = 1.25
@@ -94,9 +95,9 @@ def fit_scale(scores: list[list[float]]) -> tuple[float, dict]:
     """The temperature scaling of a classifier's logits (Guo et al., 2017) applied to the teacher: the scale ``a``
     that maximises the mean log-probability softmax(a · scores) gives the labelled positive, which `score`'s input
     puts first (the supervised layout's ``document``, then its negatives). The log-likelihood is concave in ``a``;
-    its derivative, mean(s₀ − E_a[s]), falls as ``a`` grows, so bisection (in log a) finds the root. Bounded so the
-    median query's scores span between SPAN_BOUNDS (a teacher that always ranks the positive first has no finite
-    optimum: it gets the upper bound). Returns (scale, how it was chosen)."""
+    its derivative, mean(s₀ − E_a[s]), falls as ``a`` grows, so its one root is bracketed (scipy's brentq). Bounded
+    so the median query's scores span between SPAN_BOUNDS (a teacher that always ranks the positive first has no
+    finite optimum: it gets the upper bound). Returns (scale, how it was chosen)."""
     rows = [np.asarray(s, dtype=np.float64) for s in scores if len(s) > 1 and max(s) > min(s)]
     if not rows:
         return 1.0, {"rule": "labels", "reason": "no query with two different scores: kept as given"}
@@ -115,11 +116,7 @@ def fit_scale(scores: list[list[float]]) -> tuple[float, dict]:
     elif slope(lo) <= 0:
         a, bound = lo, "lower"
     else:
-        a_lo, a_hi, bound = math.log(lo), math.log(hi), None
-        for _ in range(60):
-            mid = 0.5 * (a_lo + a_hi)
-            a_lo, a_hi = (mid, a_hi) if slope(math.exp(mid)) > 0 else (a_lo, mid)
-        a = math.exp(0.5 * (a_lo + a_hi))
+        a, bound = brentq(slope, lo, hi, xtol=1e-12, rtol=1e-10), None
     info = {"rule": "labels", "positive": "first candidate", "median_raw_span": round(median_span, 6)}
     if bound:
         info["bound"] = f"{bound} (the median query's scaled scores span {SPAN_BOUNDS[0 if bound == 'lower' else 1]})"
