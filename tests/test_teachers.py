@@ -88,6 +88,9 @@ def test_score_refuses_a_bad_scale_fusion_or_teacher_list(tmp_path, capsys):
         assert says in capsys.readouterr().err
     with pytest.raises(ModelSpecError, match="--fusion"):
         ScoreSpec(input=str(src), fusion="max")
+    # a teacher evaluated as a retriever needs one member that ranks a corpus: one message, not a traceback
+    assert main(["evaluate", f"cross-encoder:{tmp_path}", "--teacher", "--beir", str(tmp_path)]) == 2
+    assert "cross-encoders only rerank" in capsys.readouterr().err
 
 
 def test_score_warns_when_the_written_target_is_near_uniform(tmp_path, capsys):

@@ -270,8 +270,9 @@ def write_source_index(plan: SourcePlan) -> dict:
             }
         index["tokens"] = {"query": index["tables"]["queries"]["tokens"],
                            "document": index["tables"]["documents"]["tokens"]}
-        if index["rows"] and all("target_top1_sum" in m for m in rows):  # shards of an older version lack it
-            index["target"] = {"top1": round(sum(m["target_top1_sum"] for m in rows) / index["rows"], 4),
+        counted = sum(m.get("target_queries", 0) for m in rows)  # shards of an older version lack it
+        if counted and all("target_queries" in m for m in rows):
+            index["target"] = {"top1": round(sum(m["target_top1_sum"] for m in rows) / counted, 4),
                                "uniform": round(1.0 / plan.docs_per_query, 4)}
         index["length_histogram"] = {"query": index["tables"]["queries"]["length_histogram"],
                                      "document": index["tables"]["documents"]["length_histogram"]}

@@ -34,7 +34,7 @@ from colbertzero.data.plan import Job, SourcePlan, key_hash, plan_source, write_
 from colbertzero.data.shards import DataError
 from colbertzero.data.sources import as_text, iter_rows, kd_row, row_texts, row_value
 from colbertzero.data.tokenize import PhaseTokenizer, load_phase_tokenizer, settings_for_phase
-from colbertzero.teachers import NEAR_UNIFORM
+from colbertzero.teachers import near_uniform, sharpness
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,8 @@ def _kd_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
         "scores": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(scores, dtype=np.float32)), dpq),
     })
     # how peaked softmax(teacher scores) is: the index flags a target the loss would find near uniform
-    s = np.asarray(scores, dtype=np.float64).reshape(-1, dpq)
-    e = np.exp(s - s.max(axis=1, keepdims=True)) if len(s) else s
-    top1 = float((e.max(axis=1) / e.sum(axis=1)).sum()) if len(s) else 0.0
-    return table, {"target_top1_sum": top1}
+    sharp = sharpness(np.asarray(scores, dtype=np.float64).reshape(-1, dpq).tolist())
+    return table, {"target_top1_sum": (sharp["top1"] or 0.0) * sharp["queries"], "target_queries": sharp["queries"]}
 
 
 def _table_shard(job: Job, tok: PhaseTokenizer) -> tuple[pa.Table, dict]:
@@ -242,8 +240,8 @@ def _summary(plan: SourcePlan, written: int, skipped: int, status: str, index: d
 
 
 def target_warning(phase: str, source: str, target: dict | None) -> str | None:
-    """One line when a distillation source's teacher target is near uniform (`teachers.NEAR_UNIFORM`)."""
-    if not target or target.get("top1") is None or target["top1"] >= NEAR_UNIFORM * target["uniform"]:
+    """One line when a distillation source's teacher target is near uniform (`teachers.near_uniform`)."""
+    if not target or not near_uniform(target):
         return None
     return (f"warning: phase {phase}, source {source}: the teacher's scores make a near-uniform target (mean top-1 "
             f"probability {target['top1']:.3f}, uniform {target['uniform']:.3f}): distillation would teach the "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..retrieval import Model, ModelSpec
+from ..retrieval import Model, ModelSpec, ModelSpecError
 from ..teachers import fuse
 from .beir import load_beir, subsample_corpus
 from .metrics import METRICS, compute_metrics, max_cutoff, without_identical_ids, write_trec_run
@@ -35,11 +35,11 @@ def evaluate_teacher(teacher: str, datasets: list[str], *, fusion: str = "zsum",
                      cache: str | os.PathLike | None = None) -> dict:
     """As `evaluate_dense`, for ``teacher`` as `score --teacher` takes it (one model or several, comma-separated);
     ``runs_dir``: each dataset's run as ``<dataset>.trec``; ``cache``: a folder that keeps corpus encodings."""
-    specs = [ModelSpec.parse(t.strip(), "teacher") for t in teacher.split(",")]
-    models = [Model(s, batch_size=batch_size) for s in specs]
+    models = [Model(s, batch_size=batch_size) for s in ModelSpec.parse_list(teacher, "teacher")]
     retrievers = [m for m in models if m.spec.kind != "cross-encoder"]
     if not retrievers:
-        raise ValueError(f"{teacher}: cross-encoders only rerank; add a model that ranks a corpus (bm25, minilm, …)")
+        raise ModelSpecError(f"teacher {teacher!r}: cross-encoders only rerank; add a model that ranks a corpus "
+                             f"(bm25, minilm, …)")
     k = max_cutoff(METRICS)
     cache_dir = Path(cache) if cache is not None else None
     if cache_dir is not None:

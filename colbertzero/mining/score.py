@@ -66,11 +66,7 @@ class ScoreSpec:
 
     def teachers(self) -> list[ModelSpec]:
         """``--teacher``'s models: one, or several comma-separated (fused)."""
-        names = [t.strip() for t in (self.teacher or "").split(",")]
-        if not all(names):
-            raise ModelSpecError(f"--teacher {self.teacher!r}: one model, or several separated by commas "
-                                 f"(e.g. minilm,bm25)")
-        return [ModelSpec.parse(t, "--teacher") for t in names]
+        return ModelSpec.parse_list(self.teacher, "--teacher")
 
     def as_dict(self) -> dict:
         d = asdict(self)

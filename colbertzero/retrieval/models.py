@@ -57,6 +57,14 @@ class ModelSpec:
             raise ModelSpecError(f"{where} {text!r}: {path} is not a model folder (this machine reads no hub)")
         return cls(kind, str(Path(path).resolve()))
 
+    @classmethod
+    def parse_list(cls, text: str, where: str = "--teacher") -> list[ModelSpec]:
+        """One model, or several separated by commas (a fused teacher)."""
+        names = [t.strip() for t in (text or "").split(",")]
+        if not all(names):
+            raise ModelSpecError(f"{where} {text!r}: one model, or several separated by commas (e.g. minilm,bm25)")
+        return [cls.parse(t, where) for t in names]
+
     def __str__(self) -> str:
         return self.kind if self.path is None else f"{self.kind}:{self.path}"
 
