@@ -3,7 +3,7 @@
     colbertzero mine data/train/pairs/docstrings.jsonl --name docstrings --out data/supervised/docstrings \
         --negatives 8 --skip-overlapping          (and the same for topics)
     colbertzero score 'data/supervised/*/data/*.parquet' --out data/distillation --teacher minilm \
-        --docs-per-query 8 --sample 64 --max-length 128 --scale auto
+        --docs-per-query 8 --sample 256 --max-length 128 --scale auto
 
 BM25 negatives are drawn from the same source's training documents (the held-out answers are in none of them);
 the teacher is all-MiniLM-L6-v2's cosine similarity, 128 tokens a text (half the cost of its 256 on 2 cores), scaled
@@ -20,7 +20,7 @@ from ..mining import MineSpec, ScoreSpec, run_shards
 MINED_SOURCES = ("docstrings", "topics")  # "titles" names APIs: its documents repeat the docstrings'
 
 
-def derive_demo_data(data: dict, out: str | Path, *, negatives: int = 8, distill_queries: int = 64,
+def derive_demo_data(data: dict, out: str | Path, *, negatives: int = 8, distill_queries: int = 256,
                      docs_per_query: int = 8, teacher: str = "minilm", scale: str = "auto", log=print) -> dict:
     """Run `mine` per source and `score` on their output (each skipped when already done); returns
     ``{"supervised": {source: folder}, "distillation": folder, "stats": {...}}``."""
