@@ -438,9 +438,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .retrieval import ModelSpecError
     from .scoring import ScoringUnavailable
     from .slurm import LaunchError
+    from .train.accelerator import AcceleratorError
 
     return (RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, ModelSpecError, WorkError,
-            ScoringUnavailable)
+            ScoringUnavailable, AcceleratorError)
 
 
 def _crash_report(cmd: str, exc: BaseException) -> str:

@@ -72,6 +72,11 @@ class PhaseLayout:
         return self.root / "logs"
 
     @property
+    def nccl_logs(self) -> Path:
+        """NCCL's init logs, one per rank process (host.pid.log): the network NCCL chose is read from them."""
+        return self.logs / "nccl"
+
+    @property
     def train_log(self) -> Path:
         return self.logs / "train.jsonl"
 

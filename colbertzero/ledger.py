@@ -57,7 +57,7 @@ def attempt_gpu_hours(a: dict) -> float:
 
 def open_attempt(record: dict, *, job_id: str | None, executor: str, nodes: int, gpus_per_node: int, tasks: int,
                  step_start: int = 0, attempt_id: str | None = None, start: str | None = None,
-                 scoring: dict | None = None) -> str:
+                 scoring: dict | None = None, accelerator: dict | None = None) -> str:
     """Add an attempt (idempotent for the same id: a requeued job re-registering counts once); returns its id."""
     aid = attempt_id or f"{job_id or 'local'}-{len(record['attempts'])}"
     if any(a["id"] == aid for a in record["attempts"]):
@@ -67,6 +67,7 @@ def open_attempt(record: dict, *, job_id: str | None, executor: str, nodes: int,
         "tasks": tasks, "start": start or now_iso(), "end": None, "elapsed_s": 0.0, "gpu_hours": 0.0,
         "exit_state": "running", "step_start": step_start, "step_end": step_start, "host": os.uname().nodename,
         "scoring": scoring,  # the MaxSim backend this attempt's machine ran ({backend, why})
+        "accelerator": accelerator,  # rank 0's torch build and GPUs (train/accelerator.py)
     })
     record["state"] = "running"
     return aid

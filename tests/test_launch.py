@@ -343,16 +343,20 @@ def runs(local_slurm, tmp_path_factory):
         "budget": write_recipe(root, "lt-budget", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 15}, "cadence": {"save_every": 10}, "budget_gpu_hours": 0.002,
             "reference": {"gpu_hours": 0.001}, "resources": {"nodes": 1, "cpu_tasks_per_node": 1}}}),
-        "byhand": write_recipe(root, "lt-byhand", shards, {"unsupervised": {**NO_EVAL, "max_steps": 2},
+        # two cores a rank: with task/affinity, srun gives them only where SRUN_CPUS_PER_TASK carries the count
+        "byhand": write_recipe(root, "lt-byhand", shards, {"unsupervised": {**NO_EVAL, "max_steps": 2,
+                                                                           "resources": {"cpus_per_task": 2}},
                                                            "supervised": {**NO_EVAL, "max_steps": 2},
                                                            "distillation": None}),
-        "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {**NO_EVAL, "max_steps": 2}}),
+        "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {
+            **NO_EVAL, "max_steps": 2, "resources": {"cpus_per_task": 2}}}),
         "evaljob": write_recipe(root, "lt-evaljob", shards, {**one, "unsupervised": {
             **NO_EVAL, "max_steps": 8, "cadence": {"eval_every": 4},
             "eval": {"beir": [], "in_training": [str(MSMARCO)], "max_corpus": 300,
                      # short enough for backfill to start it beside the running phase, as on a busy cluster
                      "job": {"cpus_per_task": 1, "time_limit": "00:05:00"}},
-            "resources": {"cpus_per_task": 1}}}),
+            # two ranks on one node, a core each: srun binds them apart (task/affinity)
+            "resources": {"nodes": 1, "cpu_tasks_per_node": 2, "cpus_per_task": 1}}}),
         **{name: write_recipe(root, f"lt-{name}", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 20}, "cadence": {"save_every": 10},
             "watchdog": {"min_seconds": 8, "step_factor": 5}}}) for name in ("hang", "hang-byhand")},
@@ -401,6 +405,10 @@ def test_chain_runs_three_phases_on_two_nodes(runs):
         assert (a["job_id"], a["executor"], a["nodes"], a["tasks"], a["exit_state"]) == (
             jobs[phase], "slurm", 2, 2, "completed")
         assert a["elapsed_s"] > 0 and a["gpu_hours"] == pytest.approx(2 * a["elapsed_s"] / 3600)
+        assert a["accelerator"]["host"] in ("n1", "n2") and a["accelerator"]["gpus"] == 0  # what rank 0 ran on
+        # each rank bound by srun to the one core of its cpus_per_task
+        placed = sorted((r["host"], len(r["cpus"])) for r in a["accelerator"]["ranks"])
+        assert placed == [("n1", 1), ("n2", 1)], a["accelerator"]["ranks"]
         assert sacct_runs(jobs[phase], "State,NNodes,NodeList") == ["COMPLETED|2|n[1-2]"]
         lineage = p["lineage"]
         assert lineage["config_hash"] == data["recipe_hash"]
@@ -501,6 +509,8 @@ def test_sbatch_scripts_submitted_by_hand_run_the_chain(runs):
     assert data["phases"]["supervised"]["lineage"]["init"] == str(export)
     a = data["phases"]["unsupervised"]["attempts"][0]
     assert (a["job_id"], a["nodes"], a["tasks"]) == (out["jobs"]["unsupervised"], 2, 2)
+    # the plain sbatch script's srun: each rank on the 2 cores of its cpus_per_task (1 without SRUN_CPUS_PER_TASK)
+    assert sorted(len(r["cpus"]) for r in a["accelerator"]["ranks"]) == [2, 2], a["accelerator"]["ranks"]
 
 
 def test_an_evaluation_job_lands_its_result_in_status_and_leaves_nothing_in_the_queue(runs):
@@ -514,6 +524,11 @@ def test_an_evaluation_job_lands_its_result_in_status_and_leaves_nothing_in_the_
     [helper] = out["status"]["helpers"]
     assert (helper["kind"], helper["phase"], helper["step"], helper["state"]) == ("eval", "unsupervised", 4, "done")
     assert out["left"] == ""  # the phase waited for it; nothing of the run is queued after the run
+    # two ranks on one node with cpus_per_task=1: each on a core of its own
+    [a] = p["attempts"]
+    placed = sorted((r["host"], r["cpus"]) for r in a["accelerator"]["ranks"])
+    assert len({h for h, _ in placed}) == 1 and [len(c) for _, c in placed] == [1, 1], placed
+    assert placed[0][1] != placed[1][1], placed
 
 
 def test_validate_refuses_a_helper_job_larger_than_the_nodes(local_slurm, tmp_path):
@@ -683,6 +698,9 @@ def test_python_api_launches_waits_and_reports(runs):
     assert ColBERT(out["exports"]["unsupervised"], device="cpu").query_prefix == "[Q] "
     assert out["report"].is_file() and "unsupervised" in out["report"].read_text()
     assert out["resumed"].returncode == 0 and out["resumed"].jobs == {}
+    # submitit's srun: each rank on the 2 cores of its cpus_per_task (1 without SRUN_CPUS_PER_TASK)
+    ranks = out["status"]["phases"][0]["accelerator"]["ranks"]
+    assert sorted(len(r["cpus"]) for r in ranks) == [2, 2], ranks
 
 
 def test_preemption_by_the_urgent_partition_requeues_and_the_ledger_counts_both_attempts(runs):

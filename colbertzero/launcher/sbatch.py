@@ -44,8 +44,11 @@ _OWNED = {
 # nodes with cpus_per_task=72: the Grace CPU attached to GPU i, the one LOCAL_RANK i trains on); a rank that fails
 # ends the job's other ranks at once instead of leaving them waiting in a collective until its timeout.
 SRUN_ARGS = ("--kill-on-bad-exit=1", "--cpu-bind=cores")
-# torch would otherwise start one thread per core of the node in each task.
-TASK_ENV = ('export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',)
+# From Slurm 22.05 srun no longer takes --cpus-per-task from the allocation: without this each rank is bound to ONE
+# core (measured on the local cluster with task/affinity), loader workers and threads included. torch would
+# otherwise start one thread per core of the node in each task.
+TASK_ENV = ('export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}"',
+            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"')
 
 
 def parse_extra(extra: list[str], where: str, fields: set[str] = frozenset()) -> dict[str, str | bool]:
@@ -169,6 +172,7 @@ def _phase_script(recipe: Recipe, name: str, run_dir: Path, logs: Path) -> str:
             "output": str(logs / "%x-%j.out"), "open-mode": "append"}
     run = shlex.quote(str(run_dir))
     phase = shlex.quote(name)
+    task_env = "\n".join(TASK_ENV)
     head = _HEADER.format(
         what=f"Phase {name!r} ({recipe.phase(name).kind}): {r.nodes} node(s) x {r.tasks_per_node} task(s), one per "
              f"{'GPU' if r.gpus_per_node else 'CPU task'}.",
@@ -177,7 +181,7 @@ def _phase_script(recipe: Recipe, name: str, run_dir: Path, logs: Path) -> str:
     return head + "\n".join(directives(opts)) + f"""
 
 set -uo pipefail
-{_setup(r.setup)}{TASK_ENV[0]}
+{_setup(r.setup)}{task_env}
 # One task per GPU, each on its own block of cpus-per-task cores (GH200: the Grace CPU next to its GPU).
 srun {" ".join(SRUN_ARGS)} "{_python()}" -m colbertzero train {run} --phase {phase}
 rc=$?

@@ -11,6 +11,27 @@ def budget_cell(used: float, budget: float | None) -> str:
     return f"{used:.2f} / {fmt(budget)}"
 
 
+def describe_accelerator(f: dict | None) -> str:
+    """An attempt's `accelerator` record (train/accelerator.py) in one line: '4× NVIDIA GH200 120GB, CUDA 12.9,
+    NCCL 2.26.5 over AWS Libfabric, bf16' or 'CPU (torch 2.13.0+cpu)'."""
+    if not f:
+        return "?"
+    if not f.get("gpus"):
+        parts = [f"CPU (torch {f.get('torch')})"]
+    else:
+        names = "/".join(f.get("gpu_names") or ["GPU"])
+        parts = [f"{f['gpus']}× {names}", f"CUDA {f.get('cuda')}"]
+        if f.get("nccl"):
+            parts.append(f"NCCL {f['nccl']}" + (f" over {f['nccl_network']}" if f.get("nccl_network") else ""))
+        if f.get("bf16"):
+            parts.append("bf16")
+    if f.get("ranks"):
+        cpus = sorted({len(r["cpus"]) for r in f["ranks"]})
+        each = str(cpus[0]) if len(cpus) == 1 else f"{cpus[0]}-{cpus[-1]}"
+        parts.append(f"{len(f['ranks'])} rank(s) on {len({r['host'] for r in f['ranks']})} host(s), {each} CPU(s) each")
+    return ", ".join(parts)
+
+
 HELPER_FINAL = ("done", "failed", "cancelled", "abandoned", "not started", "ended")
 
 
@@ -80,6 +101,9 @@ def status_json(manifest_data: dict, live: dict[str, tuple[str, str]] | None = N
                 "ndcg10": ev.average.get("ndcg@10") if ev else None,  # percent
                 "eval_datasets": sorted(ev.datasets) if ev else [],
                 "failure": p.get("failure"),
+                # what the newest attempt ran on (or a refused start saw): train/accelerator.py
+                "accelerator": ((attempts[-1] if attempts else {}).get("accelerator")
+                                or (p.get("failure") or {}).get("accelerator")),
             }
         )
     return {
@@ -137,6 +161,10 @@ def status_table(manifest_data: dict, live: dict[str, tuple[str, str]] | None = 
             what = f"eval {h['phase']} step {h['step']}" if h["kind"] == "eval" else f"derive {h['step']}"
             out.append(f"  {what:<32} {h['handle'] or DASH:<14} {h['state'] or DASH}"
                        + (f" ({h['reason']})" if h["reason"] else ""))
+    ran_on = [(ph["name"], describe_accelerator(ph["accelerator"])) for ph in s["phases"] if ph["accelerator"]]
+    if ran_on:
+        out.append("ran on:")
+        out += [f"  {name:<14} {what}" for name, what in ran_on]
     for ph in s["phases"]:
         f = ph["failure"]
         if f:

@@ -1,7 +1,8 @@
 """Training core, in PyLate's split: scores and losses by phase kind (`losses`), the module DeepSpeed wraps
 (`module`), one optimizer step of every kind, GradCache included (`step`), the DeepSpeed engine (`engine`); the
-process group and cross-rank agreement (`dist`); the components the loop calls, each owning its cadence
-(`checkpoint.Checkpointer`, `metering.Metrics`, `evaluation.Evaluator`); export; and the phase runner (`runner`).
+process group and cross-rank agreement (`dist`), after the GPU check (`accelerator`); the components the loop
+calls, each owning its cadence (`checkpoint.Checkpointer`, `metering.Metrics`, `evaluation.Evaluator`); export; and
+the phase runner (`runner`).
 
 Per rank::
 

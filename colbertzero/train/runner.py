@@ -34,7 +34,7 @@ from ..files import atomic_write_json, now_iso, sha256_file, sha256_tree
 from ..manifest import Manifest, resolve_init
 from ..models import colbert_for, resolve_model_ref
 from ..runtime import AttemptClock, Exit, StopFlag, job_identity
-from . import dist
+from . import accelerator, dist
 from .checkpoint import Checkpointer
 from .engine import build_engine
 from .evaluation import Evaluator
@@ -82,10 +82,20 @@ def run_phase(run_dir: str, phase_name: str, on_hang: Callable[[int], int] | Non
         print(f"[colbertzero] phase {phase_name}: already done (export at step {record['export']['step']})",
               file=sys.stderr)
         return Exit.DONE
+    hardware = accelerator.facts()
+    try:
+        accelerator.check(hardware, phase=phase_name, gpus_per_node=phase.resources.gpus_per_node, bf16=phase.bf16)
+    except accelerator.AcceleratorError as e:
+        _refuse(manifest, phase_name, str(e), hardware)
+        raise
+    nccl_logs = manifest.layout.phase(phase_name).nccl_logs
+    if hardware["gpus"] and phase.resources.gpus_per_node:
+        nccl_logs.mkdir(parents=True, exist_ok=True)
+        os.environ.update(accelerator.nccl_log_env(nccl_logs))  # read before NCCL's first communicator
     clean = False
     rt = dist.init_distributed(bf16=phase.bf16, timeout=timedelta(seconds=phase.watchdog.collective_timeout_s))
     try:
-        code = PhaseRun(manifest, recipe, phase_name, rt, stop, on_hang).start()
+        code = PhaseRun(manifest, recipe, phase_name, rt, stop, on_hang, hardware).start()
         clean = True
         return code
     finally:
@@ -93,13 +103,26 @@ def run_phase(run_dir: str, phase_name: str, on_hang: Callable[[int], int] | Non
         dist.teardown(barrier=clean)
 
 
+def _refuse(manifest: Manifest, phase_name: str, reason: str, hardware: dict) -> None:
+    """Mark the phase failed before any attempt starts (no process group yet: every rank refusing writes the same
+    reason; the first one stays)."""
+    failure = {"source": None, "reason": reason, "rank": int(os.environ.get("RANK", "0") or 0),
+               "attempt": None, "time": now_iso(), "accelerator": hardware}
+
+    def mark(p):
+        if (p.get("failure") or {}).get("reason") != reason:
+            p["state"], p["failure"] = "failed", {"step": p.get("step") or 0, **failure}
+
+    manifest.update_phase(phase_name, mark)
+
+
 class PhaseRun:
     """One attempt at one phase on this rank."""
 
     def __init__(self, manifest: Manifest, recipe, phase_name: str, rt, stop: StopFlag,
-                 on_hang: Callable[[int], int] | None = None) -> None:
+                 on_hang: Callable[[int], int] | None = None, hardware: dict | None = None) -> None:
         self.manifest, self.recipe, self.phase_name, self.rt, self.stop = manifest, recipe, phase_name, rt, stop
-        self.on_hang = on_hang
+        self.on_hang, self.hardware = on_hang, hardware
         self.phase = recipe.phase(phase_name)
         self.main = rt.is_main
         self.clock = AttemptClock(query_slurm=self.main)
@@ -107,12 +130,29 @@ class PhaseRun:
         info = job_identity(tasks=rt.world_size, gpus_per_node=gpus)
         self.attempt_id = dist.broadcast_from_rank0(info.pop("attempt_id"))  # local ranks would each make one
         self.job_info = info
+        self._where_ranks_run(info)
         self.units = ledger.units_of(info["nodes"], info["gpus_per_node"], info["tasks"])  # what the ledger charges
         self.step = 0
         self.source: str | None = None
         self.attempt_open = False
         self.last_tick = -math.inf
         self.train_seconds, self.train_steps = 0.0, 0  # this attempt's, for the budget's next-step estimate
+
+    def _where_ranks_run(self, info: dict) -> None:
+        """Rank 0's hardware record gains NCCL's network and every rank's host and CPUs; under Slurm a rank bound to
+        fewer cores than it was given, or sharing them, is reported (the local executor's ranks share by design)."""
+        if self.rt.backend == "nccl" and self.main:  # NCCL's communicator exists now: its log names the network
+            self.hardware = accelerator.record_network(
+                self.hardware or {}, self.manifest.layout.phase(self.phase_name).nccl_logs, info["nodes"])
+        ranks = dist.all_gather_objects(accelerator.placement(self.rt.rank))
+        if not self.main:
+            return
+        self.hardware = {**(self.hardware or {}), "ranks": ranks}
+        if info["executor"] != "slurm":
+            return
+        for problem in accelerator.placement_problems(ranks, self.phase.resources.cpus_per_task):
+            print(f"[colbertzero] phase {self.phase_name}: {problem}: training and loader threads crowd onto them. "
+                  "See docs/cluster.md, 'One rank per Grace CPU'.", file=sys.stderr)
 
     # ------------------------------------------------------------------ setup and outcome
     def start(self) -> int:
@@ -160,7 +200,7 @@ class PhaseRun:
                   file=sys.stderr)
             self.manifest.start_attempt(self.phase_name, attempt_id=self.attempt_id, step_start=self.step,
                                         scoring={"backend": self.scorer.name, "why": self.scorer.why},
-                                        **self.job_info)
+                                        accelerator=self.hardware, **self.job_info)
             self.attempt_open = True
             self._lineage(init_ref)
             self.manifest.update_phase(self.phase_name, lambda p: p.update(total_steps=self.total, failure=None))
