@@ -35,7 +35,7 @@ def _at_least(minimum: int):
 
 
 def _recipe(args):
-    return load_recipe(args.recipe, getattr(args, "overrides", None) or [])
+    return load_recipe(args.recipe, getattr(args, "overrides", None) or [], cluster=getattr(args, "cluster", None))
 
 
 def _out(obj, as_json: bool, lines) -> int:
@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
 def cmd_after_phase(args) -> int:
     from .launcher.requeue import after_phase_in_job
 
-    return after_phase_in_job(args.run_dir, args.phase, args.exit_code, acts=True)
+    return after_phase_in_job(args.run_dir, args.phase, args.exit_code)
 
 
 def cmd_eval_job(args) -> int:
@@ -194,7 +194,7 @@ def cmd_launch(args) -> int:
     from .launcher.api import launch
 
     run = launch(args.recipe, args.run_dir, overrides=args.overrides or [], executor=args.executor,
-                 budget=args.budget, wait=args.wait)
+                 budget=args.budget, wait=args.wait, cluster=args.cluster)
     return run.returncode or 0
 
 
@@ -234,6 +234,8 @@ def cmd_demo(args) -> int:
 def _recipe_args(sp) -> None:
     sp.add_argument("recipe", help="recipe YAML (see recipes/)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. phases.supervised.lr=1e-5")
+    sp.add_argument("--cluster", help="a cluster profile: a name in clusters/ or a path (the recipe's cluster.profile; "
+                                      "docs/cluster.md)")
 
 
 def _plan_commands(sub) -> None:

@@ -31,6 +31,11 @@ from .runtime import resume_command
 HANG = "hang"
 
 
+def attempt(record: dict, attempt_id: str | None) -> dict | None:
+    """The phase record's attempt of that id, or None."""
+    return next((a for a in record.get("attempts") or [] if a["id"] == attempt_id), None) if attempt_id else None
+
+
 def is_hung(record: dict, attempt_id: str | None) -> bool:
     return any(a["id"] == attempt_id and a.get("exit_state") == HANG for a in record.get("attempts") or [])
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import ledger
+from . import cluster, ledger
 from .data import shards
 from .data.schedule import batches_per_source
 from .recipe import Phase, Recipe, RecipeError, parse_time_limit
@@ -165,8 +166,33 @@ def plan(recipe: Recipe, manifest_data: dict | None = None, bench: dict | None =
         },
         "projected_gpu_hours": sum(p.projected_gpu_hours for p in phases),
         "budget_gpu_hours": run_budget,
+        "cluster": cluster_settings(recipe),
         "resolved": recipe.resolved(),
     }
+
+
+def cluster_settings(recipe: Recipe) -> dict | None:
+    """The cluster profile as resolved: every setting it touches with its value and where the value came from (the
+    profile's file, or the recipe over it), and a phase task's command line as srun will run it."""
+    c = recipe.cluster
+    if c is None:
+        return None
+    prov = recipe.provenance
+    settings = []
+    for key in ("container", "environment", "setup", "srun_args", "require_network"):
+        value = getattr(c, key)
+        if value:
+            settings.append({"field": f"cluster.{key}", "value": value.model_dump(exclude_defaults=True)
+                             if hasattr(value, "model_dump") else value, "from": prov.get(f"cluster.{key}", c.file)})
+    for name, ph in recipe.phases.items():
+        for key in c.resources:
+            field = f"phases.{name}.resources.{key}"
+            settings.append({"field": field, "value": getattr(ph.resources, key), "from": prov.get(field, "recipe")})
+    first = next(iter(recipe.phases))
+    train = ["-m", "colbertzero", "train", "RUN_DIR", "--phase", first]
+    task = ["srun", *cluster.phase_srun_args(c), *cluster.task_argv(c, train)]
+    return {"name": c.name, "file": c.file, "description": c.description, "settings": settings,
+            "task": shlex.join(task), "sources": c.sources}
 
 
 def _hparams(ph: Phase) -> dict:
@@ -252,6 +278,15 @@ def plan_table(p: dict) -> str:
             f"{r['partition'] or 'default'}"
             f", ZeRO-{h['zero_stage']}; projection: {ph['projected_from']}"
         )
+    c = p.get("cluster")
+    if c:
+        lines.append(f"\ncluster {c['name']} ({c['file'] or 'written in the recipe'}): {c['description']}")
+        for s in c["settings"]:
+            value = s["value"]
+            if isinstance(value, dict) and s["field"] == "cluster.environment":
+                value = " ".join(f"{k}={v}" for k, v in value.items())
+            lines.append(f"  {s['field']} = {value}  [{s['from']}]")
+        lines.append(f"  a phase task: {c['task']}")
     b = p["budget_gpu_hours"]
     lines.append(f"\nprojected {p['projected_gpu_hours']:.1f} GPU-hours for the run; budget "
                  f"{b if b is not None else 'none'}")

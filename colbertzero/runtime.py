@@ -22,6 +22,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -337,17 +338,22 @@ _RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAST
                    "TORCHELASTIC_RUN_ID")
 
 
-def detach(argv: list[str], log: str | os.PathLike, *, name: str, sbatch: dict[str, str] | None = None) -> str:
+def detach(argv: list[str], log: str | os.PathLike, *, name: str, sbatch: dict[str, str] | None = None,
+           job_argv: list[str] | None = None) -> str:
     """Start a command that outlives this process and never holds it up: inside a Slurm job (``sbatch`` given and
-    SLURM_JOB_ID set) its own one-task job, no dependency; otherwise a background process in its own session.
-    Returns ``job:<id>`` or ``pid:<n>``. ``argv`` reaches Slurm's shell only through ``shlex.join``."""
+    SLURM_JOB_ID set) its own one-task job, no dependency, running ``job_argv`` (default ``argv``: a container's srun
+    and prefix go there); otherwise ``argv`` as a background process in its own session. Returns ``job:<id>`` or
+    ``pid:<n>``. The command reaches Slurm's shell only through ``shlex.join``."""
     env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-    if sbatch is not None and os.environ.get("SLURM_JOB_ID") and slurm.available():
-        opts = {k: str(v) for k, v in sbatch.items() if v not in (None, "")}
-        account = os.environ.get("SLURM_JOB_ACCOUNT")
-        if account and "account" not in opts:
-            opts["account"] = account
-        return "job:" + slurm.submit_wrap(name, str(log), shlex.join(argv), opts, env)
+    if sbatch is not None and os.environ.get("SLURM_JOB_ID"):
+        if slurm.available():
+            opts = {k: str(v) for k, v in sbatch.items() if v not in (None, "")}
+            account = os.environ.get("SLURM_JOB_ACCOUNT")
+            if account and "account" not in opts:
+                opts["account"] = account
+            return "job:" + slurm.submit_wrap(name, str(log), shlex.join(job_argv or argv), opts, env)
+        print(f"[colbertzero] {name}: no sbatch inside this task (a container without Slurm's commands): it runs as "
+              "a background process on this node instead of its own job", file=sys.stderr, flush=True)
     with open(log, "ab") as out:
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              start_new_session=True)

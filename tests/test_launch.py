@@ -47,6 +47,7 @@ NO_EVAL = {"eval": {"beir": []}}
 # The first phase of the chain and the interrupted one train exactly this: 480 steps, a checkpoint every 20.
 UNSUPERVISED = {"data": {"epochs": 120}, "cadence": {"save_every": 20, "keep_last": 2}, **NO_EVAL}
 MSMARCO = ROOT.parent / "shared" / "data" / "beir" / "msmarco-5k"
+NO_SLURM = ROOT / "tests" / "no_slurm_task.sh"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -63,9 +64,10 @@ def run_cmd(*args: str, check: bool = True) -> str:
     return res.stdout.strip()
 
 
-def write_recipe(folder: Path, name: str, shards: Path, phases: dict) -> Path:
-    """A recipe extending tiny-cpu-slurm.yaml; `phases` maps each base phase to overrides (None drops it)."""
-    doc: dict = {"extends": str(BASE), "name": name, "phases": {}}
+def write_recipe(folder: Path, name: str, shards: Path, phases: dict, **top) -> Path:
+    """A recipe extending tiny-cpu-slurm.yaml; `phases` maps each base phase to overrides (None drops it); ``top``:
+    run-wide fields (cluster)."""
+    doc: dict = {"extends": str(BASE), "name": name, **top, "phases": {}}
     for phase in ("unsupervised", "supervised", "distillation"):
         over = phases.get(phase, NO_EVAL)
         # One CPU a rank: two 2-node jobs share the cluster, so one scenario's waits (Slurm's 30-second signal
@@ -264,7 +266,9 @@ def drive_byhand(recipe: Path):
         prev = None
         for step in ("prepare", "prepare-index", "unsupervised", "supervised"):
             dep = [f"--dependency=afterok:{prev}"] if prev else []
-            prev = jobs[step] = run_cmd("sbatch", "--parsable", *dep, str(folder / f"{step}.sbatch")).split(";")[0]
+            # as from a login shell: without the OMP_NUM_THREADS=1 these tests run under (the thread count is checked)
+            prev = jobs[step] = run_cmd("sbatch", "--parsable", "--export=ALL,OMP_NUM_THREADS=", *dep,
+                                        str(folder / f"{step}.sbatch")).split(";")[0]
         wait(lambda: not any(queued(j) for j in jobs.values()), "the hand-submitted chain to end", poll=1)
         return {"jobs": jobs, "scripts": res.stdout.split()}
     return go
@@ -335,13 +339,22 @@ def runs(local_slurm, tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     shards = root / "shards"
     one = {"supervised": None, "distillation": None}
+    # The training step in a "container" without Slurm's commands (tests/no_slurm_task.sh): a profile file, and
+    # the same written inline in a recipe. The requeue decision has to happen on the host for these to requeue.
+    profile = root / "no-slurm-in-task.yaml"
+    profile.write_text(yaml.safe_dump({"description": "tasks in a wrapper that hides Slurm's commands", "container": {
+        "runtime": "command", "command": [str(NO_SLURM), str(root / "in-container-interrupt.log")]}}))
+    inline = {name: {"name": "no-slurm-in-task", "container": {
+        "runtime": "command", "command": [str(NO_SLURM), str(root / f"in-container-{name}.log")]}}
+        for name in ("byhand", "hang")}
     recipes = {
         "chain": write_recipe(root, "lt-chain", shards, {"unsupervised": UNSUPERVISED}),
         # Two cores a rank: the time-limit warning comes 20-50 s into the job, and a rank that has not started
         # Python's handlers by then dies of it; bound to one core (n1's and n2's core 0 are the same physical core
         # here) and with a cold file cache, start-up took longer than that in CI.
         "interrupt": write_recipe(root, "lt-interrupt", shards, {**one, "unsupervised": {
-            **UNSUPERVISED, "resources": {"time_limit": "00:02:00", "signal_seconds": 100, "cpus_per_task": 2}}}),
+            **UNSUPERVISED, "resources": {"time_limit": "00:02:00", "signal_seconds": 100, "cpus_per_task": 2}}},
+            cluster=str(profile)),
         # The paper-based projection (reference.gpu_hours) says the phase fits; the job's start-up alone crosses it.
         "budget": write_recipe(root, "lt-budget", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 15}, "cadence": {"save_every": 10}, "budget_gpu_hours": 0.002,
@@ -350,7 +363,7 @@ def runs(local_slurm, tmp_path_factory):
         "byhand": write_recipe(root, "lt-byhand", shards, {"unsupervised": {**NO_EVAL, "max_steps": 2,
                                                                            "resources": {"cpus_per_task": 2}},
                                                            "supervised": {**NO_EVAL, "max_steps": 2},
-                                                           "distillation": None}),
+                                                           "distillation": None}, cluster=inline["byhand"]),
         "python": write_recipe(root, "lt-python", shards, {**one, "unsupervised": {
             **NO_EVAL, "max_steps": 2, "resources": {"cpus_per_task": 2}}}),
         "evaljob": write_recipe(root, "lt-evaljob", shards, {**one, "unsupervised": {
@@ -362,7 +375,8 @@ def runs(local_slurm, tmp_path_factory):
             "resources": {"nodes": 1, "cpu_tasks_per_node": 2, "cpus_per_task": 1}}}),
         **{name: write_recipe(root, f"lt-{name}", shards, {**one, "unsupervised": {
             **NO_EVAL, "data": {"epochs": 20}, "cadence": {"save_every": 10},
-            "watchdog": {"min_seconds": 8, "step_factor": 5}}}) for name in ("hang", "hang-byhand")},
+            "watchdog": {"min_seconds": 8, "step_factor": 5}}},
+            **({"cluster": inline["hang"]} if name == "hang" else {})) for name in ("hang", "hang-byhand")},
     }
     dirs = {name: root / f"run-{name}" for name in recipes}
     _launch(recipes["chain"], dirs["chain"])
@@ -454,6 +468,19 @@ def test_preemption_requeues_without_losing_steps(runs):
     # The ledger has every attempt Slurm ran, each with its GPU-hours.
     assert sacct_runs(job) == ["REQUEUED", "REQUEUED", "COMPLETED"]
     assert all(a["gpu_hours"] > 0 and a["elapsed_s"] > 0 for a in p["attempts"])
+    # Every rank of the three runs trained inside the wrapper, where no Slurm command exists: the two requeues were
+    # asked for from the batch script on the host.
+    assert_ran_without_slurm(runs["root"] / "in-container-interrupt.log", {job}, runs=3, ranks=2)
+
+
+def assert_ran_without_slurm(log: Path, jobs: set[str], runs: int, ranks: int, others: int = 0) -> None:
+    """Every line of the wrapper's log (one per task it started) says scontrol was not there; ``jobs``' tasks are
+    ``runs`` × ``ranks`` of them, ``others`` lines are other jobs' (a prepare array's tasks have ids of their own)."""
+    lines = log.read_text().splitlines()
+    assert all(line.endswith("scontrol=none") for line in lines), lines
+    phase = [line for line in lines if line.split("job=")[1].split()[0] in jobs]
+    assert len(phase) == runs * ranks and len(lines) - len(phase) == others, lines
+    assert {line.split("job=")[1].split()[0] for line in phase} == jobs, lines
 
 
 def test_interrupted_run_matches_uninterrupted_weights(runs):
@@ -514,6 +541,11 @@ def test_sbatch_scripts_submitted_by_hand_run_the_chain(runs):
     assert (a["job_id"], a["nodes"], a["tasks"]) == (out["jobs"]["unsupervised"], 2, 2)
     # the plain sbatch script's srun: each rank on the 2 cores of its cpus_per_task (1 without SRUN_CPUS_PER_TASK)
     assert sorted(len(r["cpus"]) for r in a["accelerator"]["ranks"]) == [2, 2], a["accelerator"]["ranks"]
+    assert sorted(r["threads"] for r in a["accelerator"]["ranks"]) == [2, 2]  # torch's threads follow the cores
+    # both phases' ranks in the wrapper without Slurm's commands (the profile's container, inline in the recipe),
+    # and the prepare array's two tasks and its index job (one srun task each, in the same container)
+    assert_ran_without_slurm(runs["root"] / "in-container-byhand.log",
+                             {out["jobs"]["unsupervised"], out["jobs"]["supervised"]}, runs=1, ranks=4, others=3)
 
 
 def test_an_evaluation_job_lands_its_result_in_status_and_leaves_nothing_in_the_queue(runs):
@@ -617,6 +649,8 @@ def test_a_hung_rank_requeues_the_job_and_the_phase_completes_from_its_checkpoin
     assert all(a["gpu_hours"] > 0 for a in p["attempts"])
     dumps = list((run / "phases" / "unsupervised" / "hangs").glob(f"rank-00001-{job}-0.txt"))
     assert dumps and "no step finished for" in dumps[0].read_text()
+    if name == "hang":  # its ranks ran in the wrapper without Slurm's commands: the requeue came from the host
+        assert_ran_without_slurm(runs["root"] / "in-container-hang.log", {job}, runs=2, ranks=2)
 
 
 # --------------------------------------------------------------------------------------------------- refusals

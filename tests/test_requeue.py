@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from colbertzero import ledger
-from colbertzero.launcher.requeue import apply, attempt_hung, decide
+from colbertzero.launcher.requeue import after_phase_in_job, apply, attempt_hung, decide
 from colbertzero.manifest import Manifest
 from colbertzero.recipe import load_recipe
 from colbertzero.runtime import Exit
@@ -77,3 +77,26 @@ def test_a_hung_attempt_stays_hung_whatever_its_ranks_report_after(manifest):
     assert a["exit_state"] == "hang" and a["elapsed_s"] == 70 and a["gpu_hours"] == pytest.approx(2 * 70 / 3600)
     assert attempt_hung(manifest, "unsupervised", "7-0") and not attempt_hung(manifest, "unsupervised", "7-1")
     assert not attempt_hung(manifest, "unsupervised", None)
+
+
+@pytest.mark.parametrize("recorded, code, action, exit_code", [
+    ("completed", 143, "done", 0),
+    ("over-budget", 143, "stop", 4),
+    ("over-budget", 4, "stop", 4),
+    ("failed", 1, "fail", 1),  # a failure is what srun says it is
+    ("running", 143, "fail", 143),  # nothing closed: srun's code stands
+])
+def test_what_the_attempt_recorded_outranks_sruns_exit_code(manifest, monkeypatch, capsys, recorded, code, action,
+                                                            exit_code):
+    """Under --kill-on-bad-exit the first rank to leave with 3 or 4 has srun end the others while they shut down;
+    srun then reports their SIGTERM (143). The batch script's policy reads how rank 0 closed the attempt instead."""
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    manifest.start_attempt("unsupervised", job_id="7", executor="slurm", nodes=2, gpus_per_node=0, tasks=2,
+                           attempt_id="7-0")
+    manifest.tick_attempt("unsupervised", "7-0", elapsed_s=60, step=5,
+                          end_state=None if recorded == "running" else recorded)
+    assert after_phase_in_job(str(manifest.run_dir), "unsupervised", code) == exit_code
+    err = capsys.readouterr().err
+    assert ("the attempt's record says exit" in err) == (recorded in ("completed", "over-budget") and code != exit_code)
+    assert action != "stop" or "the chain stops here" in err

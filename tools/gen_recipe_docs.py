@@ -36,6 +36,31 @@ MEANINGS: dict[str, str] = {
     "Recipe.name": "Run name: job names (`cz-<name>-<phase>`), reports, model cards.",
     "Recipe.description": "Free text shown by `plan` and in reports.",
     "Recipe.model": "Run-wide ColBERT settings, the same for every phase so checkpoints chain.",
+    "Recipe.cluster": "Where the jobs run (docs/cluster.md): a profile's name in `clusters/` or its path (`cluster: "
+                      "cscs-alps`), or a mapping `{profile: NAME, …fields to change}`; `--cluster` on the command "
+                      "line replaces the profile. Resolved when the recipe is read; the run dir keeps the result.",
+    "Cluster.name": "The profile's name (its file's name without `.yaml`).",
+    "Cluster.file": "The profile file it was read from (set when read).",
+    "Cluster.description": "One line shown by `plan`.",
+    "Cluster.resources": "Defaults of every phase's `resources` (gpus_per_node, cpus_per_task, mem, partition, "
+                         "account, qos, constraint, time_limit, signal_seconds); a phase's own value wins.",
+    "Cluster.setup": "Shell lines before every job's tasks (`module load …`), before the recipe's own `setup`.",
+    "Cluster.environment": "Variables exported for every task (NCCL / libfabric settings of the fabric).",
+    "Cluster.srun_args": "Extra arguments of every task's `srun`.",
+    "Cluster.container": "The container every task runs in, applied to its `srun` only: the batch script, the requeue "
+                         "decision and job submission stay on the host.",
+    "Cluster.require_network": "NCCL networks a multi-node GPU phase must use (`AWS Libfabric`, `IB`); another one (a "
+                               "fallback to `Socket`) fails the phase at its start with the settings to check.",
+    "Cluster.sources": "Setting → the public page its value comes from.",
+    "Container.runtime": "`pyxis` (`--container-image`), `cscs-edf` (`--environment`), `apptainer` (`apptainer exec "
+                         "--nv`), `slurm-oci` (`srun --container`), `command` (any wrapper: `command` is the prefix).",
+    "Container.image": "pyxis: image reference or `.sqsh`; cscs-edf: the EDF's name or path; apptainer: `.sif` or "
+                       "`docker://…`; slurm-oci: the OCI bundle's folder.",
+    "Container.mounts": "`host:container[:flags]` (pyxis, apptainer).",
+    "Container.workdir": "Working directory inside the container (pyxis, apptainer).",
+    "Container.command": "runtime `command`: the words before the task's interpreter.",
+    "Container.python": "The interpreter inside the container (a venv made there with `--system-site-packages`); "
+                        "unset: the path of the Python that submits.",
     "Recipe.phases": "Ordered mapping of phase name → phase; they run in this order. `phases: {name: null}` in a "
                      "recipe that `extends:` another drops that phase.",
     "Recipe.budget_gpu_hours": "GPU-hour budget of the whole run; `launch`/`resume` refuse to submit past it "
@@ -168,7 +193,8 @@ MEANINGS: dict[str, str] = {
     "Resources.signal_seconds": "Warning signal this long before the time limit: the runner checkpoints and exits "
                                 "to be requeued.",
     "Resources.max_requeues": "Times a phase may requeue itself before it is marked failed.",
-    "Resources.extra_sbatch": "Extra sbatch options, verbatim long form (`--exclusive`, `--container-image=…`).",
+    "Resources.extra_sbatch": "Extra sbatch options, verbatim long form (`--exclusive`, `--gpu-bind=closest`); a "
+                              "container goes in `cluster.container` (it wraps each task, not the batch script).",
     "Resources.setup": "Shell lines run before each task (module load, venv activation).",
     # PrepareResources
     "PrepareResources.array_tasks": "Tasks of the prepare array; each tokenizes a share of the shards.",

@@ -100,13 +100,15 @@ class Run:
 
 # ================================================================================================ entry points
 def launch(recipe: str | os.PathLike, run_dir: str | os.PathLike, overrides: list[str] | None = None,
-           executor: str | None = None, budget: float | None = None, wait: bool = False) -> Run:
-    """Validate RECIPE, create RUN_DIR, then start prepare (if shards are missing) and every phase.
+           executor: str | None = None, budget: float | None = None, wait: bool = False,
+           cluster: str | None = None) -> Run:
+    """Validate RECIPE, create RUN_DIR, then start prepare (if shards are missing) and every phase. ``cluster``: a
+    cluster profile's name or path, in place of the recipe's (docs/cluster.md).
 
     ``executor``: "slurm" or "local" (default: Slurm when sbatch is here). Both return once the jobs are started;
     ``wait=True`` (or `Run.wait()`) stays until they end.
     """
-    recipe = load_recipe(recipe, overrides or [])
+    recipe = load_recipe(recipe, overrides or [], cluster=cluster)
     if budget is not None and budget <= 0:
         raise LaunchError(f"--budget {budget}: a GPU-hour budget is > 0")
     preflight.refuse_invalid(recipe, "nothing was submitted", budget)

@@ -1,10 +1,10 @@
 """The requeue policy: what happens after a phase's processes exit — the one owner of that rule.
 
 `decide` turns a phase's exit code into an outcome; `apply` turns the outcome into actions (the phase marked failed,
-the requeue asked for, the message with the command that continues the run). Every executor calls both: the submitit
-task (`task.py`), the plain sbatch scripts (they call `colbertzero after-phase`, which runs `after_phase_in_job`
-below: no second copy of the rule in bash), a rank's watchdog that found a hang (through the same function), and the
-local executor (`local.py`, which runs the phase again itself).
+the requeue asked for, the message with the command that continues the run). Every executor calls both: a Slurm phase
+job — submitit's (its teardown lines) and the plain sbatch scripts alike — runs `colbertzero after-phase` in its
+batch script on the host after srun (`after_phase_in_job` below: no second copy of the rule in bash, and no Slurm
+command needed inside a container), and the local executor (`local.py`) runs the phase again itself.
 
 - exit 0: the phase is done;
 - exit 3 (stopped at a checkpoint on a stop signal, or a rank found the phase hung): run again from that checkpoint,
@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -31,8 +30,8 @@ from ..files import now_iso
 from ..manifest import Manifest
 from ..runtime import Exit, restart_count, resume_command
 
-# Slurm ends every task of a requeued job (SIGTERM, then SIGKILL); a task that returned instead would report a result
-# for a job that is going to run again. This long, at most, a task waits to be ended.
+# Slurm ends the batch script of a requeued job (SIGTERM, then SIGKILL); a script that returned instead would report
+# a result for a job that is going to run again. This long, at most, it waits to be ended.
 REQUEUE_WAIT_S = 300
 
 
@@ -68,6 +67,18 @@ def decide(code: int, *, restarts: int, max_requeues: int, stop_requested: bool 
     return Outcome("requeue", Exit.REQUEUE, f"{what}; run again ({restarts + 1} of at most {max_requeues})")
 
 
+# What the ranks recorded outranks srun's exit code: under --kill-on-bad-exit the first rank to leave with 3 (or 4)
+# makes srun end the others while they still shut down, and their SIGTERM (143) becomes srun's code.
+_RECORDED = {"completed": Exit.DONE, "requeue": Exit.REQUEUE, "over-budget": Exit.OVER_BUDGET}
+
+
+def recorded_exit(m: Manifest, phase: str, attempt_id: str | None) -> int | None:
+    """The exit code of the way rank 0 closed this attempt in the ledger (done, stopped at a checkpoint, over
+    budget), or None."""
+    a = ledger.attempt(m.phase(phase), attempt_id)
+    return _RECORDED.get(a.get("exit_state")) if a else None
+
+
 def attempt_hung(m: Manifest, phase: str, attempt_id: str | None) -> bool:
     """Did this attempt record a hang (a rank's watchdog fired)?"""
     return bool(attempt_id) and ledger.is_hung(m.phase(phase), attempt_id)
@@ -95,16 +106,22 @@ def apply(outcome: Outcome, m: Manifest, phase: str, *, requeue: Callable[[], st
     return outcome.exit_code
 
 
-def after_phase_in_job(run_dir: str, phase: str, code: int, *, acts: bool) -> int:
-    """Apply the policy inside a Slurm job after the phase's processes ended with ``code`` (or a rank found the phase
-    hung); returns the job's exit code. The task that ``acts`` (rank 0 after the phase; the rank that found a hang;
-    the batch script of `colbertzero sbatch`) marks, requeues and reports; every task then waits to be ended."""
+def after_phase_in_job(run_dir: str, phase: str, code: int) -> int:
+    """Apply the policy in a Slurm job's batch script, on the host, after the phase's srun ended with ``code`` (or a
+    rank found the phase hung): mark, requeue and report; returns the job's exit code. On a requeue it waits for
+    Slurm to end it."""
     m = Manifest(run_dir)
     limit = m.recipe().phase(phase).resources.max_requeues
     job = os.environ.get("SLURM_JOB_ID")
-    hung = attempt_hung(m, phase, f"{job}-{restart_count()}" if job else None)
+    attempt = f"{job}-{restart_count()}" if job else None
+    recorded = recorded_exit(m, phase, attempt)
+    if recorded is not None and recorded != code:
+        print(f"[colbertzero] phase {phase}: srun ended with exit {code}; the attempt's record says exit {recorded} "
+              "(a rank ended by srun while shutting down), which applies", file=sys.stderr, flush=True)
+        code = recorded
+    hung = attempt_hung(m, phase, attempt)
     requeuing = code == Exit.REQUEUE or hung
-    state = slurm.job_state(job) if (job and requeuing and acts) else ("RUNNING" if job else "")
+    state = slurm.job_state(job) if (job and requeuing) else ("RUNNING" if job else "")
     outcome = decide(code, restarts=restart_count(), max_requeues=limit, job_state=state, hung=hung)
     refused: list[str] = []
 
@@ -113,13 +130,11 @@ def after_phase_in_job(run_dir: str, phase: str, code: int, *, acts: bool) -> in
         refused.extend([problem] if problem else [])
         return problem
 
-    code = apply(outcome, m, phase, requeue=ask) if acts else outcome.exit_code
+    code = apply(outcome, m, phase, requeue=ask)
     if outcome.action != "requeue" or refused:
         return code
-    # Slurm ends this task as it requeues the job; leave at once on its SIGTERM rather than wait for the SIGKILL
-    # (a handler can only be set from the main thread: a watchdog's thread waits for the SIGKILL).
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # Slurm ends the batch script as it requeues the job; leave at once on its SIGTERM rather than wait for SIGKILL.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     time.sleep(REQUEUE_WAIT_S)
     print(f"[colbertzero] job {job} stopped at a checkpoint but Slurm did not end this task within "
           f"{REQUEUE_WAIT_S} s", file=sys.stderr, flush=True)
@@ -130,6 +145,6 @@ def _requeue(job: str | None) -> str | None:
     if not job:
         return "not inside a Slurm job"
     r = slurm.requeue(job)
-    if r.returncode != 0 and slurm.job_state(job) == "RUNNING":  # another rank's requeue of the same job went first
+    if r.returncode != 0 and slurm.job_state(job) == "RUNNING":  # refused while the job still runs: say why
         return f"`scontrol requeue {job}`: {r.stderr.strip()}"
     return None

@@ -23,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .. import cluster
 from ..files import atomic_write_bytes
 from ..layout import RunLayout
 from ..manifest import Manifest
@@ -40,15 +41,10 @@ _OWNED = {
 }
 
 
-# Every phase task, however submitted. One task per GPU, bound to its own block of cpus-per-task cores (on GH200
-# nodes with cpus_per_task=72: the Grace CPU attached to GPU i, the one LOCAL_RANK i trains on); a rank that fails
-# ends the job's other ranks at once instead of leaving them waiting in a collective until its timeout.
-SRUN_ARGS = ("--kill-on-bad-exit=1", "--cpu-bind=cores")
-# From Slurm 22.05 srun no longer takes --cpus-per-task from the allocation: without this each rank is bound to ONE
-# core (measured on the local cluster with task/affinity), loader workers and threads included. torch would
-# otherwise start one thread per core of the node in each task.
-TASK_ENV = ('export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}"',
-            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"')
+# Container options at sbatch level put the batch script itself in the container, where Slurm's commands are usually
+# missing (the requeue decision after srun would then fail): they belong to the task's srun, `cluster.container`.
+_CONTAINER = {"container-image", "container-mounts", "container-workdir", "container-name", "container",
+              "environment"}
 
 
 def parse_extra(extra: list[str], where: str, fields: set[str] = frozenset()) -> dict[str, str | bool]:
@@ -62,6 +58,10 @@ def parse_extra(extra: list[str], where: str, fields: set[str] = frozenset()) ->
             raise RecipeError(f"{here}: {item!r}: write sbatch's long form, --option=value or --flag "
                               f"(e.g. --constraint=gpu, --exclusive)")
         key, eq, value = item[2:].partition("=")
+        if key in _CONTAINER:
+            raise RecipeError(f"{here}: {item!r}: a container on the batch job runs the batch script in it, where "
+                              "Slurm's commands are missing; set cluster.container instead (docs/cluster.md, "
+                              "'Cluster profiles and containers'): it wraps each task's srun")
         if key in _OWNED:
             field = _OWNED[key]
             how = f"use the recipe field {prefix}.{field} instead" if field in fields else "remove it"
@@ -136,7 +136,40 @@ def _python() -> str:
 
 
 def _setup(lines: list[str]) -> str:
-    return ("# setup (recipe)\n" + "\n".join(lines) + "\n") if lines else ""
+    return ("# setup (cluster profile, recipe)\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def task_words(recipe: Recipe, args: list[str]) -> str:
+    """A task's command in shell words: the container's prefix, its interpreter (the profile's, or
+    $COLBERTZERO_PYTHON / this one), then ``args``."""
+    py = cluster.task_python(recipe.cluster)
+    return " ".join([*map(shlex.quote, cluster.command_prefix(recipe.cluster)),
+                     shlex.quote(py) if py else f'"{_python()}"', *map(shlex.quote, args)])
+
+
+def submitit_python(recipe: Recipe) -> str:
+    """submitit's `python` (written into its script as it is): the container's prefix and interpreter."""
+    return shlex.join(cluster.task_argv(recipe.cluster, []))
+
+
+def srun_args(recipe: Recipe) -> list[str]:
+    """Every phase task's srun arguments: colbertzero's, the cluster profile's, the container's."""
+    return cluster.phase_srun_args(recipe.cluster)
+
+
+def task_setup(recipe: Recipe, own: list[str]) -> list[str]:
+    """A phase job's setup: the profile's lines and environment, the recipe's own, then the per-task settings."""
+    return [*cluster.setup_lines(recipe.cluster, own), *cluster.TASK_ENV]
+
+
+def after_phase_lines(run_dir: str | os.PathLike, phase: str) -> list[str]:
+    """Right after the phase's `srun`, in the batch script on the host (outside any container): the requeue policy
+    on srun's exit code — the plain scripts' last lines and the submitit jobs' teardown."""
+    return ["rc=$?",
+            "# Done, requeue (time-limit warning, preemption), stop or fail: the requeue policy decides here, on the "
+            "host, where Slurm's commands are.",
+            f'exec "{_python()}" -m colbertzero after-phase {shlex.quote(str(run_dir))} --phase {shlex.quote(phase)} '
+            '--exit-code "$rc"']
 
 
 def _prepare_scripts(recipe: Recipe, run_dir: Path, logs: Path) -> dict[str, str]:
@@ -149,19 +182,31 @@ def _prepare_scripts(recipe: Recipe, run_dir: Path, logs: Path) -> dict[str, str
     index = "\n".join(directives({"job-name": job_name(recipe, "prepare-index", run_dir), **opts,
                                   "output": str(logs / "%x-%j.out"), "open-mode": "append"}))
     head = dict(recipe=recipe.name, run_dir=run_dir)
+    setup = _setup(task_setup(recipe, pr.setup) if cluster.in_container(recipe.cluster)
+                   else cluster.setup_lines(recipe.cluster, pr.setup))
     return {
         "prepare.sbatch": _HEADER.format(
             what=f"Tokenize every phase's sources into Arrow shards: {n} array tasks, each a share of the shards.",
             how="Submit first: sbatch --parsable prepare.sbatch", **head)
-        + f"{array}\n\nset -euo pipefail\n{_setup(pr.setup)}"
-        + f"exec \"{_python()}\" -m colbertzero prepare {recipe_file} --array-task \"$SLURM_ARRAY_TASK_ID\" "
-          f"--array-tasks {n} --workers {pr.workers}\n",
+        + f"{array}\n\nset -euo pipefail\n{setup}"
+        + _host_or_container(recipe, ["prepare", recipe_file, "--array-task", '"$SLURM_ARRAY_TASK_ID"',
+                                      "--array-tasks", str(n), "--workers", str(pr.workers)]),
         "prepare-index.sbatch": _HEADER.format(
             what="Check that every shard is finished and write each source's index (after the whole array).",
             how="Submit after the array: sbatch --parsable --dependency=afterok:$PREPARE prepare-index.sbatch", **head)
-        + f"{index}\n\nset -euo pipefail\n{_setup(pr.setup)}"
-        + f"exec \"{_python()}\" -m colbertzero prepare {recipe_file} --index-only\n",
+        + f"{index}\n\nset -euo pipefail\n{setup}"
+        + _host_or_container(recipe, ["prepare", recipe_file, "--index-only"]),
     }
+
+
+def _host_or_container(recipe: Recipe, args: list[str]) -> str:
+    """A prepare script's command: in the batch shell, or (with a container) as one srun task inside it. ``args``
+    are shell words already (the array task's id is expanded by the shell)."""
+    if not cluster.in_container(recipe.cluster):
+        return f'exec "{_python()}" -m colbertzero {" ".join(args)}\n'
+    task = task_words(recipe, ["-m", "colbertzero"])
+    return f'exec srun --ntasks=1 {" ".join(map(shlex.quote, cluster.srun_args(recipe.cluster)))} {task} ' \
+           f'{" ".join(args)}\n'
 
 
 def _phase_script(recipe: Recipe, name: str, run_dir: Path, logs: Path) -> str:
@@ -170,23 +215,21 @@ def _phase_script(recipe: Recipe, name: str, run_dir: Path, logs: Path) -> str:
             # USR2 reaches every task (not the batch shell): the runner checkpoints at the same step on all ranks.
             "signal": f"USR2@{r.signal_seconds}", "requeue": True, "kill-on-invalid-dep": "yes",
             "output": str(logs / "%x-%j.out"), "open-mode": "append"}
-    run = shlex.quote(str(run_dir))
-    phase = shlex.quote(name)
-    task_env = "\n".join(TASK_ENV)
     head = _HEADER.format(
         what=f"Phase {name!r} ({recipe.phase(name).kind}): {r.nodes} node(s) x {r.tasks_per_node} task(s), one per "
              f"{'GPU' if r.gpus_per_node else 'CPU task'}.",
         how="Submit after the previous step: sbatch --parsable --dependency=afterok:$PREVIOUS " + f"{name}.sbatch",
         recipe=recipe.name, run_dir=run_dir)
+    train = task_words(recipe, ["-m", "colbertzero", "train", str(run_dir), "--phase", name])
+    after = "\n".join(after_phase_lines(run_dir, name))
     return head + "\n".join(directives(opts)) + f"""
 
 set -uo pipefail
-{_setup(r.setup)}{task_env}
-# One task per GPU, each on its own block of cpus-per-task cores (GH200: the Grace CPU next to its GPU).
-srun {" ".join(SRUN_ARGS)} "{_python()}" -m colbertzero train {run} --phase {phase}
-rc=$?
-# Done, requeue (time-limit warning, preemption), stop or fail: the requeue policy decides, as for `launch` jobs.
-exec "{_python()}" -m colbertzero after-phase {run} --phase {phase} --exit-code "$rc"
+{_setup(task_setup(recipe, r.setup))}
+# One task per GPU, each on its own block of cpus-per-task cores (GH200: the Grace CPU next to its GPU); a container
+# (cluster profile) wraps the task only.
+srun {" ".join(map(shlex.quote, srun_args(recipe)))} {train}
+{after}
 """
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import submitit
 
-from .. import slurm
+from .. import cluster, slurm
 from ..data.prepare import index_recipe, prepare_recipe
 from ..files import now_iso
 from ..manifest import Manifest
@@ -50,8 +50,10 @@ def preflight(recipe: Recipe, phases: list[str], prepare: bool) -> None:
                                                                    r.mem)})
 
 
-def _executor(m: Manifest, step: str) -> submitit.SlurmExecutor:
-    return submitit.SlurmExecutor(folder=str(m.layout.slurm(step)), max_num_timeout=0)
+def _executor(m: Manifest, recipe: Recipe, step: str) -> submitit.SlurmExecutor:
+    """Every job's task runs inside the profile's container (`python`: its prefix and interpreter)."""
+    return submitit.SlurmExecutor(folder=str(m.layout.slurm(step)), max_num_timeout=0,
+                                  python=sbatch.submitit_python(recipe))
 
 
 def _params(name: str, opts: dict, dependency: str | None, setup: list[str], **extra) -> dict:
@@ -79,10 +81,10 @@ def submit_chain(m: Manifest, recipe: Recipe, phases: list[str], missing_shards:
             dependency = f"afterok:{_submit_prepare(m, recipe, missing_shards, jobs, dependency)}"
         for n in phases:
             r = recipe.phase(n).resources
-            ex = _executor(m, n)
+            ex = _executor(m, recipe, n)
             params = _params(sbatch.job_name(recipe, n, m.run_dir), sbatch.phase_options(r, f"phases.{n}.resources"),
-                             dependency, [*sbatch.TASK_ENV, *r.setup], signal_delay_s=r.signal_seconds,
-                             srun_args=list(sbatch.SRUN_ARGS))
+                             dependency, sbatch.task_setup(recipe, r.setup), signal_delay_s=r.signal_seconds,
+                             srun_args=sbatch.srun_args(recipe), teardown=sbatch.after_phase_lines(m.run_dir, n))
             params["additional_parameters"]["requeue"] = True
             ex.update_parameters(**params)
             jobs[n] = ex.submit(PhaseTask(str(m.run_dir), n)).job_id
@@ -104,9 +106,10 @@ def _submit_derive(m: Manifest, recipe: Recipe, i: int, dependency: str | None, 
     """Derive step ``i`` as an array, one task per query range; its last task merges the output."""
     step = recipe.derive[i]
     name = f"derive-{step.name}"
-    ex = _executor(m, name)
+    ex = _executor(m, recipe, name)
     ex.update_parameters(**_params(sbatch.job_name(recipe, name, m.run_dir), _derive_options(recipe, i), dependency,
-                                   list(recipe.prepare.setup)))
+                                   cluster.setup_lines(recipe.cluster, recipe.prepare.setup),
+                                   srun_args=cluster.srun_args(recipe.cluster)))
     with ex.batch():
         tasks = [ex.submit(derive_task, step.kind, step.args, step.out, step.shards, task=i)
                  for i in range(step.shards)]
@@ -118,15 +121,17 @@ def _submit_prepare(m: Manifest, recipe: Recipe, phases: list[str], jobs: dict, 
     """Tokenize the missing shards as an array job (each task its share), then one task writes the indexes."""
     pr = recipe.prepare
     opts = sbatch.prepare_options(recipe)
-    setup = list(pr.setup)
-    ex = _executor(m, "prepare")
-    ex.update_parameters(**_params(sbatch.job_name(recipe, "prepare", m.run_dir), opts, dependency, setup))
+    setup = cluster.setup_lines(recipe.cluster, pr.setup)
+    srun = cluster.srun_args(recipe.cluster)
+    ex = _executor(m, recipe, "prepare")
+    ex.update_parameters(**_params(sbatch.job_name(recipe, "prepare", m.run_dir), opts, dependency, setup,
+                                   srun_args=srun))
     n = pr.array_tasks
     with ex.batch():
         shares = [ex.submit(prepare_recipe, recipe, phases, workers=pr.workers, shard_range=(i, n), progress=False)
                   for i in range(n)]
     jobs["prepare"] = shares[0].job_id.split("_")[0]
     ex.update_parameters(**_params(sbatch.job_name(recipe, "prepare-index", m.run_dir), opts,
-                                   f"afterok:{jobs['prepare']}", setup))
+                                   f"afterok:{jobs['prepare']}", setup, srun_args=srun))
     jobs["prepare-index"] = ex.submit(index_recipe, recipe, phases, progress=False).job_id
     return jobs["prepare-index"]

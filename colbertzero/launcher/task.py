@@ -1,16 +1,16 @@
-"""What submitit runs in every task of a phase job (one task per GPU): the phase runner, then the requeue policy.
+"""What submitit runs in every task of a phase job (one task per GPU): the phase runner, nothing else.
 
 The runner's signal handlers replace submitit's (submitit would checkpoint and requeue from rank 0 alone, inside its
-handler): every rank stops at the same step and checkpoints together, and the runner returns `Exit.REQUEUE`; the
-policy (`requeue.py`) then decides, and rank 0 asks Slurm to requeue the job. A rank whose watchdog finds the phase
-hung cannot return (its main thread is stuck): the runner calls the same policy from the watchdog, and that rank asks
-for the requeue.
+handler): every rank stops at the same step and checkpoints together, and the runner returns `Exit.REQUEUE`. The task
+leaves with the runner's exit code; the requeue policy (`requeue.py`) then runs in the batch script on the host, after
+`srun` (the job's teardown lines, `sbatch.after_phase_lines`), exactly as in the plain sbatch scripts: inside a
+container Slurm's commands are usually missing, and a requeue asked for from there would end the chain instead. A rank
+whose watchdog finds the phase hung records it and leaves with the requeue code; the policy reads the record.
 """
 
 from __future__ import annotations
 
-from ..runtime import Exit, HeldSignals, detect, resume_command
-from .requeue import after_phase_in_job
+from ..runtime import Exit, HeldSignals
 
 
 class PhaseTask:
@@ -24,15 +24,10 @@ class PhaseTask:
             # Imported here, inside the job: the login node that pickles this task needs no torch.
             from ..train.runner import run_phase
 
-            code = run_phase(self.run_dir, self.phase, on_hang=self._hung)
+            code = run_phase(self.run_dir, self.phase)
         finally:
             held.close()
-        code = after_phase_in_job(self.run_dir, self.phase, code, acts=detect().is_main)
         if code == Exit.DONE:
             return "done"
-        # A failed job: Slurm never starts the phases that depend on it (afterok) and cancels them.
-        raise RuntimeError(f"phase {self.phase!r} ended with exit {code}; see `colbertzero status {self.run_dir}`, "
-                           f"continue with `{resume_command(self.run_dir)}`")
-
-    def _hung(self, code: int) -> int:
-        return after_phase_in_job(self.run_dir, self.phase, code, acts=True)
+        # srun's exit code is what the policy on the host reads (a raised error would make every code 1).
+        raise SystemExit(code)

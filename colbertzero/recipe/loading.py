@@ -13,7 +13,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .schema import Recipe, RecipeError
+from .schema import Cluster, Recipe, RecipeError
+
+# Shipped cluster profiles: `cluster: <name>` reads clusters/<name>.yaml of the project.
+CLUSTERS_DIR = Path(__file__).resolve().parents[2] / "clusters"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -98,6 +101,7 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise RecipeError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, seen + (path,)))})")
     data = _read_yaml(path)
     _absolutize(data, path.parent)
+    _cluster_as_mapping(data, path.parent)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -218,15 +222,86 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return r
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, cluster: str | None = None) -> Recipe:
+    """``cluster``: a profile's name or path (`--cluster`), in place of the recipe's `cluster.profile`."""
     path = Path(path)
     data = _load_raw(path)
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, ([f"cluster.profile={cluster}"] if cluster else []) + (overrides or []))
     data = _expand(data, "recipe")
     _absolutize(data, path.resolve().parent)
+    provenance = resolve_cluster(data)
     r = recipe_from_dict(data, str(path))
     r.source_path = str(path.resolve())
+    r.provenance = provenance
     return r
+
+
+def _cluster_as_mapping(data: dict, base: Path) -> None:
+    """`cluster: alps` is `cluster: {profile: alps}`; a profile written as a path is read relative to its file."""
+    c = data.get("cluster")
+    if isinstance(c, str):
+        c = data["cluster"] = {"profile": c}
+    if isinstance(c, dict) and isinstance(c.get("profile"), str) and _is_profile_path(c["profile"]):
+        c["profile"] = _abs(c["profile"], base)
+
+
+def _is_profile_path(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".yaml", ".yml"))
+
+
+def profile_path(ref: str) -> Path:
+    """A profile's name (clusters/<name>.yaml of the project) or path."""
+    if _is_profile_path(ref):
+        return Path(os.path.expanduser(ref)).resolve()
+    path = CLUSTERS_DIR / f"{ref}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
+        raise RecipeError(f"cluster profile {ref!r}: no {path}; shipped profiles: {', '.join(have) or 'none'} (or "
+                          "give a profile's path)")
+    return path
+
+
+def resolve_cluster(data: dict) -> dict[str, str]:
+    """Read the recipe's cluster profile (`cluster.profile`) under its own settings, and give every phase the
+    profile's resources where the phase does not set them. Returns {field: where its value came from}; a recipe
+    that was resolved already (a run dir's recipe.yaml) is left as it is."""
+    c = data.get("cluster")
+    if c is None:
+        return {}
+    if not isinstance(c, dict):
+        raise RecipeError(f"cluster: {c!r}: a profile's name or path, or a mapping (docs/cluster.md)")
+    if "profile" not in c:
+        return {}
+    ref = str(c["profile"])
+    file = profile_path(ref)
+    profile = _expand(_read_yaml(file), f"{file}: cluster")
+    own = {k: v for k, v in c.items() if k != "profile"}
+    merged = deep_merge({"name": file.stem, **profile}, own)
+    merged["file"] = str(file)
+    try:
+        cluster = Cluster.model_validate(merged)
+    except ValidationError as e:
+        text = format_validation_error(e, f"{file} (cluster profile {ref!r})")
+        raise RecipeError(text.replace("invalid recipe", "invalid cluster profile").replace("\n  ", "\n  cluster.")
+                          .replace("docs/recipes.md", "docs/cluster.md")) from None
+    data["cluster"] = cluster.model_dump(mode="json")
+    where = f"cluster {cluster.name} ({file})"
+    provenance = {f"cluster.{k}": ("recipe" if k in own else where) for k in merged if k not in ("name", "file")}
+    for name, phase in (data.get("phases") or {}).items():
+        if not isinstance(phase, dict):
+            continue
+        res = phase.setdefault("resources", {})
+        if not isinstance(res, dict):
+            continue
+        for key, value in cluster.resources.items():
+            field = f"phases.{name}.resources.{key}"
+            if key in res:
+                provenance[field] = "recipe"
+            else:
+                res[key] = value
+                provenance[field] = ("recipe's cluster.resources" if key in (own.get("resources") or {})
+                                     else where)
+    return provenance
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -180,6 +180,112 @@ class Resources(_Strict):
         return v
 
 
+# The fields of `resources` a cluster profile may set for every phase (what is the same for every job on one site).
+CLUSTER_RESOURCE_FIELDS = ("gpus_per_node", "cpus_per_task", "mem", "partition", "account", "qos", "constraint",
+                           "time_limit", "signal_seconds")
+
+
+class Container(_Strict):
+    """The container every task of the run runs in, applied to the task's `srun` (never to the batch script: the
+    batch script, the requeue decision and job submission stay on the host, where Slurm's commands are). Per
+    runtime (docs/cluster.md): pyxis `--container-image/--container-mounts/--container-workdir`; cscs-edf
+    `--environment=<EDF>` (image = the EDF's name or path; mounts and workdir live in the EDF); apptainer `apptainer
+    exec --nv [--bind …] [--pwd …] IMAGE`; slurm-oci Slurm's own `--container=<OCI bundle>`; command: ``command`` as
+    the prefix of the task's command line (podman-hpc, shifter, a site's wrapper)."""
+
+    runtime: Literal["pyxis", "cscs-edf", "apptainer", "slurm-oci", "command"]
+    image: str | None = None
+    mounts: list[str] = Field(default_factory=list)  # host:container[:flags]
+    workdir: str | None = None
+    command: list[str] = Field(default_factory=list)  # runtime `command` only
+    # The interpreter inside the container (a venv made there with --system-site-packages, on the shared
+    # filesystem); None: the path of the Python that submits, which then has to exist inside the container too.
+    python: str | None = None
+
+    @field_validator("image", "mounts", "workdir", "command", "python")
+    @classmethod
+    def _one_line(cls, v, info):
+        return no_control_characters(v, f"cluster.container.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Container":
+        if self.runtime == "command":
+            if not self.command:
+                raise ValueError("cluster.container: runtime 'command' needs `command`, the prefix of the task's "
+                                 "command line (e.g. [podman-hpc, run, --gpu, IMAGE])")
+            if self.image or self.mounts or self.workdir:
+                raise ValueError("cluster.container: runtime 'command' takes the whole prefix in `command`; image, "
+                                 "mounts and workdir are for the other runtimes")
+        else:
+            if not self.image:
+                raise ValueError(f"cluster.container: runtime {self.runtime!r} needs `image` ("
+                                 + {"pyxis": "an image reference or a .sqsh file",
+                                    "cscs-edf": "the EDF's name or path",
+                                    "apptainer": "a .sif file or a docker:// reference",
+                                    "slurm-oci": "the OCI bundle's folder"}[self.runtime] + ")")
+            if self.command:
+                raise ValueError(f"cluster.container: `command` is for runtime 'command', not {self.runtime!r}")
+            if self.runtime == "cscs-edf" and (self.mounts or self.workdir):
+                raise ValueError("cluster.container: with cscs-edf the mounts and the workdir are written in the EDF "
+                                 "(its `mounts` and `workdir` entries), not here")
+            if self.runtime == "slurm-oci" and (self.mounts or self.workdir):
+                raise ValueError("cluster.container: with slurm-oci the mounts and the workdir are the OCI bundle's "
+                                 "(its config.json), not here")
+        return self
+
+
+class Cluster(_Strict):
+    """Where the run's jobs run: what a site's documentation says every job there needs. Written in a profile
+    (`clusters/<name>.yaml`, `cluster: <name or path>` in a recipe, `--cluster` on the command line); the recipe's
+    own values win over the profile's. Fields: docs/cluster.md."""
+
+    name: str
+    file: str | None = None  # the profile it was read from
+    description: str = ""
+    resources: dict[str, Any] = Field(default_factory=dict)  # defaults of every phase's resources
+    setup: list[str] = Field(default_factory=list)  # shell lines before every job's tasks (module load …)
+    environment: dict[str, str] = Field(default_factory=dict)  # exported for every task (NCCL / libfabric)
+    srun_args: list[str] = Field(default_factory=list)  # added to every task's srun (e.g. --mpi=pmi2)
+    container: Container | None = None
+    # NCCL networks ("AWS Libfabric", "IB") a multi-node GPU phase must use: any other (a fallback to TCP
+    # sockets) stops the phase with the settings to fix.
+    require_network: list[str] = Field(default_factory=list)
+    sources: dict[str, str] = Field(default_factory=dict)  # setting -> the public page it comes from
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return safe_name(v, "cluster name")
+
+    @field_validator("setup", "srun_args", "require_network")
+    @classmethod
+    def _lines(cls, v, info):
+        return no_control_characters(v, f"cluster.{info.field_name}")
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _env(cls, v):
+        if not isinstance(v, dict):
+            return v  # pydantic says what is wrong with it
+        for k, value in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                raise ValueError(f"cluster.environment: {k!r} is not a variable name")
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(f"cluster.environment.{k}: {value!r}: a string or a number")
+            no_control_characters(str(value), f"cluster.environment.{k}")
+        return {k: str(value) for k, value in v.items()}  # YAML's `1` is exported as written
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(CLUSTER_RESOURCE_FIELDS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not set by a cluster profile (it may set "
+                             f"{', '.join(CLUSTER_RESOURCE_FIELDS)}; the rest belongs to each phase)")
+        Resources.model_validate(v)  # each value checked by the phase field's own rule
+        return v
+
+
 class PrepareResources(_Strict):
     """The CPU job that tokenizes shards (a Slurm array: each task takes a share of every source's shards)."""
 
@@ -407,11 +513,14 @@ class Recipe(_Strict):
     allow_prompt_mismatch: bool = False
     prepare: PrepareResources = Field(default_factory=PrepareResources)
     derive: list[DeriveStep] = Field(default_factory=list)  # mine / score before prepare, in this order
+    cluster: Cluster | None = None  # the site's profile, resolved (recipe/loading.py)
     reference: Reference = Field(default_factory=Reference)
     # Where training metrics go besides phases/<phase>/logs/train.jsonl (each when its package is installed).
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     # where the recipe came from (set by load_recipe; not part of the hash)
     source_path: str | None = Field(default=None, exclude=True)
+    # {field: "recipe" or the cluster profile it came from}, for the settings a profile touches (load_recipe)
+    provenance: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @field_validator("name")
     @classmethod

@@ -28,7 +28,11 @@ def describe_accelerator(f: dict | None) -> str:
     if f.get("ranks"):
         cpus = sorted({len(r["cpus"]) for r in f["ranks"]})
         each = str(cpus[0]) if len(cpus) == 1 else f"{cpus[0]}-{cpus[-1]}"
-        parts.append(f"{len(f['ranks'])} rank(s) on {len({r['host'] for r in f['ranks']})} host(s), {each} CPU(s) each")
+        threads = sorted({r["threads"] for r in f["ranks"] if "threads" in r})
+        line = f"{len(f['ranks'])} rank(s) on {len({r['host'] for r in f['ranks']})} host(s), {each} CPU(s) each"
+        if threads:
+            line += f" ({threads[0] if len(threads) == 1 else f'{threads[0]}-{threads[-1]}'} torch thread(s))"
+        parts.append(line)
     return ", ".join(parts)
 
 

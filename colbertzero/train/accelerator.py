@@ -47,8 +47,24 @@ def facts() -> dict:
 
 
 def placement(rank: int) -> dict:
-    """Where this rank sits: its host and the CPUs it may run on (what srun's binding left it)."""
-    return {"rank": rank, "host": socket.gethostname(), "cpus": sorted(os.sched_getaffinity(0))}
+    """Where this rank sits: its host, the CPUs it may run on (what srun's binding left it) and torch's threads."""
+    return {"rank": rank, "host": socket.gethostname(), "cpus": sorted(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads()}
+
+
+def fit_threads(environ: dict | None = None) -> int:
+    """torch's intra-op threads = the CPUs this rank is bound to, at most OMP_NUM_THREADS when set: a rank never
+    runs more threads than its own cores (torch's default counts the node's cores, and a rank pinned to 72 of 288
+    would oversubscribe them 4×). Returns the count."""
+    environ = os.environ if environ is None else environ
+    cores = len(os.sched_getaffinity(0))
+    try:
+        asked = int(environ.get("OMP_NUM_THREADS", "") or 0)
+    except ValueError:
+        asked = 0
+    threads = max(1, min(cores, asked) if asked > 0 else cores)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def placement_problems(ranks: list[dict], cpus_per_task: int) -> list[str]:
@@ -98,9 +114,10 @@ SOCKET = "Socket"
 
 def nccl_log_env(folder: Path, environ: dict | None = None) -> dict[str, str]:
     """The variables that make NCCL write its init log to ``folder/HOST.PID.log``; none where the user chose NCCL's
-    logging already (their NCCL_DEBUG / NCCL_DEBUG_FILE stand)."""
+    logging already (NCCL_DEBUG_FILE, or NCCL_DEBUG at INFO or TRACE). A quieter NCCL_DEBUG (VERSION, WARN: what a
+    site's module sets) is raised to INFO for the init and network lines only, into that file."""
     environ = os.environ if environ is None else environ
-    if "NCCL_DEBUG" in environ or "NCCL_DEBUG_FILE" in environ:
+    if "NCCL_DEBUG_FILE" in environ or environ.get("NCCL_DEBUG", "").upper() in ("INFO", "TRACE"):
         return {}
     return {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET",
             "NCCL_DEBUG_FILE": str(folder / "%h.%p.log")}  # NCCL expands %h (host) and %p (pid)
@@ -116,15 +133,29 @@ def nccl_network(log_text: str) -> str | None:
     return found[-1] if found else None
 
 
-def record_network(f: dict, folder: Path, nodes: int) -> dict:
+def record_network(f: dict, folder: Path, nodes: int, required: list[str] | None = None,
+                   settings: dict[str, str] | None = None, cluster: str | None = None) -> dict:
     """``f`` with ``nccl_network`` read from this process's NCCL log; warns on stderr when a multi-node phase's
-    NCCL fell back to TCP sockets."""
+    NCCL fell back to TCP sockets. ``required`` (a cluster profile's `require_network`): the networks a multi-node
+    phase must use; any other raises AcceleratorError naming the profile's ``settings`` to check."""
     path = nccl_log_of_this_process(folder)
     try:
         net = nccl_network(path.read_text(errors="replace"))
     except OSError:
         net = None
     out = {**f, "nccl_network": net, "nodes": nodes}
+    if required and nodes > 1 and net is None:
+        print(f"[colbertzero] NCCL's network could not be read (no 'Using network' line in {path}: NCCL_DEBUG or "
+              f"NCCL_DEBUG_FILE set elsewhere?); cluster {cluster!r} requires {' or '.join(required)}, unchecked",
+              file=sys.stderr)
+    elif required and nodes > 1 and net not in required:
+        fabric = " or ".join(repr(n) for n in required)
+        nccl = " ".join(f"{k}={v!r}" for k, v in (settings or {}).items() if k.startswith(("NCCL_", "FI_")))
+        raise AcceleratorError(
+            f"NCCL between the {nodes} nodes uses {net or 'an unknown network'!r} (its log: {path}); cluster "
+            f"{cluster!r} requires {fabric}: its plugin (aws-ofi-nccl for Slingshot) is not loaded in the task's "
+            f"environment or its settings did not reach the task. The profile exports: {nccl or 'nothing'}; check "
+            f"that the container or module provides the plugin (docs/cluster.md, 'The fabric')")
     if net == SOCKET and nodes > 1:
         print(f"[colbertzero] NCCL uses TCP sockets between the {nodes} nodes (its log: {path}): the fabric's NCCL "
               "plugin or settings are missing, and every gather crosses the network over TCP. See docs/cluster.md, "

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from .. import cluster
 from ..evaluate import evaluate
 from ..files import folder_replacing, now_iso
 from ..runtime import cancel_detached, detach, detached_state
@@ -171,10 +172,14 @@ class Evaluator:
             model.save(str(tmp / "model"))
         r = self.recipe.eval_request(self.phase_name)
         sbatch = helper_options(r.partition, r.time_limit, r.cpus_per_task, r.gpus, r.mem)
-        argv = [sys.executable, "-m", "colbertzero", "eval-job", str(self.manifest.run_dir), "--phase",
-                self.phase_name, "--step", str(step), "--attempt", attempt]
+        args = ["-m", "colbertzero", "eval-job", str(self.manifest.run_dir), "--phase", self.phase_name, "--step",
+                str(step), "--attempt", attempt]
+        profile = self.recipe.cluster
+        job_argv = (["srun", *cluster.srun_args(profile), *cluster.task_argv(profile, args)]
+                    if cluster.in_container(profile) else None)  # the job starts outside the container
         try:
-            handle = detach(argv, folder / "job.log", name=f"cz-eval-{self.phase_name}-{step}", sbatch=sbatch)
+            handle = detach([sys.executable, *args], folder / "job.log", name=f"cz-eval-{self.phase_name}-{step}",
+                            sbatch=sbatch, job_argv=job_argv)
         except (OSError, RuntimeError, ValueError) as e:
             _set_job(self.manifest, self.phase_name, step, state="not started", reason=str(e))
             print(f"[colbertzero] phase {self.phase_name}: the evaluation of step {step} could not start: {e}; "

@@ -19,7 +19,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -69,10 +68,10 @@ class StepDecisions:
         return cls(bool(summed[0] > 0), bool(summed[1] > 0), bool(summed[2] > 0), counter.total(summed[3:]))
 
 
-def run_phase(run_dir: str, phase_name: str, on_hang: Callable[[int], int] | None = None) -> int:
-    """One attempt at the phase on this rank; the exit code (`runtime.Exit`). ``on_hang(code)``: what the caller
-    does with the exit code when this rank's watchdog finds the phase hung, from the watchdog's thread (the caller
-    cannot: its thread is stuck); it returns the code the process exits with."""
+def run_phase(run_dir: str, phase_name: str) -> int:
+    """One attempt at the phase on this rank; the exit code (`runtime.Exit`). A rank whose watchdog finds the phase
+    hung records it and leaves with `Exit.REQUEUE` from the watchdog's thread; the requeue policy, after srun, reads
+    the record."""
     stop = StopFlag().install()
     manifest = Manifest(run_dir)
     recipe = manifest.recipe()
@@ -88,6 +87,7 @@ def run_phase(run_dir: str, phase_name: str, on_hang: Callable[[int], int] | Non
     except accelerator.AcceleratorError as e:
         _refuse(manifest, phase_name, str(e), hardware)
         raise
+    accelerator.fit_threads()  # torch's threads = this rank's cores (its placement record shows both)
     nccl_logs = manifest.layout.phase(phase_name).nccl_logs
     if hardware["gpus"] and phase.resources.gpus_per_node:
         nccl_logs.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def run_phase(run_dir: str, phase_name: str, on_hang: Callable[[int], int] | Non
     clean = False
     rt = dist.init_distributed(bf16=phase.bf16, timeout=timedelta(seconds=phase.watchdog.collective_timeout_s))
     try:
-        code = PhaseRun(manifest, recipe, phase_name, rt, stop, on_hang, hardware).start()
+        code = PhaseRun(manifest, recipe, phase_name, rt, stop, hardware).start()
         clean = True
         return code
     finally:
@@ -120,9 +120,9 @@ class PhaseRun:
     """One attempt at one phase on this rank."""
 
     def __init__(self, manifest: Manifest, recipe, phase_name: str, rt, stop: StopFlag,
-                 on_hang: Callable[[int], int] | None = None, hardware: dict | None = None) -> None:
+                 hardware: dict | None = None) -> None:
         self.manifest, self.recipe, self.phase_name, self.rt, self.stop = manifest, recipe, phase_name, rt, stop
-        self.on_hang, self.hardware = on_hang, hardware
+        self.hardware = hardware
         self.phase = recipe.phase(phase_name)
         self.main = rt.is_main
         self.clock = AttemptClock(query_slurm=self.main)
@@ -142,8 +142,15 @@ class PhaseRun:
         """Rank 0's hardware record gains NCCL's network and every rank's host and CPUs; under Slurm a rank bound to
         fewer cores than it was given, or sharing them, is reported (the local executor's ranks share by design)."""
         if self.rt.backend == "nccl" and self.main:  # NCCL's communicator exists now: its log names the network
-            self.hardware = accelerator.record_network(
-                self.hardware or {}, self.manifest.layout.phase(self.phase_name).nccl_logs, info["nodes"])
+            profile = self.recipe.cluster
+            try:
+                self.hardware = accelerator.record_network(
+                    self.hardware or {}, self.manifest.layout.phase(self.phase_name).nccl_logs, info["nodes"],
+                    required=profile.require_network if profile else None,
+                    settings=profile.environment if profile else None, cluster=profile.name if profile else None)
+            except accelerator.AcceleratorError as e:
+                _refuse(self.manifest, self.phase_name, str(e), self.hardware or {})
+                raise
         ranks = dist.all_gather_objects(accelerator.placement(self.rt.rank))
         if not self.main:
             return
@@ -303,14 +310,14 @@ class PhaseRun:
 
     def _hung(self) -> int:
         """From the watchdog's thread: close this attempt in the ledger as hung (whichever rank saw it: rank 0 may be
-        the stuck one), then hand the requeue code to the caller's policy."""
+        the stuck one); the process then leaves with the requeue code."""
         try:
             elapsed = self.clock.elapsed()
             self.manifest.update_phase(self.phase_name, lambda p: ledger.tick_attempt(
                 p, self.attempt_id, elapsed_s=elapsed, step=self.step, end_state=ledger.HANG))
         except Exception as e:  # the attempt may not be registered yet (a hang before the first step)
             print(f"[colbertzero] rank {self.rt.rank}: the hang could not be recorded: {e}", file=sys.stderr)
-        return self.on_hang(Exit.REQUEUE) if self.on_hang is not None else Exit.REQUEUE
+        return Exit.REQUEUE
 
     def _record_failure(self, reason: str, trace: str | None, exit_state: str) -> None:
         """Mark the phase failed. Any rank may write: the first failure of this attempt is the cause (a rank that
