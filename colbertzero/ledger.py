@@ -37,7 +37,8 @@ def attempt(record: dict, attempt_id: str | None) -> dict | None:
 
 
 def is_hung(record: dict, attempt_id: str | None) -> bool:
-    return any(a["id"] == attempt_id and a.get("exit_state") == HANG for a in record.get("attempts") or [])
+    a = attempt(record, attempt_id)
+    return bool(a) and a.get("exit_state") == HANG
 
 
 def units_of(nodes: int, gpus_per_node: int, tasks: int) -> int:

@@ -209,9 +209,8 @@ def test_an_evaluation_without_sbatch_in_the_task_runs_beside_it_and_says_so(tmp
 
 # ----------------------------------------------------------------------------------------- fabric and threads
 def test_a_profile_that_requires_the_fabric_refuses_a_socket_fallback_with_its_settings(tmp_path, capsys, scratch):
-    r = load_recipe(TINY, cluster="cscs-alps")
-    c = r.cluster
-    args = dict(required=c.require_network, settings=c.environment, cluster=c.name)
+    c = load_recipe(TINY, cluster="cscs-alps").cluster
+    args = dict(profile=c)
     accelerator.nccl_log_of_this_process(tmp_path).write_text(NCCL_LOG_SOCKET)
     with pytest.raises(accelerator.AcceleratorError) as e:
         accelerator.record_network(GH200, tmp_path, nodes=4, **args)

@@ -19,6 +19,8 @@ from .loading import (
 from .schema import (
     PHASE_KINDS,
     Cadence,
+    Cluster,
+    Container,
     Data,
     DeepSpeedCfg,
     Eval,
@@ -42,8 +44,8 @@ from .schema import (
 )
 
 __all__ = [
-    "PHASE_KINDS", "Cadence", "Data", "DeepSpeedCfg", "Eval", "HubFiles", "InitFrom", "Model", "Phase",
-    "PrepareResources", "Prompts", "Recipe", "RecipeError", "Reference", "Resources", "Source", "Watchdog",
+    "PHASE_KINDS", "Cadence", "Cluster", "Container", "Data", "DeepSpeedCfg", "Eval", "HubFiles", "InitFrom", "Model",
+    "Phase", "PrepareResources", "Prompts", "Recipe", "RecipeError", "Reference", "Resources", "Source", "Watchdog",
     "apply_overrides", "config_hash", "deep_merge", "dump_recipe", "format_time_limit", "format_validation_error",
     "load_recipe", "no_control_characters", "parse_override", "parse_time_limit", "recipe_from_dict", "safe_name",
 ]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..recipe import Cluster
+
 CPU_HINT = "for a CPU run set resources.gpus_per_node=0 (and cpu_tasks_per_node)"
 
 
@@ -133,11 +135,11 @@ def nccl_network(log_text: str) -> str | None:
     return found[-1] if found else None
 
 
-def record_network(f: dict, folder: Path, nodes: int, required: list[str] | None = None,
-                   settings: dict[str, str] | None = None, cluster: str | None = None) -> dict:
+def record_network(f: dict, folder: Path, nodes: int, profile: Cluster | None = None) -> dict:
     """``f`` with ``nccl_network`` read from this process's NCCL log; warns on stderr when a multi-node phase's
-    NCCL fell back to TCP sockets. ``required`` (a cluster profile's `require_network`): the networks a multi-node
-    phase must use; any other raises AcceleratorError naming the profile's ``settings`` to check."""
+    NCCL fell back to TCP sockets. A cluster ``profile`` with `require_network`: a multi-node phase on any other
+    network raises AcceleratorError naming the profile's NCCL/libfabric settings to check."""
+    required = profile.require_network if profile else []
     path = nccl_log_of_this_process(folder)
     try:
         net = nccl_network(path.read_text(errors="replace"))
@@ -146,14 +148,14 @@ def record_network(f: dict, folder: Path, nodes: int, required: list[str] | None
     out = {**f, "nccl_network": net, "nodes": nodes}
     if required and nodes > 1 and net is None:
         print(f"[colbertzero] NCCL's network could not be read (no 'Using network' line in {path}: NCCL_DEBUG or "
-              f"NCCL_DEBUG_FILE set elsewhere?); cluster {cluster!r} requires {' or '.join(required)}, unchecked",
+              f"NCCL_DEBUG_FILE set elsewhere?); cluster {profile.name!r} requires {' or '.join(required)}, unchecked",
               file=sys.stderr)
     elif required and nodes > 1 and net not in required:
         fabric = " or ".join(repr(n) for n in required)
-        nccl = " ".join(f"{k}={v!r}" for k, v in (settings or {}).items() if k.startswith(("NCCL_", "FI_")))
+        nccl = " ".join(f"{k}={v!r}" for k, v in profile.environment.items() if k.startswith(("NCCL_", "FI_")))
         raise AcceleratorError(
-            f"NCCL between the {nodes} nodes uses {net or 'an unknown network'!r} (its log: {path}); cluster "
-            f"{cluster!r} requires {fabric}: its plugin (aws-ofi-nccl for Slingshot) is not loaded in the task's "
+            f"NCCL between the {nodes} nodes uses {net!r} (its log: {path}); cluster "
+            f"{profile.name!r} requires {fabric}: its plugin (aws-ofi-nccl for Slingshot) is not loaded in the task's "
             f"environment or its settings did not reach the task. The profile exports: {nccl or 'nothing'}; check "
             f"that the container or module provides the plugin (docs/cluster.md, 'The fabric')")
     if net == SOCKET and nodes > 1:

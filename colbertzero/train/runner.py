@@ -142,12 +142,10 @@ class PhaseRun:
         """Rank 0's hardware record gains NCCL's network and every rank's host and CPUs; under Slurm a rank bound to
         fewer cores than it was given, or sharing them, is reported (the local executor's ranks share by design)."""
         if self.rt.backend == "nccl" and self.main:  # NCCL's communicator exists now: its log names the network
-            profile = self.recipe.cluster
             try:
                 self.hardware = accelerator.record_network(
                     self.hardware or {}, self.manifest.layout.phase(self.phase_name).nccl_logs, info["nodes"],
-                    required=profile.require_network if profile else None,
-                    settings=profile.environment if profile else None, cluster=profile.name if profile else None)
+                    self.recipe.cluster)
             except accelerator.AcceleratorError as e:
                 _refuse(self.manifest, self.phase_name, str(e), self.hardware or {})
                 raise
