@@ -189,6 +189,37 @@ def cmd_evaluate(args) -> int:
     return _out(res, args.json, format_table)
 
 
+def cmd_beir(args) -> int:
+    from .evaluate import format_table
+    from .evaluate.sharded import Evaluation, Settings, evaluate_here
+
+    ev = Evaluation(args.out)
+    if args.stage:  # one stage (or one item of it) here: what an array task runs
+        task = args.task
+        if task is None and args.stage != "merge" and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            task = int(os.environ["SLURM_ARRAY_TASK_ID"])  # in an array task, its id is the item
+        ran = ev.run(args.stage, task, show_progress=not args.json)
+        return _out({"stage": args.stage, "ran": ran, "missing": ev.missing(args.stage)}, args.json,
+                    lambda r: f"{r['stage']}: ran {len(r['ran'])} item(s); {len(r['missing'])} still to run")
+    if not args.model or not args.datasets:
+        raise RecipeError("beir: give MODEL and --datasets (or --stage to run a planned evaluation's stage)")
+    settings = Settings(model=os.path.abspath(args.model), prompts=not args.no_prompts, lengths=args.lengths,
+                        dtype=args.dtype, shard_docs=args.shard_docs, k=args.k, batch_size=args.batch_size,
+                        max_corpus=args.max_corpus, split=args.split)
+    record = {"run_dir": os.path.abspath(args.run_dir), "phase": args.phase} if args.run_dir else None
+    if args.executor == "slurm":
+        from .launcher.work import array_options, submit_beir, submitted_beir_line
+        from .recipe.loading import load_cluster
+
+        opts = array_options(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+                             gpus_per_task=args.gpus_per_task, mem=args.mem)
+        ev.plan(settings, args.datasets, record=record)
+        profile = load_cluster(args.cluster) if args.cluster else None
+        return _out(submit_beir(args.out, opts, profile), args.json, submitted_beir_line)
+    res = evaluate_here(args.out, settings, args.datasets, show_progress=not args.json, record=record)
+    return _out(res, args.json, format_table)
+
+
 # ------------------------------------------------------------------ launcher
 def cmd_launch(args) -> int:
     from .launcher.api import launch
@@ -382,6 +413,38 @@ def _job_commands(sub) -> None:
     sp.set_defaults(fn=cmd_evaluate)
 
 
+def _beir_command(sub) -> None:
+    sp = sub.add_parser("beir", help="exact BEIR evaluation at full scale: encode, search, merge (arrays or here)")
+    sp.add_argument("model", nargs="?", help="a PyLate model folder (a phase's export)")
+    sp.add_argument("--datasets", nargs="+", help="BEIR folders; a folder of them (CQADupStack) is one column")
+    sp.add_argument("--out", required=True, help="the evaluation's folder (embeddings, top-k, runs/, results.json)")
+    sp.add_argument("--executor", choices=["local", "slurm"], default="local")
+    sp.add_argument("--stage", choices=["encode", "search", "merge"], default=None,
+                    help="run this stage of the evaluation planned in --out (with --task: one item of it)")
+    sp.add_argument("--task", type=_at_least(0), default=None, help="with --stage: this item ($SLURM_ARRAY_TASK_ID)")
+    sp.add_argument("--split", default=None, help="every dataset's split (default: BEIR's, dev for MS MARCO)")
+    sp.add_argument("--lengths", choices=["pylate-beir", "model"], default="pylate-beir",
+                    help="query/document lengths: PyLate's BEIR script's per dataset (default) or the model's")
+    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored token embeddings")
+    sp.add_argument("--shard-docs", type=_at_least(1), default=250_000, help="documents per encode/search item")
+    sp.add_argument("--k", type=_at_least(100), default=100, help="documents kept per query")
+    sp.add_argument("--batch-size", type=_at_least(1), default=32)
+    sp.add_argument("--max-corpus", type=_at_least(1), default=None, help="subsample each corpus (keeps judged "
+                    "documents)")
+    sp.add_argument("--no-prompts", action="store_true", help="ablation: encode without the model's prompts")
+    sp.add_argument("--run-dir", default=None, help="record the results as this run's phase evaluation (--phase)")
+    sp.add_argument("--phase", default=None)
+    sp.add_argument("--partition", default=None, help="Slurm: partition of the jobs")
+    sp.add_argument("--time", default="1:00:00", help="Slurm: time limit of one item")
+    sp.add_argument("--cpus-per-task", type=_at_least(1), default=4)
+    sp.add_argument("--gpus-per-task", type=_at_least(0), default=0)
+    sp.add_argument("--mem", default=None)
+    sp.add_argument("--cluster", default=None, help="Slurm: a cluster profile (name or file): its srun options and "
+                    "container for every task")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_beir)
+
+
 def _launcher_commands(sub) -> None:
     sp = sub.add_parser("launch", help="validate, then start prepare and the phase chain (Slurm or local)")
     _recipe_args(sp)
@@ -424,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipes.",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for commands in (_plan_commands, _data_commands, _mining_commands, _job_commands, _launcher_commands):
+    for commands in (_plan_commands, _data_commands, _mining_commands, _beir_command, _job_commands,
+                     _launcher_commands):
         commands(sub)
     return p
 
@@ -435,6 +499,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .data.shards import DataError
     from .demo.pydocs import DemoDataError
     from .evaluate.beir import DatasetError
+    from .evaluate.sharded import EvaluationError
     from .manifest import ManifestError
     from .mining import WorkError
     from .retrieval import ModelSpecError
@@ -443,7 +508,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .train.accelerator import AcceleratorError
 
     return (RecipeError, ManifestError, DataError, LaunchError, DemoDataError, DatasetError, ModelSpecError, WorkError,
-            ScoringUnavailable, AcceleratorError)
+            ScoringUnavailable, AcceleratorError, EvaluationError)
 
 
 def _crash_report(cmd: str, exc: BaseException) -> str:

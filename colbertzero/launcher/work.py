@@ -1,16 +1,20 @@
-"""`mine` / `score` as a Slurm array through submitit: one task per query-range shard; whichever task finishes last
-merges (colbertzero.mining.run_shards). A task that fails or is preempted leaves its shard missing and nothing
-else: running the same command again resubmits only the missing shards."""
+"""Helper work as Slurm arrays through submitit. `mine` / `score`: one task per query-range shard; whichever task
+finishes last merges (colbertzero.mining.run_shards). `beir`: an encode array, a search array, a merge job. A task
+that fails or is preempted leaves its shard missing and nothing else: running the same command again resubmits only
+the missing shards."""
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 import submitit
 
-from .. import slurm
+from .. import cluster, slurm
+from ..evaluate.sharded import STAGES, Evaluation
 from ..mining import MineSpec, ScoreSpec, run_shards, work_for
-from ..recipe.schema import no_control_characters, parse_time_limit
+from ..recipe.schema import Cluster, no_control_characters, parse_time_limit
 from ..slurm import LaunchError
 from .sbatch import time_minutes
 
@@ -62,3 +66,60 @@ def submitted_line(r: dict, out: str, shards: int) -> str:
         return f"{out}: already complete from the same settings; nothing submitted"
     return (f"submitted array job {r['job']}: shard(s) {', '.join(map(str, r['tasks']))} of {shards}; the last to "
             f"finish writes {out} (logs in {r['folder']})")
+
+
+def array_spec(items: list[int]) -> str:
+    """Slurm's --array value for these task ids: runs collapsed (``0-4,7,9-11``)."""
+    parts, i = [], 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def submit_beir(out: str, opts: dict, profile: Cluster | None = None) -> dict:
+    """The missing items of the evaluation planned in ``out`` (`colbertzero beir`) as three chained jobs: an encode
+    array, a search array after it, a merge job after that. Each task runs `colbertzero beir --stage S` (its item: the
+    array task id) through srun, inside the cluster profile's container when it has one. ``afterok`` with
+    kill-on-invalid-dep: a failed item makes Slurm drop the jobs after it instead of leaving them pending; running the
+    command again submits what is still missing. Returns ``{"jobs": {stage: {"job", "items"}}, "folder", "out"}``."""
+    if not slurm.available():
+        raise LaunchError("--executor slurm: sbatch not found on this machine; run from a Slurm login node, or use "
+                          "--executor local")
+    ev = Evaluation(out)
+    if not any(ev.missing(stage) for stage in STAGES):
+        return {"jobs": {}, "folder": str(ev.out / "slurm"), "out": str(ev.out)}
+    slurm.test_only("the beir jobs", opts)
+    folder = ev.out / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs: dict[str, dict] = {}
+    after = None
+    for stage in STAGES:
+        todo = ev.missing(stage)
+        if not todo:
+            continue
+        args = ["-m", "colbertzero", "beir", "--out", str(ev.out), "--stage", stage]
+        command = shlex.join(["srun", "--ntasks=1", *cluster.srun_args(profile), *cluster.task_argv(profile, args)])
+        o = dict(opts)
+        if stage != "merge":
+            o["array"] = array_spec(todo)
+        if after:
+            o |= {"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"}
+        log = folder / (f"{stage}-%A_%a.log" if stage != "merge" else "merge-%j.log")
+        try:
+            after = slurm.submit_wrap(f"cz-beir-{stage}-{ev.out.name}"[:120], str(log), command, o, dict(os.environ))
+        except RuntimeError as e:
+            raise LaunchError(str(e)) from None
+        jobs[stage] = {"job": after, "items": todo if stage != "merge" else []}
+    return {"jobs": jobs, "folder": str(folder), "out": str(ev.out)}
+
+
+def submitted_beir_line(r: dict) -> str:
+    if not r["jobs"]:
+        return f"{r['out']}: already evaluated with these settings; nothing submitted (results.json)"
+    parts = [f"{stage} job {j['job']}" + (f" ({len(j['items'])} item(s))" if j["items"] else "")
+             for stage, j in r["jobs"].items()]
+    return f"submitted {', then '.join(parts)}; results in {r['out']}/results.json (logs in {r['folder']})"

@@ -261,6 +261,13 @@ def profile_path(ref: str) -> Path:
     return path
 
 
+def load_cluster(ref: str) -> Cluster:
+    """A cluster profile by name or path, on its own (commands outside a recipe: `beir --cluster`)."""
+    data = {"cluster": {"profile": ref}}
+    resolve_cluster(data)
+    return Cluster.model_validate(data["cluster"])
+
+
 def resolve_cluster(data: dict) -> dict[str, str]:
     """Read the recipe's cluster profile (`cluster.profile`) under its own settings, and give every phase the
     profile's resources where the phase does not set them. Returns {field: where its value came from}; a recipe

@@ -14,7 +14,7 @@ from .. import ledger
 from ..files import atomic_write_bytes, now_iso
 from ..layout import RunLayout
 from .figures import attempt_rows, gpu_hours_figure, ndcg_figure, png, series_figure
-from .results import results_markdown, results_rows
+from .results import missing_lines, results_markdown, results_rows
 from .status import budget_cell, live_states, status_json, status_table
 from .views import (
     DASH,
@@ -132,13 +132,11 @@ def _markdown(runs: list[RunView], rows: list[dict], figures: list[str], report:
             md += ["### Final models", "", results_markdown([r for r in rows if r["block"] == "final"], True), ""]
             md += ["### Per phase", ""]
         md.append(results_markdown([r for r in rows if r["block"] == "phase"], several))
-        covered = sorted({row["n_datasets"] for row in rows if row["n_datasets"]})
-        if covered and any(row["reference"]["average"] is not None for row in rows):
-            md += [
-                "",
-                f"Our average covers the {'/'.join(map(str, covered))} dataset(s) evaluated; the paper's covers "
-                f"its full BEIR set, so Δ compares like with like only when the dataset lists match.",
-            ]
+        md += ["", "Each cell: ours (the paper's, ours − the paper's). `Paper avg` is over the paper's full table; "
+               "`Paper, same datasets` is its mean over the datasets this row ran, which `Δ` compares with."]
+        missing = missing_lines([r for r in rows if r["block"] == "phase"])
+        if missing:
+            md += ["", *missing]
     else:
         md.append(f"{DASH} (no phase evaluated yet)")
     md.append("")

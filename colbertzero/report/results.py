@@ -67,22 +67,62 @@ def ref_for(row: dict, col: str) -> float | None:
     return None
 
 
+def table_columns(rows: list[dict]) -> list[str]:
+    """The paper's datasets in its order (every column of its table, run or not), then any other we ran."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        for d in row["reference"]["datasets"]:
+            seen.setdefault(norm_dataset(d), d)
+    for c in dataset_columns(rows):  # named as our evaluation names it
+        seen[norm_dataset(c)] = c
+    return list(seen.values())
+
+
+def _same_datasets_reference(row: dict, cols: list[str]) -> float | None:
+    """The paper's mean over the datasets this row ran, when it has a figure for each: Δ compares like with like."""
+    ran = [c for c in cols if ours_for(row, c) is not None]
+    refs = [ref_for(row, c) for c in ran]
+    return sum(refs) / len(refs) if ran and all(r is not None for r in refs) else None
+
+
 def results_markdown(rows: list[dict], several: bool) -> str:
-    cols = dataset_columns(rows)
-    header = (["Run"] if several else []) + ["Phase"] + cols + ["Average", "Paper avg", "Δ vs paper"]
+    cols = table_columns(rows)
+    header = (["Run"] if several else []) + ["Phase"] + cols + ["Average", "Paper avg", "Paper, same datasets",
+                                                                 "Δ (same datasets)"]
     body = []
     for row in rows:
         cells = []
         for c in cols:
             ours, ref = ours_for(row, c), ref_for(row, c)
-            cells.append(fmt(ours) + (f" ({fmt(ref)})" if ref is not None else ""))
+            if ref is None:
+                cells.append(fmt(ours))
+            elif ours is None:
+                cells.append(f"{DASH} ({fmt(ref)})")
+            else:
+                cells.append(f"{fmt(ours)} ({fmt(ref)}, {ours - ref:+.2f})")
         ref_avg = row["reference"]["average"]
-        delta = row["average"] - ref_avg if row["average"] is not None and ref_avg is not None else None
+        same = _same_datasets_reference(row, cols)
+        delta = row["average"] - same if row["average"] is not None and same is not None else None
         phase = row["phase"] + (" (final)" if row["final"] and row["block"] == "phase" else "")
         body.append(
             ([row["run"]] if several else [])
             + [phase]
             + cells
-            + [fmt(row["average"]), fmt(ref_avg), (f"{delta:+.2f}" if delta is not None else DASH)]
+            + [fmt(row["average"]), fmt(ref_avg), fmt(same), (f"{delta:+.2f}" if delta is not None else DASH)]
         )
     return md_table(header, body)
+
+
+def missing_lines(rows: list[dict]) -> list[str]:
+    """Per evaluated row, the paper's datasets it did not run (its average leaves them out)."""
+    out = []
+    for row in rows:
+        if not row["datasets"] or not row["reference"]["datasets"]:
+            continue
+        missing = [d for d in row["reference"]["datasets"] if ours_for(row, d) is None]
+        if missing:
+            who = (f"{row['run']}: " if row["block"] == "final" else "") + row["phase"]
+            out.append(f"- {who}: {len(missing)} of the paper's {len(row['reference']['datasets'])} datasets not "
+                       f"evaluated ({', '.join(missing)}); its average covers the other "
+                       f"{len(row['reference']['datasets']) - len(missing)}.")
+    return out

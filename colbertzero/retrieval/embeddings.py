@@ -24,6 +24,7 @@ from ..files import temp_dir_beside
 
 CACHE_ENV = "COLBERTZERO_EMBEDDINGS_CACHE"
 _CACHE_FORMAT = 1
+_FILES = {"float32": "embeddings.f32", "float16": "embeddings.f16"}  # meta.json's "dtype" (float32 when absent)
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 _CONFIG_SUFFIXES = {".json", ".txt", ".model"}  # configs, tokenizer vocabularies / sentencepiece models
 
@@ -119,7 +120,7 @@ class DocumentEmbeddings:
 
     ids: list[str]
     offsets: np.ndarray  # int64 [n + 1]
-    embeddings: np.ndarray  # float32 [tokens, dim]
+    embeddings: np.ndarray  # float32 or float16 [tokens, dim]
     cached: bool = False  # True when read back from an existing cache entry
     folder: Path | None = None  # the entry on disk; an index for this corpus is kept inside it
 
@@ -133,6 +134,18 @@ class DocumentEmbeddings:
     def get(self, i: int) -> np.ndarray:
         return np.asarray(self.embeddings[self.offsets[i] : self.offsets[i + 1]])
 
+    def block(self, start: int, end: int) -> np.ndarray:
+        """Documents ``start..end`` as one float32 array of their tokens. From disk it is a plain read, not a page of
+        the memory map: mapped pages stay resident once touched, so a scan through a large corpus would grow."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[end])
+        if not isinstance(self.embeddings, np.memmap) or self.folder is None:
+            return np.asarray(self.embeddings[lo:hi], dtype=np.float32)
+        dtype, dim = self.embeddings.dtype, self.dim
+        with open(self.embeddings.filename, "rb") as f:
+            f.seek(lo * dim * dtype.itemsize)
+            flat = np.fromfile(f, dtype=dtype, count=(hi - lo) * dim)
+        return flat.reshape(hi - lo, dim).astype(np.float32, copy=False)
+
     @classmethod
     def load(cls, folder: Path) -> "DocumentEmbeddings":
         meta = json.loads((folder / "meta.json").read_text())
@@ -140,7 +153,8 @@ class DocumentEmbeddings:
         offsets = np.load(folder / "offsets.npy")
         if meta.get("format") != _CACHE_FORMAT or len(ids) + 1 != len(offsets) or offsets[-1] != meta["tokens"]:
             raise ValueError(f"{folder}: inconsistent cache entry")
-        emb = np.memmap(folder / "embeddings.f32", dtype=np.float32, mode="r", shape=(meta["tokens"], meta["dim"]))
+        dtype = np.dtype(meta.get("dtype", "float32"))
+        emb = np.memmap(folder / _FILES[dtype.name], dtype=dtype, mode="r", shape=(meta["tokens"], meta["dim"]))
         return cls(ids=ids, offsets=offsets, embeddings=emb, cached=True, folder=folder)
 
 
@@ -151,18 +165,22 @@ def _documents_digest(corpus: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
-def _write_embeddings(folder: Path, model, corpus: Mapping[str, str], *, prompt, batch_size, show_progress, desc):
-    ids = sorted(corpus, key=lambda d: (-len(corpus[d]), d))  # text length stands in for token count, as in ST
+def write_embeddings(folder: Path, model, texts: Mapping[str, str], *, prompt, batch_size, show_progress, desc,
+                     is_query: bool = False, dtype=np.float32) -> tuple[int, int]:
+    """Encode ``texts`` ({id: text}) into ``folder`` (embeddings, ``offsets.npy``, ``ids.json``), longest text first;
+    returns (tokens, dim). The caller writes ``meta.json`` (with ``dtype``) and renames the folder into place."""
+    ids = sorted(texts, key=lambda d: (-len(texts[d]), d))  # text length stands in for token count, as in ST
     chunk = max(16 * batch_size, 256)  # a few hundred documents per encode call: steady progress, bounded memory
     offsets = [0]
     dim = 0
-    with open(folder / "embeddings.f32", "wb") as f, tqdm(
-        total=len(ids), desc=desc, unit="doc", disable=not show_progress
+    with open(folder / _FILES[np.dtype(dtype).name], "wb") as f, tqdm(
+        total=len(ids), desc=desc, unit="query" if is_query else "doc", disable=not show_progress
     ) as bar:
         for start in range(0, len(ids), chunk):
             batch = ids[start : start + chunk]
-            for emb in encode(model, [corpus[d] for d in batch], is_query=False, prompt=prompt, batch_size=batch_size):
-                emb = np.ascontiguousarray(emb, dtype=np.float32)
+            for emb in encode(model, [texts[d] for d in batch], is_query=is_query, prompt=prompt,
+                              batch_size=batch_size):
+                emb = np.ascontiguousarray(emb, dtype=dtype)
                 dim = emb.shape[1]
                 f.write(emb.tobytes())
                 offsets.append(offsets[-1] + emb.shape[0])
@@ -216,7 +234,7 @@ def document_embeddings(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(entry)
     try:
-        tokens, dim = _write_embeddings(
+        tokens, dim = write_embeddings(
             tmp, model, corpus, prompt=prompt, batch_size=batch_size, show_progress=show_progress,
             desc=f"{dataset}: encoding documents",
         )

@@ -69,7 +69,7 @@ def exact_search(
             width = max(int(lengths[start:end].max()), 1)
             end = min(end, start + max(1, budget // (q_target * q_len * width)))
             width = max(int(lengths[start:end].max()), 1)
-            block = np.array(docs.embeddings[docs.offsets[start] : docs.offsets[end]])  # one read off the memmap
+            block = docs.block(start, end)  # one read off the disk, fp32
             chunk_lengths = torch.from_numpy(lengths[start:end].astype(np.int64))
             mask = torch.arange(width)[None, :] < chunk_lengths[:, None]
             padded = torch.zeros(end - start, width, docs.dim)
