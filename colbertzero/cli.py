@@ -191,7 +191,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_beir(args) -> int:
     from .evaluate import format_table
-    from .evaluate.sharded import Evaluation, Settings, evaluate_here
+    from .evaluate.sharded import STAGES, Evaluation, Settings, evaluate_here, results
 
     ev = Evaluation(args.out)
     if args.stage:  # one stage (or one item of it) here: what an array task runs
@@ -201,23 +201,33 @@ def cmd_beir(args) -> int:
         ran = ev.run(args.stage, task, show_progress=not args.json)
         return _out({"stage": args.stage, "ran": ran, "missing": ev.missing(args.stage)}, args.json,
                     lambda r: f"{r['stage']}: ran {len(r['ran'])} item(s); {len(r['missing'])} still to run")
+    if not args.model and not args.datasets and ev.plan_path.is_file():  # the evaluation planned there: go on
+        if args.executor == "slurm":
+            return _beir_submit(args, ev)
+        for stage in STAGES:
+            ev.run(stage, show_progress=not args.json)
+        return _out(results(args.out), args.json, format_table)
     if not args.model or not args.datasets:
-        raise RecipeError("beir: give MODEL and --datasets (or --stage to run a planned evaluation's stage)")
+        raise RecipeError("beir: give MODEL and --datasets (or only --out to go on with the evaluation planned there)")
     settings = Settings(model=os.path.abspath(args.model), prompts=not args.no_prompts, lengths=args.lengths,
                         dtype=args.dtype, shard_docs=args.shard_docs, k=args.k, batch_size=args.batch_size,
                         max_corpus=args.max_corpus, split=args.split)
     record = {"run_dir": os.path.abspath(args.run_dir), "phase": args.phase} if args.run_dir else None
     if args.executor == "slurm":
-        from .launcher.work import array_options, submit_beir, submitted_beir_line
-        from .recipe.loading import load_cluster
-
-        opts = array_options(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
-                             gpus_per_task=args.gpus_per_task, mem=args.mem)
         ev.plan(settings, args.datasets, record=record)
-        profile = load_cluster(args.cluster) if args.cluster else None
-        return _out(submit_beir(args.out, opts, profile), args.json, submitted_beir_line)
+        return _beir_submit(args, ev)
     res = evaluate_here(args.out, settings, args.datasets, show_progress=not args.json, record=record)
     return _out(res, args.json, format_table)
+
+
+def _beir_submit(args, ev) -> int:
+    from .launcher.work import array_options, submit_beir, submitted_beir_line
+    from .recipe.loading import load_cluster
+
+    opts = array_options(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+                         gpus_per_task=args.gpus_per_task, mem=args.mem)
+    profile = load_cluster(args.cluster) if args.cluster else None
+    return _out(submit_beir(str(ev.out), opts, profile), args.json, submitted_beir_line)
 
 
 # ------------------------------------------------------------------ launcher
@@ -407,7 +417,9 @@ def _job_commands(sub) -> None:
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--max-corpus", type=int, default=None, help="subsample the corpus (keeps judged documents)")
     sp.add_argument("--cache-dir", default=None)
-    sp.add_argument("--index", default="auto", choices=["auto", "exact", "plaid", "voyager"])
+    sp.add_argument("--index", default="exact", choices=["exact", "auto", "plaid", "voyager"],
+                    help="exact (default); plaid / voyager: approximate indexes (Voyager holds every token in RAM: "
+                         "small corpora only); auto: exact up to 100k documents, then an index")
     sp.add_argument("--runs-dir", default=None, help="write each dataset's run as DIR/<dataset>.trec (TREC format)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_evaluate)

@@ -7,7 +7,7 @@
                                     `colbertzero sbatch`'s scripts, sbatch/ the scripts
       report/                       `colbertzero report`'s default output
       phases/<phase>/
-        checkpoints/step-XXXXXXXX/  evals/step-XXXXXXXX/  export/  runs/  eval.json  hangs/
+        checkpoints/step-XXXXXXXX/  evals/step-XXXXXXXX/  export/  beir/  runs/  eval.json  hangs/
         logs/train.jsonl  logs/eval.jsonl  logs/tensorboard/
 
 Nothing else joins "phases" to a run dir or formats a step's folder name.
@@ -50,6 +50,11 @@ class PhaseLayout:
     def runs(self) -> Path:
         """TREC run files of the end-of-phase evaluation."""
         return self.root / "runs"
+
+    @property
+    def beir(self) -> Path:
+        """The evaluation of the export on eval.beir (`colbertzero beir`'s folder: embeddings, top-k, runs)."""
+        return self.root / "beir"
 
     @property
     def eval_json(self) -> Path:

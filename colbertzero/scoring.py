@@ -45,6 +45,18 @@ class Scorer:
         best, at = torch.einsum("ash,bth->abst", q, d).max(dim=-1)
         return best.sum(dim=-1), at
 
+    def search_scores(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """MaxSim of every query against every document [queries, documents] for search (no gradient), `q` and `d`
+        zero-padded (a zero query token adds nothing, a zero document token scores 0: PyLate's values). The torch path
+        is one matrix product and a max over each document's tokens, the only tile it holds: PyLate's einsum lays the
+        block out as [queries, documents, query tokens, document tokens] (a permuted copy) and multiplies it by the
+        query mask (another), which halves the rate on a CPU (tools/bench/beir_scale.py)."""
+        if self.name != "torch":
+            return self.scores(q, d)
+        (a, s, h), (b, t) = q.shape, d.shape[:2]
+        sims = (q.reshape(a * s, h) @ d.reshape(b * t, h).T).view(a, s, b, t)
+        return sims.amax(dim=-1).sum(dim=1)
+
     def width(self, doc_len: int, dim: int) -> int:
         """Elements per (query, document, query token) the scoring holds at once: the similarity row on the torch
         path, the picked best document token (the gradient's gather) on both."""

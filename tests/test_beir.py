@@ -162,7 +162,7 @@ def test_kill_9_then_resume_gives_the_same_run_file(model, msmarco_cut, sharded,
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         assert not (out / "results.json").exists()
-    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = _cli("beir", "--out", str(out), "--json")  # only the folder: the evaluation planned there goes on
     assert r.returncode == 0, r.stderr
     assert (out / "runs" / "msmarco-5k.trec").read_bytes() == (sharded / "runs" / "msmarco-5k.trec").read_bytes()
     assert json.loads(r.stdout)["datasets"] == json.loads((sharded / "results.json").read_text())["datasets"]
@@ -251,3 +251,37 @@ def test_the_report_of_a_colbert_zero_run_puts_the_paper_beside_each_dataset(mod
     assert f"| {same:.2f} | {100 * ev['average']['ndcg@10'] - same:+.2f} |" in final
     assert "13 of the paper's 15 datasets not evaluated" in md
     assert Manifest(run).phase("distillation")["eval"]["datasets"]["cqadupstack"]["mean_of"] == 2
+
+
+def test_a_phase_evaluation_is_submitted_after_the_phase_and_lands_in_the_run(local_slurm, model, msmarco_cut, sharded,
+                                                                            tmp_path):
+    """In a Slurm job rank 0 only plans eval.beir; `after-phase` on the host submits the arrays with eval.job's
+    resources; the merge job records the results as the phase's evaluation (manifest, eval.json, runs/)."""
+    from colbertzero.evaluate.sharded import evaluate_phase
+    from colbertzero.manifest import Manifest
+
+    ev = "phases.distillation.eval"
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
+        f"{ev}.beir=[{msmarco_cut}]", f"{ev}.job.cpus_per_task=1", f"{ev}.lengths=model", f"{ev}.dtype=float32",
+        f"{ev}.shard_docs=100"])
+    run = tmp_path / "run"
+    m = Manifest.create(run, recipe)
+    assert evaluate_phase(m, "distillation", model, defer=True) is None
+    assert m.phase("distillation")["beir_eval"]["state"] == "planned"
+    r = _cli("after-phase", str(run), "--phase", "distillation", "--exit-code", "0")
+    assert r.returncode == 0, r.stderr
+    planned = m.phase("distillation")["beir_eval"]
+    assert planned["state"] == "submitted" and set(planned["jobs"]) == {"encode", "search", "merge"}, planned
+    deadline = time.monotonic() + 540
+    while not m.phase("distillation").get("eval") and time.monotonic() < deadline:
+        time.sleep(2)
+    phase = m.phase("distillation")
+    assert phase.get("eval"), "\n".join(p.read_text() for p in Path(planned["logs"]).glob("*.log"))[-3000:]
+    assert phase["beir_eval"]["state"] == "done"
+    assert phase["eval"]["datasets"] == json.loads((sharded / "results.json").read_text())["datasets"]
+    layout = m.layout.phase("distillation")
+    assert json.loads(layout.eval_json.read_text()) == phase["eval"]
+    assert (layout.runs / "msmarco-5k.trec").read_bytes() == (sharded / "runs" / "msmarco-5k.trec").read_bytes()
+    status = _cli("status", str(run))
+    assert status.returncode == 0 and "eval.beir distillation merge" in status.stdout, status.stdout
+    assert all(h["state"] == "done" for h in json.loads(_cli("status", str(run), "--json").stdout)["helpers"])

@@ -49,7 +49,7 @@ def _module_level(tree: ast.Module) -> list[ast.stmt]:
 def gpu_path() -> tuple[set[str], list[str]]:
     """(top-level modules imported on gpu.py's path, the step.py functions it runs).
 
-    gpu.py, wheelhouse.py and pip_check.py whole; step.py's module level and the functions gpu.py reaches (called as
+    gpu.py, wheelhouse.py, beir_scale.py and pip_check.py whole; step.py's module level and the functions gpu.py reaches (called as
     `S.name`, the workers it names to `S.run_worker`, and what those call in turn); the package's module level."""
     gpu_tree = ast.parse((BENCH / "gpu.py").read_text())
     step_tree = ast.parse((BENCH / "step.py").read_text())
@@ -66,6 +66,7 @@ def gpu_path() -> tuple[set[str], list[str]]:
             reached.add(name)
             todo |= {n.id for n in ast.walk(funcs[name]) if isinstance(n, ast.Name)}
     mods = _imports([gpu_tree, ast.parse((BENCH / "wheelhouse.py").read_text()),
+                     ast.parse((BENCH / "beir_scale.py").read_text()),
                      ast.parse((ROOT / "tools" / "pip_check.py").read_text())])
     mods |= _imports(_module_level(step_tree)) | _imports(funcs[f] for f in reached)
     for path in (ROOT / "colbertzero").rglob("*.py"):
@@ -76,7 +77,7 @@ def gpu_path() -> tuple[set[str], list[str]]:
 def test_gpu_path_imports_only_the_image_and_what_the_wheelhouse_carries():
     _, image = wheelhouse.read_image()
     carried = {canonicalize_name(r.name) for r in wheelhouse.top_requirements()}
-    local = {"colbertzero", "step", "wheelhouse", "pip_check", "__future__"}
+    local = {"colbertzero", "step", "wheelhouse", "beir_scale", "pip_check", "__future__"}
     dists = packages_distributions()
     mods, _ = gpu_path()
     outside = []

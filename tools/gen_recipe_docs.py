@@ -212,12 +212,13 @@ MEANINGS: dict[str, str] = {
     "DeepSpeedCfg.offload_optimizer": "Keep optimizer states on the CPU (memory fallback, slower).",
     "DeepSpeedCfg.offload_params": "Keep parameters on the CPU (ZeRO-3 only).",
     # Eval
-    "Eval.beir": "BEIR-layout or NanoBEIR-parquet folders evaluated after the phase (nDCG@10, MRR@10, R@100, "
-                 "MAP@100).",
+    "Eval.beir": "BEIR folders (a folder of them, like CQADupStack, is one column) evaluated after the phase by "
+                 "`colbertzero beir`'s stages: in a Slurm job with `eval.where: job` as arrays submitted after the "
+                 "phase with `eval.job`'s resources, else in the phase's process.",
     "Eval.in_training": "Small sets scored every `cadence.eval_every` steps.",
     "Eval.where": "`job`: rank 0 saves the weights and `colbertzero eval-job` scores them in its own Slurm job (or a "
                   "background process locally) while training goes on; `inline`: rank 0 scores them in the "
-                  "training process while the other ranks wait.",
+                  "training process while the other ranks wait. Also where `eval.beir` runs (see there).",
     "Eval.job": "Resources of the evaluation job (`eval.where: job`).",
     "EvalJob.partition": "Partition of the evaluation job; null = the cluster's default.",
     "EvalJob.gpus": "GPUs of the evaluation job; null = 1 when the phase runs on GPUs, else 0.",
@@ -245,6 +246,10 @@ MEANINGS: dict[str, str] = {
     "DeriveStep.mem": "Memory per array task; null = the partition's default.",
     "Eval.max_corpus": "Subsample each corpus to this many documents, keeping every judged one.",
     "Eval.batch_size": "Encoding batch size of the evaluation.",
+    "Eval.lengths": "Query and document lengths of the `eval.beir` evaluation: `pylate-beir` (PyLate's BEIR script: "
+                    "per-dataset query lengths, 300-token documents) or `model` (the model's own).",
+    "Eval.dtype": "Stored token embeddings of the `eval.beir` evaluation (scores are summed in fp32).",
+    "Eval.shard_docs": "Documents per encode / search item of the `eval.beir` evaluation (one array task each).",
     # Reference
     "Reference.beir_ndcg10": "The paper's BEIR-average nDCG@10 (percent).",
     "Reference.gpu_hours": "The paper's GPU-hours.",

@@ -129,7 +129,7 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
     # torch, transformers and huggingface_hub read their settings when imported: after run_demo's _quiet_env.
     import torch
 
-    from ..evaluate import evaluate
+    from ..evaluate.sharded import copy_runs, evaluate_here, settings_for
 
     m = Manifest(run_dir)
     data = m.read()
@@ -153,13 +153,11 @@ def evaluate_init(run_dir: str | os.PathLike, *, show_progress: bool = True) -> 
     torch.manual_seed(phase.seed)
     colbert = colbert_for(recipe, first, init_path, "cpu")
     with tempfile.TemporaryDirectory(prefix="colbertzero-init-") as tmp:
-        # The evaluator wants the model's folder (it keys its embedding cache by the files); both are thrown away.
+        # Evaluated as the phases' exports are (eval.beir's settings, the same stages); both are thrown away.
         colbert.save(os.path.join(tmp, "model"))
-        result = evaluate(
-            os.path.join(tmp, "model"), phase.eval.beir, batch_size=phase.eval.batch_size,
-            max_corpus=phase.eval.max_corpus, cache_dir=os.path.join(tmp, "cache"), model=colbert,
-            show_progress=show_progress, runs_dir=m.layout.init_runs,
-        )
+        result = evaluate_here(os.path.join(tmp, "beir"), settings_for(phase.eval, os.path.join(tmp, "model")),
+                               phase.eval.beir, show_progress=show_progress)
+        copy_runs(Path(tmp, "beir", "runs"), m.layout.init_runs)
     result.update(model=f"{phase.init} (init of phase {first!r}, seed {phase.seed})", phase="init",
                   init=phase.init, recipe_hash=data["recipe_hash"])
     atomic_write_json(path, result)

@@ -66,7 +66,7 @@ def evaluate(
     max_corpus: int | None = None,
     cache_dir: str | None = None,
     device: str | None = None,
-    index: str = "auto",
+    index: str = "exact",
     show_progress: bool = True,
     model=None,
     runs_dir: str | os.PathLike | None = None,
@@ -76,8 +76,10 @@ def evaluate(
     ``model``: an already loaded ``pylate.models.ColBERT`` for ``model_path`` (not reloaded; ``device`` moves it).
     It must hold the weights saved at ``model_path``: the embedding cache is keyed by that folder's files, so
     in-memory weights that differ (mid-training) need their own ``cache_dir`` or a save first.
-    ``index``: ``"auto"`` (exact up to EXACT_MAX_DOCS documents, then PLAID if fast-plaid is installed, else
-    Voyager), ``"exact"``, ``"plaid"`` or ``"voyager"``.
+    ``index``: ``"exact"`` (the default: exhaustive MaxSim, memory bounded by the tile; `colbertzero beir` shards
+    it for full-size corpora), ``"plaid"`` or ``"voyager"`` (approximate; Voyager keeps an HNSW graph of every token
+    in RAM, ~1 KB a token: MS MARCO's 700M tokens would need ~0.7 TB, so only small corpora), or ``"auto"`` (exact
+    up to EXACT_MAX_DOCS documents, then PLAID if fast-plaid is installed, else Voyager).
     ``runs_dir``: write each dataset's run there as ``<dataset>.trec`` (TREC format, after BEIR's identical-id rule),
     so any other tool can score it again.
     Returns ``{"model", "prompts", "query_prompt", "document_prompt", "datasets": {name: {metric: value, ...,

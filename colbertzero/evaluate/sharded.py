@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.sources import fingerprint
-from ..files import atomic_write_json, file_replacing, now_iso, temp_dir_beside
+from ..files import atomic_write_json, file_replacing, now_iso, replace_dir, temp_dir_beside
 from ..retrieval.embeddings import DocumentEmbeddings, model_hash, resolve_prompts, write_embeddings
 from .beir import DatasetError, load_beir, subsample_corpus
 from .metrics import METRICS, compute_metrics, max_cutoff, without_identical_ids, write_trec_run
@@ -168,9 +168,11 @@ class Evaluation:
         self.plan_path = self.out / "beir.json"
 
     # ------------------------------------------------------------ plan
-    def plan(self, settings: Settings, paths: list[str], record: dict | None = None) -> dict:
+    def plan(self, settings: Settings, paths: list[str], record: dict | None = None, replace: bool = False) -> dict:
         """Read each dataset once (sizes, split), write ``beir.json``; the same settings over existing work keep it.
-        ``record`` ({"run_dir", "phase"}): the merge also records the results as that phase's evaluation."""
+        ``record`` ({"run_dir", "phase"}): the merge also records the results as that phase's evaluation.
+        ``replace``: unfinished work of other settings is deleted instead of refused (a phase's own folder, whose
+        export was written again)."""
         if record:
             check_record(record)
         datasets = []
@@ -188,7 +190,7 @@ class Evaluation:
         if self.plan_path.is_file():
             have = json.loads(self.plan_path.read_text())
             if {k: have.get(k) for k in plan} != plan:
-                if not (self.out / "results.json").is_file():
+                if not (replace or (self.out / "results.json").is_file()):
                     raise EvaluationError(self._changed(have, plan))
                 shutil.rmtree(self.out)  # finished work of other settings: a new evaluation replaces it
             else:
@@ -204,10 +206,9 @@ class Evaluation:
         changed = sorted(k for k in {**hs, **ws} if hs.get(k) != ws.get(k))
         if have.get("model_hash") != want["model_hash"]:
             changed.append("the model's weights")
-        def own(plan):  # the datasets as given (shards follow from shard_docs)
-            return [{k: v for k, v in d.items() if k != "shards"} for d in plan.get("datasets", [])]
-
-        if own(have) != own(want):
+        own = [[{k: v for k, v in d.items() if k != "shards"} for d in plan.get("datasets", [])]  # shards follow
+               for plan in (have, want)]                                                             # from shard_docs
+        if own[0] != own[1]:
             changed.append("the datasets (list, files or split)")
         return (f"{self.out} holds an unfinished evaluation of other settings (changed: {', '.join(changed)}); finish "
                 f"it with the same command, or delete that folder to start over")
@@ -299,7 +300,7 @@ class Evaluation:
             atomic_write_json(tmp / "meta.json", {
                 "format": 1, "dtype": settings.dtype, "tokens": tokens, "dim": dim, "documents_count": len(texts),
                 "query_length": model.query_length, "document_length": model.document_length, "prompt": prompt})
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         finally:
             model.query_length, model.document_length = default_q, default_d
             shutil.rmtree(tmp, ignore_errors=True)
@@ -309,7 +310,7 @@ class Evaluation:
 
         queries = DocumentEmbeddings.load(self._dir(ds, -1))
         docs = DocumentEmbeddings.load(self._dir(ds, shard))
-        q = [queries.block(i, i + 1) for i in range(len(queries))]
+        q = [queries.block(i, i + 1).astype(np.float32) for i in range(len(queries))]
         scores, index = exact_search(q, docs, settings.k, device=device or _device(),
                                      show_progress=show_progress, desc=f"{ds.key}: searching shard {shard + 1}")
         with file_replacing(self._top(ds, shard)) as tmp, open(tmp, "wb") as f:
@@ -424,9 +425,57 @@ def record_in_run(result: dict, record: dict, runs: Path) -> None:
 
     manifest = Manifest(record["run_dir"])
     layout = manifest.layout.phase(record["phase"])
-    for run in sorted(runs.glob("*.trec")):
-        layout.runs.mkdir(parents=True, exist_ok=True)
-        with file_replacing(layout.runs / run.name) as tmp:
-            shutil.copyfile(run, tmp)
+    copy_runs(runs, layout.runs)
     atomic_write_json(layout.eval_json, result)
-    manifest.update_phase(record["phase"], lambda p: p.update(eval=result))
+
+    def put(p):
+        p["eval"] = result
+        if p.get("beir_eval"):  # submitted after the phase: now done
+            p["beir_eval"] = {**p["beir_eval"], "state": "done", "finished": now_iso()}
+
+    manifest.update_phase(record["phase"], put)
+
+
+def copy_runs(runs: Path, dest: Path) -> None:
+    """The evaluation's TREC run files into a run dir's ``runs/`` (per-query comparisons read them there)."""
+    for run in sorted(Path(runs).glob("*.trec")):
+        dest.mkdir(parents=True, exist_ok=True)
+        with file_replacing(dest / run.name) as tmp:
+            shutil.copyfile(run, tmp)
+
+
+def settings_for(ev, model: str) -> Settings:
+    """A phase's ``eval`` block (recipe) as the settings of the evaluation of ``model`` on its ``eval.beir``: after
+    the phase, and the demo's starting model alike."""
+    return Settings(model=model, lengths=ev.lengths, dtype=ev.dtype, shard_docs=ev.shard_docs,
+                    batch_size=ev.batch_size, max_corpus=ev.max_corpus)
+
+
+def evaluate_phase(manifest, phase_name: str, export: str | os.PathLike, *, device: str | None = None,
+                   defer: bool = False) -> dict | None:
+    """A phase's eval.beir on its export, in the phase's ``beir/`` folder, recorded as the phase's evaluation.
+    ``defer``: only plan it and mark the manifest's ``beir_eval`` planned (the Slurm job's host side submits the
+    arrays: `launcher.work.submit_phase_beir`); else run every stage here and return the results. A folder left by an
+    earlier export is replaced."""
+    ev = manifest.recipe().phase(phase_name).eval
+    record = {"run_dir": str(manifest.run_dir), "phase": phase_name}
+    folder = manifest.layout.phase(phase_name).beir
+    settings = settings_for(ev, str(export))
+    Evaluation(folder).plan(settings, ev.beir, record=record, replace=True)
+    if defer:
+        manifest.update_phase(phase_name, lambda p: p.update(
+            beir_eval={"state": "planned", "out": str(folder), "time": now_iso()}))
+        return None
+    return evaluate_here(folder, settings, ev.beir, device=device, record=record)
+
+
+def run_planned(manifest, phase_name: str) -> dict | None:
+    """A phase's deferred eval.beir run here instead of as arrays (the local executor inside a Slurm allocation:
+    there is no host side after srun to submit them)."""
+    planned = manifest.phase(phase_name).get("beir_eval") or {}
+    if planned.get("state") != "planned":
+        return None
+    ev = Evaluation(planned["out"])
+    for stage in STAGES:
+        ev.run(stage)
+    return results(ev.out)

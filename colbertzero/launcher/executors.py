@@ -175,10 +175,37 @@ class DetachedJob(Job):
         self._m.close_eval_job(self._phase, self._eval_step, "cancelled", "colbertzero cancel")
 
 
+class BeirJob(Job):
+    """One of the jobs of a phase's eval.beir after it (encode array, search array, merge)."""
+
+    def __init__(self, step: str, job_id: str, m: Manifest, phase: str):
+        self.step, self.job_id, self._m, self._phase = step, job_id, m, phase
+
+    def state(self) -> str:
+        return detached_state(f"job:{self.job_id}")[0]
+
+    def result(self) -> dict:
+        return self._m.phase(self._phase).get("eval") or {}
+
+    def cancel(self) -> None:
+        cancel_detached(f"job:{self.job_id}")
+        self._m.update_phase(self._phase, lambda p: p["beir_eval"].update(state="cancelled",
+                                                                         reason="colbertzero cancel"))
+
+
 def helper_jobs(m: Manifest) -> dict[str, Job]:
-    """The run's evaluation jobs that may still write a result (derive arrays are among `alive_jobs`)."""
-    return {f"eval-{phase}-{step}": DetachedJob(f"eval-{phase}-{step}", rec["handle"], m, phase, step)
-            for phase in m.read()["phases"] for step, rec in m.open_eval_jobs(phase).items() if rec.get("handle")}
+    """The run's evaluation jobs that may still write a result: in-training ones and a phase's eval.beir arrays
+    (derive arrays are among `alive_jobs`)."""
+    phases = m.read()["phases"]
+    jobs: dict[str, Job] = {
+        f"eval-{phase}-{step}": DetachedJob(f"eval-{phase}-{step}", rec["handle"], m, phase, step)
+        for phase in phases for step, rec in m.open_eval_jobs(phase).items() if rec.get("handle")}
+    for phase, p in phases.items():
+        beir = p.get("beir_eval") or {}
+        if beir.get("state") == "submitted":
+            jobs.update({f"beir-{phase}-{stage}": BeirJob(f"beir-{phase}-{stage}", j["job"], m, phase)
+                         for stage, j in (beir.get("jobs") or {}).items()})
+    return jobs
 
 
 def chain_running(layout: RunLayout) -> bool:

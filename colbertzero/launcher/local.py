@@ -22,6 +22,7 @@ import time
 
 from ..data.prepare import prepare_recipe
 from ..data.shards import unprepared
+from ..evaluate.sharded import run_planned
 from ..files import now_iso
 from ..manifest import Manifest
 from ..mining import derive_task, finished
@@ -125,6 +126,7 @@ def _chain(m: Manifest, recipe: Recipe, stop: _Stop) -> int:
                                      stop_requested=stop.requested, hung=requeue.attempt_hung(m, n, attempt))
             code = requeue.apply(outcome, m, n)  # the local executor runs a requeued phase again itself
             if outcome.action == "done":
+                run_planned(m, n)  # eval.beir a phase inside a Slurm allocation left for after it
                 break
             if outcome.action != "requeue":
                 return code

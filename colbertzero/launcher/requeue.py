@@ -131,6 +131,11 @@ def after_phase_in_job(run_dir: str, phase: str, code: int) -> int:
         return problem
 
     code = apply(outcome, m, phase, requeue=ask)
+    if outcome.action == "done" and code == Exit.DONE:
+        # Imported here: the evaluation package loads torch, which the policy (on every job's host) does not need.
+        from .work import submit_phase_beir
+
+        submit_phase_beir(m, phase)  # its eval.beir arrays, planned by rank 0, from the host
     if outcome.action != "requeue" or refused:
         return code
     # Slurm ends the batch script as it requeues the job; leave at once on its SIGTERM rather than wait for SIGKILL.

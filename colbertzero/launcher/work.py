@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import submitit
 
 from .. import cluster, slurm
 from ..evaluate.sharded import STAGES, Evaluation
+from ..files import now_iso
+from ..manifest import Manifest
 from ..mining import MineSpec, ScoreSpec, run_shards, work_for
 from ..recipe.schema import Cluster, no_control_characters, parse_time_limit
 from ..slurm import LaunchError
@@ -123,3 +126,30 @@ def submitted_beir_line(r: dict) -> str:
     parts = [f"{stage} job {j['job']}" + (f" ({len(j['items'])} item(s))" if j["items"] else "")
              for stage, j in r["jobs"].items()]
     return f"submitted {', then '.join(parts)}; results in {r['out']}/results.json (logs in {r['folder']})"
+
+
+def submit_phase_beir(m: Manifest, phase: str) -> dict | None:
+    """After a phase's job ended done, on the host: submit the eval.beir arrays its rank 0 planned (`beir_eval`
+    state "planned") with the phase's eval.job resources and the recipe's cluster profile. The outcome goes to the
+    manifest's ``beir_eval`` (submitted with the job ids, or failed with the reason and the command to run by
+    hand); an evaluation never fails the phase."""
+    planned = m.phase(phase).get("beir_eval") or {}
+    if planned.get("state") != "planned":
+        return None
+    recipe = m.recipe()
+    r = recipe.eval_request(phase)
+    opts = {"nodes": 1, "ntasks-per-node": 1, **slurm.helper_options(r.partition, r.time_limit, r.cpus_per_task,
+                                                                       r.gpus, r.mem)}
+    if os.environ.get("SLURM_JOB_ACCOUNT") and "account" not in opts:
+        opts["account"] = os.environ["SLURM_JOB_ACCOUNT"]  # charged like the phase
+    try:
+        res = submit_beir(planned["out"], opts, recipe.cluster)
+        fields = {"state": "submitted", "jobs": res["jobs"], "logs": res["folder"]}
+        print(f"[colbertzero] phase {phase}: {submitted_beir_line(res)}", file=sys.stderr, flush=True)
+    except LaunchError as e:
+        hand = shlex.join([sys.executable, "-m", "colbertzero", "beir", "--out", planned["out"], "--stage", "encode"])
+        fields = {"state": "failed", "reason": str(e)}
+        print(f"[colbertzero] phase {phase}: the eval.beir jobs could not be submitted: {e}\n  run its stages by "
+              f"hand (encode, search, merge), e.g. {hand}", file=sys.stderr, flush=True)
+    m.update_phase(phase, lambda p: p.update(beir_eval={**planned, **fields, "time": now_iso()}))
+    return fields

@@ -377,6 +377,10 @@ class Eval(_Strict):
     job: EvalJob = Field(default_factory=EvalJob)
     max_corpus: int | None = Field(default=None, gt=0)  # subsample the corpus (keeps every judged document)
     batch_size: int = Field(default=32, gt=0)
+    # eval.beir, as `colbertzero beir` runs it (docs/reproducing.md, step 6)
+    lengths: Literal["pylate-beir", "model"] = "pylate-beir"
+    dtype: Literal["float16", "float32"] = "float16"
+    shard_docs: int = Field(default=250_000, gt=0)
 
 
 class Reference(_Strict):

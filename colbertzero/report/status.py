@@ -40,7 +40,8 @@ HELPER_FINAL = ("done", "failed", "cancelled", "abandoned", "not started", "ende
 
 
 def helper_jobs(manifest_data: dict, live: dict[str, tuple[str, str]] | None = None) -> list[dict]:
-    """The run's helper jobs — in-training evaluation jobs and derive (mine/score) arrays — with their state:
+    """The run's helper jobs — in-training evaluation jobs, eval.beir's arrays after a phase and derive (mine/score)
+    arrays — with their state:
     the manifest's, refreshed by ``live`` ({handle: (Slurm state, reason)}: `live_states`) for those still open."""
     live = live or {}
     out = []
@@ -53,6 +54,16 @@ def helper_jobs(manifest_data: dict, live: dict[str, tuple[str, str]] | None = N
                 reason = slurm_reason if slurm_reason and slurm_reason != "None" else reason
             out.append({"kind": "eval", "phase": name, "step": int(step), "handle": rec.get("handle"),
                         "state": state, "reason": reason})
+        beir = p.get("beir_eval") or {}
+        if beir.get("state") == "failed" and not beir.get("jobs"):
+            out.append({"kind": "beir", "phase": name, "step": "submit", "handle": None, "state": "failed",
+                        "reason": beir.get("reason")})
+        for stage, job in (beir.get("jobs") or {}).items():  # eval.beir after the phase: its arrays
+            handle = f"job:{job['job']}"
+            state, reason = ((beir["state"], beir.get("reason")) if beir.get("state") in ("done", "cancelled")
+                             else live.get(handle, ("submitted", "")))
+            out.append({"kind": "beir", "phase": name, "step": stage, "handle": handle, "state": state.lower(),
+                        "reason": reason if reason and reason != "None" else None})
     for sub in manifest_data.get("submissions") or []:
         for step, job in (sub.get("jobs") or {}).items():
             if step.startswith("derive-"):
@@ -162,7 +173,8 @@ def status_table(manifest_data: dict, live: dict[str, tuple[str, str]] | None = 
     if s["helpers"]:
         out.append("helper jobs:")
         for h in s["helpers"]:
-            what = f"eval {h['phase']} step {h['step']}" if h["kind"] == "eval" else f"derive {h['step']}"
+            what = {"eval": f"eval {h['phase']} step {h['step']}", "beir": f"eval.beir {h['phase']} {h['step']}"
+                    }.get(h["kind"], f"derive {h['step']}")
             out.append(f"  {what:<32} {h['handle'] or DASH:<14} {h['state'] or DASH}"
                        + (f" ({h['reason']})" if h["reason"] else ""))
     ran_on = [(ph["name"], describe_accelerator(ph["accelerator"])) for ph in s["phases"] if ph["accelerator"]]

@@ -16,8 +16,8 @@ from ..scoring import select
 from .embeddings import DocumentEmbeddings
 
 EXACT_MAX_DOCS = 100_000  # past this, index="auto" switches from exhaustive MaxSim to an index
-# Elements of the [queries, documents, query tokens, document tokens] similarity block PyLate's colbert_scores
-# materialises for one chunk; it makes ~3 tensors of that size, so this bounds scoring memory (~200 MB on CPU).
+# Elements of the [query tokens, document tokens] similarity tile of one chunk (`Scorer.search_scores` holds one):
+# bounds scoring memory (64 MB on CPU).
 _SIM_BLOCK = {"cpu": 1 << 24, "cuda": 1 << 27}
 _QUERY_CHUNK_TARGET = 16
 
@@ -52,7 +52,7 @@ def exact_search(
     scorer = select("auto", device, docs.dim)
     n_docs = len(docs)
     k = min(k, n_docs)
-    queries, queries_mask = _pad(query_embeddings, device)
+    queries, _ = _pad(query_embeddings, device)
     n_q, q_len = queries.shape[0], queries.shape[1]
     top_scores = torch.full((n_q, k), -math.inf, device=device)
     top_index = torch.full((n_q, k), -1, dtype=torch.long, device=device)
@@ -69,17 +69,17 @@ def exact_search(
             width = max(int(lengths[start:end].max()), 1)
             end = min(end, start + max(1, budget // (q_target * q_len * width)))
             width = max(int(lengths[start:end].max()), 1)
-            block = docs.block(start, end)  # one read off the disk, fp32
+            block = torch.from_numpy(docs.block(start, end)).float()  # one read off the disk
             chunk_lengths = torch.from_numpy(lengths[start:end].astype(np.int64))
             mask = torch.arange(width)[None, :] < chunk_lengths[:, None]
             padded = torch.zeros(end - start, width, docs.dim)
-            padded[mask] = torch.from_numpy(block)
+            padded[mask] = block
             padded = padded.to(device)
             doc_index = torch.arange(start, end, device=device)
             q_step = max(1, budget // ((end - start) * q_len * width))
             for qs in range(0, n_q, q_step):
                 qe = min(n_q, qs + q_step)
-                scores = scorer.scores(queries[qs:qe], padded, queries_mask[qs:qe]).float()
+                scores = scorer.search_scores(queries[qs:qe], padded).float()  # zero-padded: no mask needed
                 cand_scores = torch.cat([top_scores[qs:qe], scores], dim=1)
                 cand_index = torch.cat([top_index[qs:qe], doc_index.expand(qe - qs, -1)], dim=1)
                 best, pos = torch.topk(cand_scores, k, dim=1)

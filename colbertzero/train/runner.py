@@ -28,8 +28,8 @@ from .. import ledger, scoring
 from ..data.hub import fetched_revisions
 from ..data.loader import GlobalBatchLoader
 from ..data.shards import DataError, index_path, source_dir
-from ..evaluate import evaluate
-from ..files import atomic_write_json, now_iso, sha256_file, sha256_tree
+from ..evaluate.sharded import evaluate_phase
+from ..files import now_iso, sha256_file, sha256_tree
 from ..manifest import Manifest, resolve_init
 from ..models import colbert_for, resolve_model_ref
 from ..runtime import AttemptClock, Exit, StopFlag, job_identity
@@ -347,6 +347,15 @@ class PhaseRun:
                   f"{self.source}); stopped, the last good checkpoint is kept", file=sys.stderr)
         return Exit.FAILED
 
+    def _evaluate_export(self, out) -> dict | None:
+        """eval.beir on the export. In a Slurm job with eval.where: job it is only planned here: the job's host side
+        submits its arrays after srun (after-phase), so the nodes go to the next phase at once."""
+        defer = self.phase.eval.where == "job" and bool(os.environ.get("SLURM_JOB_ID"))
+        results = evaluate_phase(self.manifest, self.phase_name, out, device=str(self.rt.device), defer=defer)
+        if results is not None:
+            update_model_card(out, dict(results["datasets"]))
+        return results
+
     def _stop_at_checkpoint(self, temperature, over_budget: bool) -> int:
         self._save(temperature)
         if self.main:
@@ -365,13 +374,7 @@ class PhaseRun:
         export_model(self.engine, self.init_path, out, recipe=self.recipe, phase_name=self.phase_name,
                      manifest=self.manifest, lineage=lineage, step=self.step)
         if rt.is_main:
-            results = None
-            if phase.eval.beir:
-                results = evaluate(str(out), phase.eval.beir, batch_size=phase.eval.batch_size,
-                                   max_corpus=phase.eval.max_corpus, device=str(rt.device),
-                                   runs_dir=self.layout.runs)
-                update_model_card(out, dict(results["datasets"]))
-                atomic_write_json(self.layout.eval_json, results)
+            results = self._evaluate_export(out) if phase.eval.beir else None
             self.evaluator.finish(stopped=lambda: self.stop.signal is not None)  # no evaluation job outlives it
             self.manifest.set_state(self.phase_name, "done", eval=results)
         dist.barrier()

@@ -23,7 +23,9 @@ GH200-hours for 239M pairs, ~90 % of the budget in that phase). Goals: ≥ 3× t
 The MaxSim backends (`colbertzero.scoring`): steps run with the phase's `scores_backend: auto` (the fused
 late-interaction-kernels kernel when installed, named in the JSON), and `scoring_check` compares the fused kernel with
 PyLate's torch path on embeddings at the phase shapes: the contrastive loss and its hand-written gradients, the
-distillation scores and their autograd gradients, relative differences and each side's time.
+distillation scores and their autograd gradients, relative differences and each side's time. `search_check` runs
+`colbertzero beir`'s search stage at MS MARCO's shapes (6,980 queries × 32 tokens against 100k synthetic fp16
+documents read from disk): seconds, TFLOP/s, top-100 against a brute force, the 15 BEIR datasets' search at that rate.
 
 One JSON object in `--out`/gpu.json, rewritten (whole: temp + rename) after every part — the environment, each step
 kind, PyLate's baseline, the kernel check — so a run cut short still returns what it measured; a part that fails is
@@ -49,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
+import beir_scale  # noqa: E402 - the BEIR search benchmark's synthetic corpus, brute force and projection
 import step as S  # noqa: E402 - the step benchmark's preparation and worker plumbing
 import wheelhouse  # noqa: E402 - what the GPU machine was given beyond its image (.whl/MANIFEST.json)
 
@@ -216,6 +219,39 @@ def scoring_check(device: str, queries: int = 256, docs: int = 2048, dim: int = 
     return out
 
 
+def search_check(device: str, work: Path, docs: int, queries: int, checked: int = 4) -> dict:
+    """`colbertzero beir`'s search stage at MS MARCO shapes (dev's 6,980 queries of 32 tokens against a shard of
+    synthetic fp16 documents of MS MARCO lengths, read from disk as a search item reads them): its time and useful
+    TFLOP/s, the first ``checked`` queries' top-100 against a brute force on the CPU, and the 15 BEIR datasets'
+    search at that rate."""
+    import torch
+
+    from colbertzero.retrieval.embeddings import DocumentEmbeddings
+    from colbertzero.retrieval.search import exact_search
+
+    folder = work / f"beir-corpus-{docs}"
+    if not (folder / "meta.json").is_file():
+        beir_scale.make_corpus(folder, docs, seed=docs)
+    corpus = DocumentEmbeddings.load(folder)
+    q = beir_scale.make_queries(queries)
+    exact_search(list(q[:8]), corpus, beir_scale.K, device=device)  # warm-up: the kernel compiles and tunes
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    scores, index = exact_search(list(q), corpus, beir_scale.K, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    flops = 2 * queries * beir_scale.Q_TOKENS * int(corpus.offsets[-1]) * beir_scale.DIM
+    ref_s, ref_i, least = beir_scale.brute_force(folder, checked)
+    same = beir_scale.compare(scores[:checked], index[:checked], ref_s, ref_i)
+    rate = flops / seconds
+    proj = beir_scale.projection(1.0, rate / 1e12)  # at the measured search rate itself
+    return {"documents": docs, "doc_tokens": int(corpus.offsets[-1]), "queries": queries, "seconds": round(seconds, 3),
+            "tflop": flops / 1e12, "tflops": rate / 1e12, "checked_queries": checked, **same, "least_maximum": least,
+            "beir_15_search_pflop": proj["search_pflop"], "beir_15_search_gpu_hours": proj["search_gpu_hours"]}
+
+
 def environment(device: str) -> dict:
     """What ran: the GPU, torch/CUDA/NCCL, the MaxSim backend, the packages and where each came from (the image or
     .whl/), any requirement of a carried wheel the image does not meet (installed --no-deps: recorded, not fatal)."""
@@ -342,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             res.save()
     check = res.part("scoring_check", lambda: scoring_check(args.device))
     S.log(f"scoring check: {json.dumps(check)}")
+    search = res.part("search_check", lambda: search_check(args.device, work, *((2000, 64) if args.tiny
+                                                                                else (100_000, 6_980))))
+    S.log(f"search check: {json.dumps(search)}")
     if args.json:
         print(json.dumps(res.data, indent=2))
     else:
@@ -357,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"~{PAPER_PAIRS_PER_GPU:.0f} pairs/s/GPU {res.data['ratio_vs_paper']:.2f}x")
         print(f"{res.path}")
     failed = [k for k, v in [*res.data["kinds"].items(), ("pylate_unsupervised", res.data.get("pylate_unsupervised")),
-                             ("scoring_check", check), ("environment", env)] if isinstance(v, dict) and "error" in v]
+                             ("scoring_check", check), ("search_check", search), ("environment", env)]
+              if isinstance(v, dict) and "error" in v]
     return 1 if failed else 0
 
 
