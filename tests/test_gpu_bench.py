@@ -49,8 +49,9 @@ def _module_level(tree: ast.Module) -> list[ast.stmt]:
 def gpu_path() -> tuple[set[str], list[str]]:
     """(top-level modules imported on gpu.py's path, the step.py functions it runs).
 
-    gpu.py, wheelhouse.py, beir_scale.py and pip_check.py whole; step.py's module level and the functions gpu.py reaches (called as
-    `S.name`, the workers it names to `S.run_worker`, and what those call in turn); the package's module level."""
+    gpu.py, wheelhouse.py, beir_scale.py and pip_check.py whole; step.py's module level and the functions gpu.py
+    reaches (called as `S.name`, the workers it names to `S.run_worker`, and what those call in turn); the package's
+    module level."""
     gpu_tree = ast.parse((BENCH / "gpu.py").read_text())
     step_tree = ast.parse((BENCH / "step.py").read_text())
     funcs = {f.name: f for f in step_tree.body if isinstance(f, ast.FunctionDef)}

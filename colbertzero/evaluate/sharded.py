@@ -8,8 +8,9 @@ or here, each resuming item by item (docs/evaluation.md has the layout and the a
 - **merge**: the top-k of the shards' top-ks is the exact global top-k; BEIR's identical-id rule, a TREC run file
   and pytrec_eval metrics per dataset; CQADupStack's sub-forums averaged into one column.
 
-``OUT/beir.json`` holds the settings and the datasets' sizes; a command over unfinished work of other settings is
-refused, naming what changed.
+Planning reads each dataset once and writes every item's texts to a file of its own (``<dataset>/input/``) before
+``OUT/beir.json`` (the settings and the datasets' sizes): a task reads its shard, never the whole corpus. A command
+over unfinished work of other settings is refused, naming what changed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..data.sources import fingerprint
 from ..files import atomic_write_json, file_replacing, now_iso, replace_dir, temp_dir_beside
@@ -198,8 +201,33 @@ class Evaluation:
                     atomic_write_json(self.plan_path, {**have, "record": record})
                 return json.loads(self.plan_path.read_text())
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.plan_path, {**plan, "record": record, "created": now_iso()})
+        for ds in datasets:
+            self._write_inputs(ds, settings.max_corpus)
+        atomic_write_json(self.plan_path, {**plan, "record": record, "created": now_iso()})  # last: the plan is whole
         return json.loads(self.plan_path.read_text())
+
+    def _inputs(self, ds: Dataset) -> Path:
+        return self.out / ds.folder / "input"
+
+    def _write_inputs(self, ds: Dataset, max_corpus: int | None) -> None:
+        """Each item's texts in a file of its own (and the judgements the merge scores with): a task reads its shard,
+        never the whole corpus, so its memory follows the shard size."""
+        corpus, queries, qrels = _load(ds, max_corpus)
+        folder = self._inputs(ds)
+        ids = list(corpus)
+        parts = [(f"shard-{s:05d}.parquet", ids[ds.documents * s // ds.shards: ds.documents * (s + 1) // ds.shards])
+                 for s in range(ds.shards)]
+        for name, chosen, texts in [("queries.parquet", list(queries), queries)] + [
+                (n, c, corpus) for n, c in parts]:
+            table = pa.table({"id": chosen, "text": [texts[i] for i in chosen]})
+            with file_replacing(folder / name) as tmp:
+                pq.write_table(table, tmp)
+        atomic_write_json(folder / "qrels.json", qrels)
+
+    def _texts(self, ds: Dataset, shard: int) -> dict[str, str]:
+        name = "queries.parquet" if shard < 0 else f"shard-{shard:05d}.parquet"
+        table = pq.read_table(self._inputs(ds) / name)
+        return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
 
     def _changed(self, have: dict, want: dict) -> str:
         hs, ws = have.get("settings", {}), want["settings"]
@@ -276,20 +304,15 @@ class Evaluation:
         return todo
 
     def _encode(self, settings: Settings, ds: Dataset, shard: int, model, show_progress: bool) -> None:
-        corpus, queries, _ = _load(ds, settings.max_corpus)
-        if len(corpus) != ds.documents or len(queries) != ds.queries:
-            raise EvaluationError(f"{ds.path}: changed since the evaluation was planned ({len(corpus)} documents, "
-                                  f"{len(queries)} queries; planned {ds.documents}, {ds.queries}); delete {self.out}")
+        texts = self._texts(ds, shard)
         q_prompt, d_prompt = resolve_prompts(model, settings.prompts)
         default_q, default_d = model.query_length, model.document_length
         model.query_length = ds.query_length or default_q
         model.document_length = ds.document_length or default_d
         if shard < 0:
-            texts, prompt, what = queries, q_prompt, f"{ds.key}: encoding queries"
+            prompt, what = q_prompt, f"{ds.key}: encoding queries"
         else:
-            ids = list(corpus)[ds.documents * shard // ds.shards: ds.documents * (shard + 1) // ds.shards]
-            texts, prompt = {d: corpus[d] for d in ids}, d_prompt
-            what = f"{ds.key}: encoding shard {shard + 1}/{ds.shards}"
+            prompt, what = d_prompt, f"{ds.key}: encoding shard {shard + 1}/{ds.shards}"
         final = self._dir(ds, shard)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir_beside(final)
@@ -353,7 +376,7 @@ class Evaluation:
         return result
 
     def _merge_dataset(self, settings: Settings, ds: Dataset) -> dict:
-        _, _, qrels = _load(ds, settings.max_corpus)
+        qrels = json.loads((self._inputs(ds) / "qrels.json").read_text())
         q_ids = DocumentEmbeddings.load(self._dir(ds, -1)).ids
         all_scores, all_ids = [], []
         for s in range(ds.shards):
