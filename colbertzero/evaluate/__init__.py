@@ -1,8 +1,9 @@
-"""Retrieval quality of a PyLate ColBERT model on local BEIR / NanoBEIR folders.
+"""Retrieval quality of a PyLate ColBERT model on local BEIR / NanoBEIR folders, in one process (small sets, the
+in-training evaluations; `sharded.py` is the full-scale `colbertzero beir`).
 
 ``evaluate(model_path, datasets)`` runs, per dataset folder (its name is the folder's name): load (``beir.py``) ->
 judged queries, optional corpus subsample -> document embeddings, cached on disk (``retrieval/embeddings.py``) -> query
-embeddings -> exact MaxSim top-100 or an index for very large corpora (``retrieval/search.py``) -> nDCG@10, MRR@10,
+embeddings -> exact MaxSim top-100 (or an approximate index on request: ``retrieval/search.py``) -> nDCG@10, MRR@10,
 recall@100, MAP@100 (``metrics.py``, trec_eval semantics).
 
 Prompts: unless ``prompts=False``, queries get the model's ``prompts["query"]`` and documents its

@@ -1,5 +1,6 @@
 """`colbertzero beir`: exact BEIR evaluation of one checkpoint at full scale, in three stages that run as Slurm arrays
-or here, each resuming item by item (docs/evaluation.md has the layout and the arithmetic).
+or here, each resuming item by item (docs/reproducing.md, step 4: the conventions; docs/CONTRACTS.md: the folder;
+docs/performance.md: the arithmetic).
 
 - **encode**: one item per dataset's queries and per (dataset, corpus shard): token embeddings (fp16 by default)
   written whole into a temp folder and renamed into place with their ids and offsets, documents longest first.
@@ -16,7 +17,6 @@ over unfinished work of other settings is refused, naming what changed.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -34,8 +34,6 @@ from ..retrieval.embeddings import DocumentEmbeddings, model_hash, resolve_promp
 from .beir import DatasetError, load_beir, subsample_corpus
 from .metrics import METRICS, compute_metrics, max_cutoff, without_identical_ids, write_trec_run
 
-logger = logging.getLogger(__name__)
-
 STAGES = ("encode", "search", "merge")
 # Query lengths of PyLate's BEIR evaluation script (document length 300 for all), the setting ColBERT models of
 # PyLate are reported with: https://github.com/lightonai/pylate/blob/main/examples/evaluation/beir_dataset.py
@@ -47,7 +45,6 @@ PYLATE_BEIR_QUERY_LENGTH = {
 PYLATE_BEIR_DOCUMENT_LENGTH = 300
 LENGTHS = ("pylate-beir", "model")
 DTYPES = ("float16", "float32")
-
 
 
 class EvaluationError(ValueError):
@@ -281,11 +278,9 @@ class Evaluation:
         n = len(self.items(stage))
         if item is not None and not 0 <= item < n:
             raise EvaluationError(f"--task {item}: the {stage} stage has items 0..{n - 1}")
-        if stage != "merge":
-            before = "encode" if stage == "search" else None
-            if before and self.missing(before):
-                raise EvaluationError(f"{self.out}: the encode stage has {len(self.missing(before))} item(s) to run "
-                                      f"before search")
+        if stage == "search" and self.missing("encode"):
+            raise EvaluationError(f"{self.out}: the encode stage has {len(self.missing('encode'))} item(s) to run "
+                                  f"before search")
         todo = [item] if item is not None else self.missing(stage)
         todo = [i for i in todo if not self.done(stage, i)]
         if stage == "merge":
@@ -378,18 +373,18 @@ class Evaluation:
     def _merge_dataset(self, settings: Settings, ds: Dataset) -> dict:
         qrels = json.loads((self._inputs(ds) / "qrels.json").read_text())
         q_ids = DocumentEmbeddings.load(self._dir(ds, -1)).ids
-        all_scores, all_ids = [], []
-        for s in range(ds.shards):
+        scores = np.full((len(q_ids), 0), -np.inf, dtype=np.float32)
+        ids = np.empty((len(q_ids), 0), dtype=object)
+        for s in range(ds.shards):  # folded shard by shard: the merge holds the queries' top-k, whatever the shards
             top = np.load(self._top(ds, s))
-            ids = np.asarray(DocumentEmbeddings.load(self._dir(ds, s)).ids, dtype=object)
+            shard_ids = np.asarray(DocumentEmbeddings.load(self._dir(ds, s)).ids, dtype=object)
             idx = top["index"]
-            all_scores.append(np.where(idx >= 0, top["scores"], -np.inf))
-            all_ids.append(ids[np.clip(idx, 0, None)])
-        scores, ids = np.concatenate(all_scores, axis=1), np.concatenate(all_ids, axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : settings.k]
-        run = {}
-        for row, qid in enumerate(q_ids):
-            run[qid] = {str(ids[row, j]): float(scores[row, j]) for j in order[row] if np.isfinite(scores[row, j])}
+            scores = np.concatenate([scores, np.where(idx >= 0, top["scores"], -np.inf)], axis=1)
+            ids = np.concatenate([ids, shard_ids[np.clip(idx, 0, None)]], axis=1)
+            keep = np.argsort(-scores, axis=1, kind="stable")[:, : settings.k]  # ties: the earlier shard first
+            scores, ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(ids, keep, 1)
+        run = {qid: {str(d): float(v) for d, v in zip(ids[row], scores[row]) if np.isfinite(v)}
+               for row, qid in enumerate(q_ids)}
         run = without_identical_ids(run)  # BEIR's ignore_identical_ids
         write_trec_run(run, self.out / "runs" / f"{ds.folder}.trec", tag=ds.folder)
         m = compute_metrics(run, qrels, METRICS, ignore_identical_ids=False)
