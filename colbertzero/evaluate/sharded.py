@@ -239,10 +239,17 @@ class Evaluation:
                 f"it with the same command, or delete that folder to start over")
 
     def load(self) -> tuple[Settings, list[Dataset]]:
-        if not self.plan_path.is_file():
-            raise EvaluationError(f"{self.plan_path}: no evaluation planned here; run `colbertzero beir` first")
-        plan = json.loads(self.plan_path.read_text())
-        return Settings(**plan["settings"]), [Dataset(**d) for d in plan["datasets"]]
+        """The plan, read once per version of beir.json (`missing` asks for it per item)."""
+        try:
+            st = self.plan_path.stat()
+        except FileNotFoundError:
+            raise EvaluationError(f"{self.plan_path}: no evaluation planned here; run `colbertzero beir` first"
+                                  ) from None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if getattr(self, "_loaded", (None,))[0] != stamp:
+            plan = json.loads(self.plan_path.read_text())
+            self._loaded = (stamp, Settings(**plan["settings"]), [Dataset(**d) for d in plan["datasets"]])
+        return self._loaded[1], self._loaded[2]
 
     # ------------------------------------------------------------ items
     def items(self, stage: str) -> list[tuple[int, int]]:
@@ -411,10 +418,10 @@ def _load_model(path: str, device: str | None):
 
 
 def evaluate_here(out: str | os.PathLike, settings: Settings, paths: list[str], *, device: str | None = None,
-                  show_progress: bool = True, record: dict | None = None) -> dict:
+                  show_progress: bool = True, record: dict | None = None, replace: bool = False) -> dict:
     """Every stage in this process (what `--executor local` runs); work already done is kept."""
     ev = Evaluation(out)
-    ev.plan(settings, paths, record=record)
+    ev.plan(settings, paths, record=record, replace=replace)
     for stage in STAGES:
         ev.run(stage, device=device, show_progress=show_progress)
     return results(out)
@@ -479,12 +486,12 @@ def evaluate_phase(manifest, phase_name: str, export: str | os.PathLike, *, devi
     record = {"run_dir": str(manifest.run_dir), "phase": phase_name}
     folder = manifest.layout.phase(phase_name).beir
     settings = settings_for(ev, str(export))
+    if not defer:
+        return evaluate_here(folder, settings, ev.beir, device=device, record=record, replace=True)
     Evaluation(folder).plan(settings, ev.beir, record=record, replace=True)
-    if defer:
-        manifest.update_phase(phase_name, lambda p: p.update(
-            beir_eval={"state": "planned", "out": str(folder), "time": now_iso()}))
-        return None
-    return evaluate_here(folder, settings, ev.beir, device=device, record=record)
+    manifest.update_phase(phase_name, lambda p: p.update(
+        beir_eval={"state": "planned", "out": str(folder), "time": now_iso()}))
+    return None
 
 
 def run_planned(manifest, phase_name: str) -> dict | None:
